@@ -1,0 +1,14 @@
+"""partition-gm: Partition Generative Models and the baselines they are measured against."""
+
+from .models import (MaskedDiffusionConfig, MaskedDiffusionTransformer, PartitionConfig, PartitionTransformer,
+                     build_model, config_from_dict)
+from .objectives import LogLinearSchedule, MaskedDiffusionObjective, PartitionObjective
+from .sampling import SamplingOptions, sample_mdlm, sample_pgm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MaskedDiffusionConfig", "MaskedDiffusionTransformer", "PartitionConfig", "PartitionTransformer",
+    "build_model", "config_from_dict", "LogLinearSchedule", "MaskedDiffusionObjective", "PartitionObjective",
+    "SamplingOptions", "sample_mdlm", "sample_pgm", "__version__",
+]

@@ -1,0 +1,96 @@
+"""Typed model configurations that validate themselves and serialise to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    """An impossible or malformed configuration."""
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return value
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+    elif annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+    elif annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+    elif annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Base class: field types are checked at construction, `validate` adds the relations."""
+
+    kind: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _check_type(field.name, getattr(self, field.name), hints[field.name]))
+        self.validate()
+
+    def validate(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, **self.to_dict()}, indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        values = {k: v for k, v in values.items() if k != "kind"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes):
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_transformer_shape(config) -> None:
+    """The relations every transformer config shares."""
+    require(config.vocab_size >= 2, f"vocab_size must be at least 2, got {config.vocab_size}")
+    require(config.length >= 1, f"length must be positive, got {config.length}")
+    require(config.hidden_size >= 2, f"hidden_size must be at least 2, got {config.hidden_size}")
+    require(config.num_heads >= 1, f"num_heads must be positive, got {config.num_heads}")
+    require(config.hidden_size % config.num_heads == 0,
+            f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
+    require((config.hidden_size // config.num_heads) % 2 == 0,
+            f"the head dimension hidden_size/num_heads = {config.hidden_size // config.num_heads} must be even for rotary embeddings")
+    require(config.mlp_ratio >= 1, f"mlp_ratio must be positive, got {config.mlp_ratio}")
+    require(config.cond_dim >= 1, f"cond_dim must be positive, got {config.cond_dim}")
+    require(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
+    require(0 <= config.mask_token_id < config.vocab_size,
+            f"mask_token_id {config.mask_token_id} is outside the vocabulary of size {config.vocab_size}")

@@ -1,0 +1,69 @@
+"""The MDLM baseline: a bidirectional DiT over the full sequence, `[MASK]` tokens included."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .base import TimeConditionedModel, check_ids
+from .config import ModelConfig, check_transformer_shape, require
+from .layers import FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding
+
+
+@dataclasses.dataclass
+class MaskedDiffusionConfig(ModelConfig):
+    """Shape and options of a `MaskedDiffusionTransformer`. `mask_token_id` defaults to the last id."""
+
+    kind: ClassVar[str] = "mdlm"
+
+    vocab_size: int = 50258
+    length: int = 1024
+    hidden_size: int = 768
+    num_heads: int = 12
+    blocks: int = 12
+    mlp_ratio: int = 4
+    cond_dim: int = 128
+    dropout: float = 0.1
+    time_conditioning: bool = False
+    mask_token_id: int | None = None
+
+    def validate(self) -> None:
+        if self.mask_token_id is None:
+            self.mask_token_id = self.vocab_size - 1
+        check_transformer_shape(self)
+        require(self.blocks >= 1, f"blocks must be positive, got {self.blocks}")
+
+
+class MaskedDiffusionTransformer(TimeConditionedModel):
+    """DiT backbone of MDLM: every position, masked or not, goes through every block."""
+
+    config_class = MaskedDiffusionConfig
+
+    def __init__(self, config: MaskedDiffusionConfig):
+        super().__init__()
+        self.config = config
+        self.vocab_embed = TokenEmbedding(config.vocab_size, config.hidden_size)
+        self.sigma_map = TimestepEmbedder(config.cond_dim)
+        self.rotary_emb = Rotary(config.hidden_size // config.num_heads)
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(config.hidden_size, config.num_heads, config.cond_dim, config.mlp_ratio, config.dropout)
+            for _ in range(config.blocks))
+        self.output_layer = FinalLayer(config.hidden_size, config.vocab_size, config.cond_dim)
+
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None, *,
+                check_inputs: bool = True) -> torch.Tensor:
+        """Logits [B, L, V] for tokens [B, L] in which unknown positions hold `mask_token_id`."""
+        batch, length = tokens.shape
+        if check_inputs:
+            check_ids("tokens", tokens, self.config.vocab_size)
+            if length > self.config.length:
+                raise ValueError(f"tokens have length {length}, longer than the model's length {self.config.length}")
+        cond_vector = self.conditioning(cond, batch)
+        rope = self.rotary_emb(torch.arange(length, device=tokens.device))
+        x = self.vocab_embed(tokens)
+        for block in self.blocks:
+            x = block(x, cond_vector, rope)
+        return self.output_layer(x, cond_vector)

@@ -1,0 +1,201 @@
+"""Building blocks shared by every transformer in the package.
+
+Numerics follow the DiT/MDLM lineage the released PGM checkpoints were trained with:
+LayerNorm in float32 with a weight and no bias, adaLN modulation `x * (1 + scale) + shift`
+with chunks ordered shift/scale/gate, GELU-tanh MLPs, NeoX-style rotary embeddings over
+the full head dimension, and gated residuals with dropout on the branch only.
+
+Attention masks are boolean (`True` = may attend). A query whose row is all `False` gets a
+zero output and zero gradient: PyTorch's SDPA has guaranteed this since 2.5, and the PGM
+relies on it whenever one of the two groups is empty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32, scaled by a weight, without bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return x * self.weight
+
+
+class TokenEmbedding(nn.Module):
+    """A raw `[vocab, hidden]` table looked up by id (parameter name `embedding`)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding[tokens]
+
+
+def sinusoid(values: torch.Tensor, dim: int, base: float = 10_000.0) -> torch.Tensor:
+    """`cat(cos(v / base^(2k/dim)), sin(...))`, cosines first: GroupSwap's position code."""
+    denominator = base ** (2 * torch.arange(dim // 2, device=values.device) / dim)
+    angles = values[..., None].float() / denominator
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """DiT's timestep embedder: 256 sinusoid features -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, cond_dim: int, frequency_size: int = 256, max_period: float = 10_000.0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.frequency_size = frequency_size
+        self.max_period = max_period
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+
+
+class Rotary(nn.Module):
+    """NeoX rotary embedding (rotate halves) over the full head dimension."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `positions` ([L] or [B, L]) shaped [1 or B, 1, L, head_dim]."""
+        angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        if angles.dim() == 2:
+            angles = angles[None]
+        return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate `x` [B, heads, L, head_dim]; cos/sin are cast to x's dtype, as the reference does."""
+    cos, sin = (c.to(x.dtype) for c in cos_sin)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, L, heads * d] -> [B, heads, L, d]."""
+    b, length, _ = x.shape
+    return x.view(b, length, num_heads, x.shape[-1] // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, heads, L, d] -> [B, L, heads * d]."""
+    b, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(b, length, heads * head_dim)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           causal: bool = False) -> torch.Tensor:
+    """Multi-head attention [B, h, Lq, d] x [B, h, Lk, d] -> [B, Lq, h*d]."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return merge_heads(out)
+
+
+def mlp(hidden_size: int, mlp_ratio: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(hidden_size, mlp_ratio * hidden_size),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(mlp_ratio * hidden_size, hidden_size),
+    )
+
+
+def zero_init_(linear: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
+class SelfAttentionBlock(nn.Module):
+    """adaLN-modulated transformer block with self-attention (DiT's block, MDLM's `DDiTBlock`)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, cond_dim: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.norm1 = LayerNorm(hidden_size)
+        self.attn_qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.attn_out = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.norm2 = LayerNorm(hidden_size)
+        self.mlp = mlp(hidden_size, mlp_ratio)
+        self.adaLN_modulation = zero_init_(nn.Linear(cond_dim, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        # x [B, L, H]; cond [B or 1, C]; rope cos/sin [B or 1, 1, L, d]; mask [B, 1, L, L] or None
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(cond)[:, None].chunk(6, dim=-1)
+        qkv = self.attn_qkv(modulate(self.norm1(x), shift_a, scale_a))
+        q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
+        attn = attend(apply_rotary(q, rope), apply_rotary(k, rope), v, mask, causal)
+        x = x + gate_a * F.dropout(self.attn_out(attn), self.dropout, self.training)
+        h = self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return x + gate_m * F.dropout(h, self.dropout, self.training)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Decoder block: modulated queries attend to normalised, unmodulated encoder states."""
+
+    def __init__(self, hidden_size: int, num_heads: int, cond_dim: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.q_norm1 = LayerNorm(hidden_size)
+        self.kv_norm1 = LayerNorm(hidden_size)
+        self.norm2 = LayerNorm(hidden_size)
+        self.attn_q = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.attn_kv = nn.Linear(hidden_size, 2 * hidden_size, bias=False)
+        self.attn_out = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.mlp = mlp(hidden_size, mlp_ratio)
+        self.adaLN_modulation = zero_init_(nn.Linear(cond_dim, 6 * hidden_size))
+
+    def project_keys_values(self, memory: torch.Tensor, key_rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values [B, heads, Lk, d] of the encoder output `memory`."""
+        k, v = self.attn_kv(self.kv_norm1(memory)).chunk(2, dim=-1)
+        return apply_rotary(split_heads(k, self.num_heads), key_rope), split_heads(v, self.num_heads)
+
+    def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], cond: torch.Tensor,
+                query_rope, mask: torch.Tensor | None) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(cond)[:, None].chunk(6, dim=-1)
+        q = split_heads(self.attn_q(modulate(self.q_norm1(x), shift_a, scale_a)), self.num_heads)
+        attn = attend(apply_rotary(q, query_rope), *keys_values, mask)
+        x = x + gate_a * F.dropout(self.attn_out(attn), self.dropout, self.training)
+        h = self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return x + gate_m * F.dropout(h, self.dropout, self.training)
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm and the output projection, both zero-initialised."""
+
+    def __init__(self, hidden_size: int, out_size: int, cond_dim: int):
+        super().__init__()
+        self.norm_final = LayerNorm(hidden_size)
+        self.linear = zero_init_(nn.Linear(hidden_size, out_size))
+        self.adaLN_modulation = zero_init_(nn.Linear(cond_dim, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(cond)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))

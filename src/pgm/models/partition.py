@@ -1,0 +1,248 @@
+"""The Partition Generative Model (PGM) transformer.
+
+    tokens ─embed─> encoder (self-attention only within a group) ─> memory
+                                                                      │
+    positions ─> GroupSwap queries ─cross-attend to the OTHER group──┘─> cross-attention decoder ─> logits
+
+Training view, `model(tokens, groups)`: every position is predicted from the tokens of the
+other group, in one pass, with block masks `g_i == g_j` (encoder) and `g_i != g_j` (decoder).
+
+Inference view, `model.predict(clean_tokens, clean_positions, query_positions)`: the encoder
+sees only the clean tokens, the decoder only the queried positions. Because a query in the
+training view attends exactly the other group's encoder states, and those states depend only
+on that group, `predict` with clean set = group 0 reproduces the training view's logits at
+group-1 positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from .base import TimeConditionedModel, check_ids
+from .config import ModelConfig, check_transformer_shape, require
+from .layers import (CrossAttentionBlock, FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding,
+                     apply_rotary, attend, sinusoid, split_heads)
+
+PreQueryMode = Literal["learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp"]
+
+
+@dataclasses.dataclass
+class PartitionConfig(ModelConfig):
+    """Shape and options of a `PartitionTransformer`. `mask_token_id` defaults to the last id."""
+
+    kind: ClassVar[str] = "pgm"
+
+    vocab_size: int = 50258
+    length: int = 1024
+    hidden_size: int = 768
+    num_heads: int = 12
+    encoder_blocks: int = 8
+    decoder_blocks: int = 8
+    mlp_ratio: int = 4
+    cond_dim: int = 128
+    dropout: float = 0.1
+    pre_query_mode: PreQueryMode = "learn+freqs"
+    query_processor: Literal["linear", "mlp4"] = "linear"
+    query_norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    time_conditioning: bool = False
+    mask_token_id: int | None = None
+
+    def validate(self) -> None:
+        if self.mask_token_id is None:
+            self.mask_token_id = self.vocab_size - 1
+        check_transformer_shape(self)
+        require(self.encoder_blocks >= 1, f"encoder_blocks must be positive, got {self.encoder_blocks}")
+        require(self.decoder_blocks >= 0, f"decoder_blocks must be non-negative, got {self.decoder_blocks}")
+        require(self.hidden_size % 2 == 0, f"hidden_size must be even for GroupSwap's sinusoid, got {self.hidden_size}")
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: PartitionConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(config.hidden_size, config.num_heads, config.cond_dim, config.mlp_ratio, config.dropout)
+            for _ in range(config.encoder_blocks))
+
+    def forward(self, x, cond, rope, mask):
+        for block in self.blocks:
+            x = block(x, cond, rope, mask)
+        return x
+
+
+class GroupSwap(nn.Module):
+    """Builds one query per position from the position alone (plus, in the `+mean` and
+    `+logsumexp` modes, a summary of the other group) and lets it read the other group's
+    encoder states. Its output replaces the stream: there is no residual."""
+
+    def __init__(self, config: PartitionConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_heads
+        self.mode = config.pre_query_mode
+        self.base_embedding = nn.Parameter(torch.randn(1, hidden))
+        self.pre_query_norm = nn.LayerNorm(hidden) if config.query_norm == "layernorm" else nn.RMSNorm(hidden)
+        if config.query_processor == "linear":
+            self.query_processor = nn.Linear(hidden, hidden)
+        else:
+            self.query_processor = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.SiLU(), nn.Linear(4 * hidden, hidden))
+        self.hidden_to_key_value = nn.Linear(hidden, 2 * hidden)
+        self.output_linear = nn.Linear(hidden, hidden)
+        self.register_buffer("pos_freqs", sinusoid(torch.arange(config.length), hidden), persistent=False)
+
+    @property
+    def content_dependent(self) -> bool:
+        return self.mode in ("learn+freqs+mean", "learn+freqs+logsumexp")
+
+    def queries(self, positions: torch.Tensor, summary: torch.Tensor | None) -> torch.Tensor:
+        """Queries [B or 1, Lq, H] for `positions` ([Lq] or [B, Lq])."""
+        pre = self.base_embedding
+        if self.mode != "learn":
+            pre = pre + self.pos_freqs[positions]
+        else:
+            pre = pre.expand(*positions.shape, -1)
+        if pre.dim() == 2:
+            pre = pre[None]
+        if summary is not None:
+            pre = pre + summary
+        return self.query_processor(self.pre_query_norm(pre))
+
+    def summarise(self, memory: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """Mean or logsumexp over the encoder states where `members` [B, Lk] is True -> [B, H].
+        An empty selection gives zeros, with zero gradient."""
+        members = members[..., None]
+        if self.mode == "learn+freqs+mean":
+            count = members.sum(1).clamp(min=1)
+            return (memory * members).sum(1) / count
+        nonempty = members.any(1)
+        filled = memory.masked_fill(~members, float("-inf")).where(nonempty[:, None], 0.0)
+        return torch.logsumexp(filled, dim=1).where(nonempty, 0.0)
+
+    def forward(self, memory, key_rope, query_positions, query_rope, mask, summary):
+        batch = memory.shape[0]
+        q = self.queries(query_positions, summary)
+        q = split_heads(q.expand(batch, -1, -1), self.num_heads)
+        k, v = self.hidden_to_key_value(memory).chunk(2, dim=-1)
+        k, v = split_heads(k, self.num_heads), split_heads(v, self.num_heads)
+        out = attend(apply_rotary(q, query_rope), apply_rotary(k, key_rope), v, mask)
+        return self.output_linear(out)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: PartitionConfig):
+        super().__init__()
+        self.group_swap = GroupSwap(config)
+        self.layers = nn.ModuleList(
+            CrossAttentionBlock(config.hidden_size, config.num_heads, config.cond_dim, config.mlp_ratio, config.dropout)
+            for _ in range(config.decoder_blocks))
+
+    def forward(self, memory, cond, key_rope, query_positions, query_rope, mask, summary):
+        x = self.group_swap(memory, key_rope, query_positions, query_rope, mask, summary)
+        for layer in self.layers:
+            x = layer(x, layer.project_keys_values(memory, key_rope), cond, query_rope, mask)
+        return x
+
+
+class PartitionTransformer(TimeConditionedModel):
+    """Encoder over clean tokens, GroupSwap, cross-attention-only decoder, adaLN output layer."""
+
+    config_class = PartitionConfig
+
+    def __init__(self, config: PartitionConfig):
+        super().__init__()
+        self.config = config
+        self.vocab_embed = TokenEmbedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = Rotary(config.hidden_size // config.num_heads)
+        self.sigma_map = TimestepEmbedder(config.cond_dim)
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.output_layer = FinalLayer(config.hidden_size, config.vocab_size, config.cond_dim)
+
+    def forward(self, tokens: torch.Tensor, groups: torch.Tensor, cond: torch.Tensor | None = None, *,
+                check_inputs: bool = True) -> torch.Tensor:
+        """Training view: logits [B, L, V] at every position, each predicted from the other group.
+
+        tokens: [B, L] ids; groups: [B, L] of 0/1 (or bool).
+        """
+        batch, length = tokens.shape
+        if check_inputs:
+            check_ids("tokens", tokens, self.config.vocab_size)
+            if length > self.config.length:
+                raise ValueError(f"tokens have length {length}, longer than the model's length {self.config.length}")
+            if groups.shape != tokens.shape:
+                raise ValueError(f"groups has shape {tuple(groups.shape)} but tokens have shape {tuple(tokens.shape)}")
+            if groups.dtype != torch.bool and not bool(((groups == 0) | (groups == 1)).all()):
+                raise ValueError("groups must hold only 0 and 1")
+        groups = groups.bool()
+        cond_vector = self.conditioning(cond, batch)
+        positions = torch.arange(length, device=tokens.device)
+        rope = self.rotary_emb(positions)
+        same_group = groups[:, :, None] == groups[:, None, :]  # [B, L, L]
+        memory = self.encoder(self.vocab_embed(tokens), cond_vector, rope, same_group[:, None])
+        summary = None
+        if self.decoder.group_swap.content_dependent:
+            summarise = self.decoder.group_swap.summarise
+            of_group0, of_group1 = summarise(memory, ~groups), summarise(memory, groups)
+            summary = torch.where(groups[..., None], of_group0[:, None], of_group1[:, None])
+        x = self.decoder(memory, cond_vector, rope, positions, rope, ~same_group[:, None], summary)
+        return self.output_layer(x, cond_vector)
+
+    def predict(self, clean_tokens: torch.Tensor, clean_positions: torch.Tensor, query_positions: torch.Tensor,
+                lengths: torch.Tensor | None = None, cond: torch.Tensor | None = None, *,
+                check_inputs: bool = True) -> torch.Tensor:
+        """Inference view: logits [B, Q, V] at `query_positions` given only the clean tokens.
+
+        clean_tokens, clean_positions: [B, N]; query_positions: [B, Q]; lengths: [B] number of
+        valid clean tokens per row when rows hold clean sets of different sizes (right-padded),
+        or None when all N are valid. Samplers that build their own inputs pass
+        `check_inputs=False` to skip the host-side checks.
+        """
+        if check_inputs:
+            self._check_predict_inputs(clean_tokens, clean_positions, query_positions, lengths)
+        batch, num_clean = clean_tokens.shape
+        cond_vector = self.conditioning(cond, batch)
+        key_rope = self.rotary_emb(clean_positions)
+        query_rope = self.rotary_emb(query_positions)
+        valid = mask = None
+        if lengths is not None:
+            valid = torch.arange(num_clean, device=clean_tokens.device) < lengths[:, None]  # [B, N]
+            mask = valid[:, None, None, :]
+        memory = self.encoder(self.vocab_embed(clean_tokens), cond_vector, key_rope, mask)
+        summary = None
+        if self.decoder.group_swap.content_dependent:
+            members = valid if valid is not None else torch.ones_like(clean_tokens, dtype=torch.bool)
+            summary = self.decoder.group_swap.summarise(memory, members)[:, None]
+        x = self.decoder(memory, cond_vector, key_rope, query_positions, query_rope, mask, summary)
+        return self.output_layer(x, cond_vector)
+
+    def _check_predict_inputs(self, clean_tokens, clean_positions, query_positions, lengths) -> None:
+        length = self.config.length
+        check_ids("clean_tokens", clean_tokens, self.config.vocab_size)
+        check_ids("clean_positions", clean_positions, length, what="position")
+        check_ids("query_positions", query_positions, length, what="position")
+        if clean_positions.shape != clean_tokens.shape:
+            raise ValueError(f"clean_positions has shape {tuple(clean_positions.shape)} "
+                             f"but clean_tokens has shape {tuple(clean_tokens.shape)}")
+        batch, num_clean = clean_tokens.shape
+        if query_positions.shape[0] != batch:
+            raise ValueError(f"query_positions has batch size {query_positions.shape[0]}, clean_tokens {batch}")
+        if lengths is not None:
+            if lengths.shape != (batch,) or lengths.dtype.is_floating_point:
+                raise ValueError(f"lengths must be an integer tensor of shape [{batch}], got {tuple(lengths.shape)}")
+            if bool((lengths < 0).any()) or bool((lengths > num_clean).any()):
+                raise ValueError(f"lengths must lie in [0, {num_clean}], the number of clean columns")
+            valid = torch.arange(num_clean, device=lengths.device) < lengths[:, None]
+        else:
+            valid = torch.ones_like(clean_positions, dtype=torch.bool)
+        # Padding slots get distinct negative stand-ins so that only real positions can collide.
+        stand_ins = -1 - torch.arange(num_clean, device=clean_positions.device).expand_as(clean_positions)
+        everything = torch.cat([torch.where(valid, clean_positions, stand_ins), query_positions], dim=1)
+        ordered = everything.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+        if bool(repeated.any()):
+            row = int(repeated.any(1).nonzero()[0])
+            position = int(ordered[row, 1:][repeated[row]][0])
+            raise ValueError(f"position {position} appears more than once among the clean and query positions of row {row}")

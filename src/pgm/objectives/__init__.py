@@ -1,0 +1,10 @@
+"""Schedules, partition and mask sampling, and the losses/ELBOs of each model kind."""
+
+from .schedules import LogLinearSchedule, sample_times
+from .text import (LossOutput, MaskedDiffusionObjective, PartitionObjective, objective_for, sample_groups,
+                   token_nll)
+
+__all__ = [
+    "LogLinearSchedule", "sample_times", "LossOutput", "MaskedDiffusionObjective", "PartitionObjective",
+    "objective_for", "sample_groups", "token_nll",
+]

@@ -1,0 +1,94 @@
+"""What the text samplers share: the known-token inputs and the per-step decoding counts."""
+
+from __future__ import annotations
+
+import torch
+
+from ..objectives.schedules import LogLinearSchedule
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def resolve_known(config, num_samples, length, known_tokens, known_mask, device):
+    """Known tokens and their mask [B, L] on `device`, built empty when none are given."""
+    if (known_tokens is None) != (known_mask is None):
+        raise ValueError("known_tokens and known_mask must be given together")
+    if known_tokens is None:
+        if num_samples is None:
+            raise ValueError("give num_samples, or known_tokens and known_mask")
+        length = config.length if length is None else length
+        if num_samples < 1 or length < 1:
+            raise ValueError(f"num_samples and length must be positive, got {num_samples} and {length}")
+        return (torch.zeros(num_samples, length, dtype=torch.long, device=device),
+                torch.zeros(num_samples, length, dtype=torch.bool, device=device))
+    if known_tokens.dim() != 2 or known_mask.shape != known_tokens.shape:
+        raise ValueError(f"known_tokens and known_mask must both be [batch, length], got "
+                         f"{tuple(known_tokens.shape)} and {tuple(known_mask.shape)}")
+    if num_samples is not None and num_samples != known_tokens.shape[0]:
+        raise ValueError(f"num_samples {num_samples} disagrees with known_tokens' batch {known_tokens.shape[0]}")
+    if length is not None and length != known_tokens.shape[1]:
+        raise ValueError(f"length {length} disagrees with known_tokens' length {known_tokens.shape[1]}")
+    return known_tokens.to(device, torch.long), known_mask.to(device, torch.bool)
+
+
+def check_known(config, known_tokens, known_mask, steps) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    length = known_tokens.shape[1]
+    if length > config.length:
+        raise ValueError(f"cannot generate {length} tokens with a model of length {config.length}")
+    values = known_tokens[known_mask]
+    if values.numel():
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(f"known token id {low if low < 0 else high} is outside [0, {config.vocab_size})")
+        if bool((values == config.mask_token_id).any()):
+            raise ValueError(f"a known token is the mask id {config.mask_token_id}")
+
+
+class StepCounts:
+    """How many positions each row decodes at each step.
+
+    "uniform": row b spreads its R_b unknown positions as evenly as possible,
+    floor((i+1) R_b / S) - floor(i R_b / S) at step i. When every row has the same R, counts
+    are plain ints and the sampler needs no padding, masks or host synchronisation.
+    "binomial": Binomial(left_b, p_i) with p_i MDLM's reveal probability between the times
+    1 - i/S and 1 - (i+1)/S (p = 1 at the last step, so nothing is left).
+    """
+
+    def __init__(self, num_known: torch.Tensor, length: int, steps: int, mode: str,
+                 generator: torch.Generator | None, schedule: LogLinearSchedule = LogLinearSchedule()):
+        if mode not in ("uniform", "binomial"):
+            raise ValueError(f"counts must be 'uniform' or 'binomial', got {mode!r}")
+        self.mode, self.steps, self.generator, self.schedule = mode, steps, generator, schedule
+        remaining = length - num_known
+        equal = bool((num_known == num_known[0]).all())
+        if mode == "uniform" and equal:
+            total = int(remaining[0])
+            self.initial_clean = length - total
+            self.plan = [(i + 1) * total // steps - i * total // steps for i in range(steps)]
+            self.widths = self.plan
+        else:
+            self.initial_clean = num_known.clone()
+            if mode == "uniform":
+                bounds = torch.arange(steps + 1, device=num_known.device)[:, None] * remaining // steps
+                self.plan = bounds[1:] - bounds[:-1]  # [S, B]
+                self.widths = self.plan.max(dim=1).values.tolist()
+            else:
+                self.left = remaining.clone()
+
+    def next(self, step: int):
+        """(count per row: int or [B] tensor, the widest row's count as an int)."""
+        if self.mode == "uniform":
+            return self.plan[step], self.widths[step]
+        t, s = 1 - step / self.steps, 1 - (step + 1) / self.steps
+        p = self.schedule.reveal_probability(t, s)
+        if p >= 1:
+            k = self.left.clone()
+        else:
+            probability = torch.full(self.left.shape, p, dtype=torch.float, device=self.left.device)
+            k = torch.binomial(self.left.float(), probability, generator=self.generator).long()
+        self.left -= k
+        return k, int(k.max())

@@ -1,0 +1,55 @@
+"""MDLM's ancestral sampler over a full-length sequence with `[MASK]` tokens.
+
+Between times t = 1 - i/S and s = 1 - (i+1)/S each masked token is revealed with probability
+(alpha_s - alpha_t) / (1 - alpha_t) and, if revealed, drawn from the model's prediction; known
+tokens are carried over. Drawing which tokens are revealed first and then sampling only those
+is the same distribution as the usual categorical over [p_x0 * (alpha_s - alpha_t), 1 - alpha_s].
+A model without time conditioning gives the same logits for the same input, so when a step
+reveals nothing the next step reuses them instead of running the network again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..objectives.schedules import LogLinearSchedule
+from .categorical import SamplingOptions, sample_categorical
+from .common import check_known, model_device, resolve_known
+
+
+@torch.no_grad()
+def sample_mdlm(model, *, num_samples: int | None = None, length: int | None = None, steps: int,
+                known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+                options: SamplingOptions = SamplingOptions(), generator: torch.Generator | None = None,
+                cache: bool = True, stats: dict | None = None) -> torch.Tensor:
+    """Generate [num_samples, length] ids in `steps` ancestral steps. `stats`, when given,
+    receives the number of network calls under "forward_calls"."""
+    config = model.config
+    known_tokens, known_mask = resolve_known(config, num_samples, length, known_tokens, known_mask,
+                                             model_device(model))
+    check_known(config, known_tokens, known_mask, steps)
+    schedule = LogLinearSchedule()
+    batch, length = known_tokens.shape
+    device = known_tokens.device
+    mask_id = config.mask_token_id
+    x = torch.where(known_mask, known_tokens, mask_id)
+    masked = ~known_mask
+    cache = cache and not config.time_conditioning
+    logits = None
+    calls = 0
+    for step in range(steps):
+        t, s = 1 - step / steps, 1 - (step + 1) / steps
+        if logits is None or not cache:
+            cond = schedule.sigma(torch.full((batch,), t, device=device)) if config.time_conditioning else None
+            logits = model(x, cond, check_inputs=False)
+            calls += 1
+        p = schedule.reveal_probability(t, s)
+        reveal = masked & (torch.rand(batch, length, generator=generator, device=device) < p)
+        if not bool(reveal.any()):
+            continue
+        x[reveal] = sample_categorical(logits[reveal], options, suppress=(mask_id,), generator=generator)
+        masked &= ~reveal
+        logits = None
+    if stats is not None:
+        stats["forward_calls"] = calls
+    return x

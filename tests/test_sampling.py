@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+from conftest import tiny_mdlm, tiny_pgm
+from pgm.sampling import SamplingOptions, filter_top_p, sample_categorical, sample_mdlm, sample_pgm
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("counts", ["uniform", "binomial"])
+@pytest.mark.parametrize("steps", [1, 3, 7, 20, 33])
+def test_efficient_and_reference_pgm_samplers_give_the_same_tokens(counts, steps):
+    model = tiny_pgm()
+    efficient = sample_pgm(model, num_samples=4, length=20, steps=steps, counts=counts, generator=seeded(5))
+    reference = sample_pgm(model, num_samples=4, length=20, steps=steps, counts=counts, generator=seeded(5),
+                           view="reference")
+    assert torch.equal(efficient, reference)
+    assert efficient.shape == (4, 20) and int(efficient.max()) < 40  # the mask id 40 is never drawn
+
+
+@pytest.mark.parametrize("mode", ["learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp"])
+def test_known_tokens_of_different_amounts_per_row_stay_and_both_views_agree(mode):
+    model = tiny_pgm(pre_query_mode=mode)
+    known = torch.randint(0, 40, (3, 20), generator=seeded(1))
+    mask = torch.zeros(3, 20, dtype=torch.bool)
+    mask[0, :6] = True          # a prompt
+    mask[1, 12:] = True         # a fixed suffix
+    mask[2, [0, 4, 17]] = True  # scattered known tokens around gaps
+    for counts in ("uniform", "binomial"):
+        outs = [sample_pgm(model, known_tokens=known, known_mask=mask, steps=5, counts=counts, generator=seeded(2),
+                           view=view) for view in ("efficient", "reference")]
+        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(outs[0][mask], known[mask])
+
+
+def test_same_seed_same_samples_and_different_seed_different_samples():
+    model = tiny_pgm()
+    a = sample_pgm(model, num_samples=3, length=20, steps=4, generator=seeded(1))
+    b = sample_pgm(model, num_samples=3, length=20, steps=4, generator=seeded(1))
+    c = sample_pgm(model, num_samples=3, length=20, steps=4, generator=seeded(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_pgm_one_step_samples_every_position_from_the_empty_clean_set():
+    model = tiny_pgm()
+    tokens = sample_pgm(model, num_samples=2, length=20, steps=1, options=SamplingOptions(temperature=0))
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    expected = model.predict(empty, empty, torch.arange(20)[None]).argmax(-1)[0]
+    expected_without_mask = model.predict(empty, empty, torch.arange(20)[None])[0, :, :40].argmax(-1)
+    assert torch.equal(tokens[0], expected_without_mask) and torch.equal(tokens[1], expected_without_mask)
+    assert expected.shape == expected_without_mask.shape
+
+
+def test_mdlm_cache_skips_forward_passes_without_changing_samples():
+    model = tiny_mdlm()
+    stats_cached, stats_plain = {}, {}
+    cached = sample_mdlm(model, num_samples=2, length=20, steps=60, generator=seeded(3), stats=stats_cached)
+    plain = sample_mdlm(model, num_samples=2, length=20, steps=60, generator=seeded(3), cache=False,
+                        stats=stats_plain)
+    assert torch.equal(cached, plain)
+    assert stats_plain["forward_calls"] == 60
+    assert stats_cached["forward_calls"] < 40
+    assert int(cached.max()) < 40
+
+
+def test_mdlm_keeps_known_tokens():
+    model = tiny_mdlm()
+    known = torch.randint(0, 40, (2, 20))
+    mask = torch.rand(2, 20) < 0.4
+    out = sample_mdlm(model, known_tokens=known, known_mask=mask, steps=8, generator=seeded(0))
+    assert torch.equal(out[mask], known[mask]) and int(out.max()) < 40
+
+
+def test_sample_categorical_matches_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(200000, -1)
+    draws = sample_categorical(logits, generator=seeded(0))
+    frequencies = torch.bincount(draws, minlength=4) / 200000
+    assert torch.allclose(frequencies, probs, atol=0.005)
+
+
+def test_top_p_is_applied_after_the_mask_logit_is_removed():
+    # Without the suppressed id the distribution is [0.5, 0.3, 0.2]; the nucleus 0.75 keeps ids 0 and 1.
+    logits = torch.tensor([0.5, 0.3, 0.2, 10.0]).log()
+    logits[3] = 10.0
+    draws = sample_categorical(logits.expand(20000, -1), SamplingOptions(top_p=0.75), suppress=(3,),
+                               generator=seeded(0))
+    frequencies = torch.bincount(draws, minlength=4) / 20000
+    assert torch.allclose(frequencies, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.01)
+
+
+def test_filter_top_p_keeps_at_least_the_best_token():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+    kept = torch.isfinite(filter_top_p(logits, 0.01))
+    assert kept.tolist() == [[True, False, False], [False, False, True]]
+
+
+def test_temperature_zero_is_greedy_and_low_temperature_sharpens():
+    logits = torch.tensor([1.0, 2.0, 0.5]).expand(5000, -1)
+    assert (sample_categorical(logits, SamplingOptions(temperature=0)) == 1).all()
+    cold = sample_categorical(logits, SamplingOptions(temperature=0.2), generator=seeded(0))
+    warm = sample_categorical(logits, SamplingOptions(temperature=1.0), generator=seeded(0))
+    assert (cold == 1).float().mean() > (warm == 1).float().mean() + 0.2
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_samples=2, length=21, steps=4), "model of length 20"),
+    (dict(num_samples=2, length=10, steps=0), "steps must be a positive integer"),
+    (dict(steps=4), "give num_samples"),
+    (dict(known_tokens=torch.full((1, 5), 40), known_mask=torch.ones(1, 5, dtype=torch.bool), steps=2), "mask id"),
+    (dict(known_tokens=torch.full((1, 5), 41), known_mask=torch.ones(1, 5, dtype=torch.bool), steps=2), "outside"),
+    (dict(known_tokens=torch.zeros(1, 5, dtype=torch.long), steps=2), "together"),
+])
+def test_bad_sampler_inputs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample_pgm(tiny_pgm(), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        sample_mdlm(tiny_mdlm(), **kwargs)
+
+
+def test_sampling_options_are_validated():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingOptions(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingOptions(temperature=-1)
