@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pgm.models import MaskedDiffusionConfig, MaskedDiffusionTransformer, PartitionConfig, PartitionTransformer
-from pgm.objectives import (LogLinearSchedule, MaskedDiffusionObjective, PartitionObjective, sample_groups,
+from pgm.objectives import (LogLinearSchedule, MaskedDiffusionObjective, Noise, PartitionObjective, sample_groups,
                             sample_times, token_nll)
 
 VOCAB = 33
@@ -80,7 +80,8 @@ def test_single_group_inputs_give_finite_loss_and_gradients(group):
     generator = torch.Generator().manual_seed(0)
     groups = sample_groups(t, tokens.shape, generator=generator)
     assert bool((groups == bool(group)).all())
-    out = PartitionObjective().loss(model, tokens, generator=torch.Generator().manual_seed(0), t=t)
+    noise = Noise(t, torch.rand(tokens.shape, generator=torch.Generator().manual_seed(0)))
+    out = PartitionObjective().loss(model, tokens, noise=noise)
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import tiny_mdlm, tiny_pgm
-from pgm.sampling import SamplingOptions, filter_top_p, sample_categorical, sample_mdlm, sample_pgm
+from pgm.sampling import SamplingOptions, filter_top_p, sample_categorical, sample_mdlm, sample_pgm, sample_scored
 
 
 def seeded(seed=0):
@@ -125,3 +125,71 @@ def test_sampling_options_are_validated():
         SamplingOptions(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingOptions(temperature=-1)
+
+
+def test_mdlm_logits_only_where_revealed_draw_the_same_tokens_as_logits_everywhere():
+    model = tiny_mdlm()
+    fair = sample_mdlm(model, num_samples=3, length=20, steps=7, generator=seeded(9))
+    everywhere = sample_mdlm(model, num_samples=3, length=20, steps=7, generator=seeded(9), logits_everywhere=True)
+    assert torch.equal(fair, everywhere)
+
+
+@pytest.mark.parametrize("order", ["random", "left-to-right", "confidence", "margin", "entropy"])
+@pytest.mark.parametrize("counts", ["uniform", "binomial"])
+def test_every_order_agrees_between_the_efficient_and_reference_views(order, counts):
+    model = tiny_pgm()
+    known = torch.randint(0, 40, (3, 20), generator=seeded(1))
+    mask = torch.zeros(3, 20, dtype=torch.bool)
+    mask[0, :3], mask[1, 15:], mask[2, [2, 9]] = True, True, True
+    outs = [sample_pgm(model, known_tokens=known, known_mask=mask, steps=6, counts=counts, order=order, view=view,
+                       generator=seeded(3)) for view in ("efficient", "reference")]
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0][mask], known[mask]) and int(outs[0].max()) < 40
+
+
+class QuerySpy:
+    """Wraps a PGM and records the query positions of every `predict` call."""
+
+    def __init__(self, model):
+        self.model, self.config, self.queries = model, model.config, []
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def predict(self, *args, **kwargs):
+        self.queries.append(args[2].clone())
+        return self.model.predict(*args, **kwargs)
+
+
+def test_left_to_right_decodes_consecutive_blocks():
+    spy = QuerySpy(tiny_pgm())
+    sample_pgm(spy, num_samples=2, length=20, steps=5, order="left-to-right")
+    assert [q[0].tolist() for q in spy.queries] == [list(range(i, i + 4)) for i in range(0, 20, 4)]
+
+
+@pytest.mark.parametrize("order", ["confidence", "margin", "entropy"])
+def test_scored_orders_commit_the_most_certain_positions(order):
+    model = tiny_pgm()
+    spy = QuerySpy(model)
+    greedy = SamplingOptions(temperature=0)
+    out = sample_pgm(spy, num_samples=2, length=20, steps=4, order=order, options=greedy)
+    candidates = [set(q[0].tolist()) for q in spy.queries]
+    assert candidates[0] == set(range(20)) and len(candidates) == 4
+    committed = [a - b for a, b in zip(candidates, candidates[1:] + [set()])]
+    assert all(len(c) == 5 for c in committed)
+    known: set = set()
+    for step_candidates, chosen in zip(candidates, committed):
+        # Replay the step on row 0: every unknown position is queried; the 5 kept are the most
+        # certain ones (up to float ties) and hold the greedy draws.
+        assert step_candidates == set(range(20)) - known
+        clean = torch.tensor(sorted(known), dtype=torch.long)[None]
+        queried = torch.tensor(sorted(step_candidates))[None]
+        logits = model.predict(out[:1, clean[0]], clean, queried)
+        tokens, certainty = sample_scored(logits, order, greedy, suppress=(40,))
+        by_position = dict(zip(queried[0].tolist(), certainty[0].tolist()))
+        kept = min(by_position[p] for p in chosen)
+        others = [by_position[p] for p in step_candidates - chosen]
+        assert not others or kept >= max(others) - 1e-6
+        drawn = dict(zip(queried[0].tolist(), tokens[0].tolist()))
+        assert all(out[0, p] == drawn[p] for p in chosen)
+        known |= chosen

@@ -1,12 +1,14 @@
 """Model classes and their configurations, looked up by kind ("pgm", "mdlm", ...)."""
 
-from .config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig
+from .causal import CausalConfig, CausalTransformer
 from .dit import MaskedDiffusionConfig, MaskedDiffusionTransformer
 from .partition import PartitionConfig, PartitionTransformer
 
 MODEL_CLASSES = {
     PartitionConfig.kind: PartitionTransformer,
     MaskedDiffusionConfig.kind: MaskedDiffusionTransformer,
+    CausalConfig.kind: CausalTransformer,
 }
 
 
@@ -24,5 +26,5 @@ def build_model(config: ModelConfig):
 
 __all__ = [
     "ConfigError", "ModelConfig", "PartitionConfig", "PartitionTransformer", "MaskedDiffusionConfig",
-    "MaskedDiffusionTransformer", "MODEL_CLASSES", "config_from_dict", "build_model",
+    "MaskedDiffusionTransformer", "CausalConfig", "CausalTransformer", "MODEL_CLASSES", "config_from_dict", "build_model",
 ]

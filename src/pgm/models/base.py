@@ -46,5 +46,21 @@ class TimeConditionedModel(nn.Module):
             sigma = torch.zeros(1, device=device)
         return F.silu(self.sigma_map(sigma))
 
+    def save_pretrained(self, directory, tokenizer=None):
+        """Write config.json + model.safetensors (+ tokenizer/) into `directory`."""
+        from ..hub import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **options):
+        """Load a pretrained or run directory, an authors' checkpoint, or a Hub id (see pgm.hub)."""
+        from ..hub import from_pretrained
+
+        model = from_pretrained(name_or_path, **options)
+        if not isinstance(model, cls):
+            raise ValueError(f"{name_or_path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

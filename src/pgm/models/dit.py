@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .base import TimeConditionedModel, check_ids
-from .config import ModelConfig, check_transformer_shape, require
+from ..config import ModelConfig, check_transformer_shape, require
 from .layers import FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding
 
 
@@ -56,6 +56,12 @@ class MaskedDiffusionTransformer(TimeConditionedModel):
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None, *,
                 check_inputs: bool = True) -> torch.Tensor:
         """Logits [B, L, V] for tokens [B, L] in which unknown positions hold `mask_token_id`."""
+        hidden, cond_vector = self.encode(tokens, cond, check_inputs=check_inputs)
+        return self.output_layer(hidden, cond_vector)
+
+    def encode(self, tokens: torch.Tensor, cond: torch.Tensor | None = None, *,
+               check_inputs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's states [B, L, H] and the conditioning vector [1 or B, C]."""
         batch, length = tokens.shape
         if check_inputs:
             check_ids("tokens", tokens, self.config.vocab_size)
@@ -66,4 +72,10 @@ class MaskedDiffusionTransformer(TimeConditionedModel):
         x = self.vocab_embed(tokens)
         for block in self.blocks:
             x = block(x, cond_vector, rope)
-        return self.output_layer(x, cond_vector)
+        return x, cond_vector
+
+    def logits_at(self, hidden: torch.Tensor, cond_vector: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """Logits [n, V] only at the positions where `select` [B, L] is True."""
+        rows = select.nonzero()[:, 0]
+        cond_rows = cond_vector.expand(hidden.shape[0], -1)[rows]
+        return self.output_layer(hidden[select][:, None], cond_rows)[:, 0]

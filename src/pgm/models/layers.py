@@ -130,6 +130,24 @@ def zero_init_(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
+class LayerCache:
+    """One block's keys and values [B, heads, capacity, d], allocated at the first write."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.keys = self.values = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, heads, n, d] at positions start..start+n; return everything up to there."""
+        if self.keys is None:
+            shape = (*k.shape[:2], self.capacity, k.shape[-1])
+            self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
+        end = start + k.shape[2]
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class SelfAttentionBlock(nn.Module):
     """adaLN-modulated transformer block with self-attention (DiT's block, MDLM's `DDiTBlock`)."""
 
@@ -145,12 +163,21 @@ class SelfAttentionBlock(nn.Module):
         self.adaLN_modulation = zero_init_(nn.Linear(cond_dim, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        # x [B, L, H]; cond [B or 1, C]; rope cos/sin [B or 1, 1, L, d]; mask [B, 1, L, L] or None
+                mask: torch.Tensor | None = None, causal: bool = False, cache: LayerCache | None = None,
+                start: int = 0) -> torch.Tensor:
+        # x [B, L, H]; cond [B or 1, C]; rope cos/sin [B or 1, 1, L, d]; mask [B, 1, L, L] or None.
+        # With `cache`, x holds positions start..start+L, attending causally to everything cached.
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(cond)[:, None].chunk(6, dim=-1)
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_a, scale_a))
         q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
-        attn = attend(apply_rotary(q, rope), apply_rotary(k, rope), v, mask, causal)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if cache is not None:
+            k, v = cache.extend(k, v, start)
+            length = q.shape[2]
+            if length > 1:  # a chunk of new positions: each sees the cache and its own past
+                positions = start + torch.arange(length, device=x.device)
+                mask = torch.arange(start + length, device=x.device) <= positions[:, None]
+        attn = attend(q, k, v, mask, causal)
         x = x + gate_a * F.dropout(self.attn_out(attn), self.dropout, self.training)
         h = self.mlp(modulate(self.norm2(x), shift_m, scale_m))
         return x + gate_m * F.dropout(h, self.dropout, self.training)

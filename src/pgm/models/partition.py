@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .base import TimeConditionedModel, check_ids
-from .config import ModelConfig, check_transformer_shape, require
+from ..config import ModelConfig, check_transformer_shape, require
 from .layers import (CrossAttentionBlock, FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding,
                      apply_rotary, attend, sinusoid, split_heads)
 

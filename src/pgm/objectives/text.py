@@ -22,11 +22,19 @@ from .schedules import LogLinearSchedule, sample_times
 
 @dataclasses.dataclass
 class LossOutput:
-    """`loss` is what to backpropagate; `nll_sum / tokens` is the per-token ELBO (nats)."""
+    """`loss` is what to backpropagate; `nll_sum / tokens` is the per-token ELBO (nats);
+    `row_nll` and `row_tokens` [B] break both down by row."""
 
     loss: torch.Tensor
     nll_sum: torch.Tensor
     tokens: torch.Tensor
+    row_nll: torch.Tensor
+    row_tokens: torch.Tensor
+
+
+def model_config(model):
+    """The config of a model, also through a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model).config
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, suppressed_id: int) -> torch.Tensor:
@@ -48,17 +56,44 @@ def _modeled(tokens: torch.Tensor, valid: torch.Tensor | None, always_clean: tor
 
 
 def _finish(per_token: torch.Tensor, modeled: torch.Tensor, scale: float = 1.0) -> LossOutput:
-    count = modeled.sum()
-    nll_sum = (per_token * modeled).sum()
-    loss = scale * nll_sum / count.clamp(min=1)
-    return LossOutput(loss=loss, nll_sum=nll_sum.detach() * scale, tokens=count)
+    row_nll = (per_token * modeled).sum(1) * scale
+    row_tokens = modeled.sum(1)
+    count = row_tokens.sum()
+    nll_sum = row_nll.sum()
+    return LossOutput(loss=nll_sum / count.clamp(min=1), nll_sum=nll_sum.detach(), tokens=count,
+                      row_nll=row_nll.detach(), row_tokens=row_tokens)
+
+
+@dataclasses.dataclass
+class Noise:
+    """The randomness of one loss evaluation: a time per row and a uniform per token.
+
+    Drawing it apart from the loss lets a distributed run draw the global batch's noise once
+    and give each rank its rows, so that N processes compute what one process would.
+    """
+
+    t: torch.Tensor  # [B]
+    u: torch.Tensor  # [B, L]
+
+    def __getitem__(self, rows) -> "Noise":
+        return Noise(self.t[rows], self.u[rows])
+
+    def to(self, device) -> "Noise":
+        return Noise(self.t.to(device), self.u.to(device))
+
+
+def draw_noise(batch_size: int, length: int, *, antithetic: bool = True, t_min: float = 1e-3,
+               generator: torch.Generator | None = None, device=None) -> Noise:
+    t = sample_times(batch_size, antithetic=antithetic, t_min=t_min, generator=generator, device=device)
+    return Noise(t, torch.rand(batch_size, length, generator=generator, device=device))
 
 
 def sample_groups(t: torch.Tensor, shape: tuple[int, int], *, always_clean: torch.Tensor | None = None,
                   schedule: LogLinearSchedule = LogLinearSchedule(),
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Bool [B, L]: True = group 1, drawn i.i.d. with probability 1 - alpha_t per row."""
-    u = torch.rand(shape, generator=generator, device=t.device)
+                  generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [B, L]: True = group 1 (masked), i.i.d. with probability 1 - alpha_t per row."""
+    if u is None:
+        u = torch.rand(shape, generator=generator, device=t.device)
     groups = u < (1 - schedule.alpha(t))[:, None]
     if always_clean is not None:
         groups = groups & ~always_clean.bool()
@@ -66,71 +101,93 @@ def sample_groups(t: torch.Tensor, shape: tuple[int, int], *, always_clean: torc
 
 
 @dataclasses.dataclass
-class PartitionObjective:
-    """PGM training loss and ELBO. `complement` picks the swapped view's time: "exact" solves
-    1 - alpha_s = alpha_t; "one_minus_t" is the reference implementation's literal 1 - t."""
-
+class _DiffusionObjective:
     schedule: LogLinearSchedule = dataclasses.field(default_factory=LogLinearSchedule)
     antithetic: bool = True
     t_min: float = 1e-3
+
+    def draw_noise(self, batch_size: int, length: int, generator=None, device=None) -> Noise:
+        return draw_noise(batch_size, length, antithetic=self.antithetic, t_min=self.t_min, generator=generator,
+                          device=device)
+
+    def _partition(self, tokens, always_clean, generator, noise):
+        if noise is None:
+            noise = self.draw_noise(*tokens.shape, generator=generator, device=tokens.device)
+        groups = sample_groups(noise.t, tokens.shape, always_clean=always_clean, schedule=self.schedule, u=noise.u)
+        return noise.t, groups
+
+
+@dataclasses.dataclass
+class PartitionObjective(_DiffusionObjective):
+    """PGM training loss and ELBO. `complement` picks the swapped view's time: "exact" solves
+    1 - alpha_s = alpha_t; "one_minus_t" is the reference implementation's literal 1 - t."""
+
     complement: Literal["exact", "one_minus_t"] = "exact"
 
-    def _forward(self, model, tokens, always_clean, generator, t=None):
-        if t is None:
-            t = sample_times(tokens.shape[0], antithetic=self.antithetic, t_min=self.t_min,
-                             generator=generator, device=tokens.device)
-        groups = sample_groups(t, tokens.shape, always_clean=always_clean, schedule=self.schedule,
-                               generator=generator)
-        cond = self.schedule.sigma(t) if model.config.time_conditioning else None
+    def _forward(self, model, tokens, always_clean, generator, noise):
+        t, groups = self._partition(tokens, always_clean, generator, noise)
+        cond = self.schedule.sigma(t) if model_config(model).time_conditioning else None
         logits = model(tokens, groups, cond, check_inputs=False)
-        return t, groups, token_nll(logits, tokens, model.config.mask_token_id)
+        return t, groups, token_nll(logits, tokens, model_config(model).mask_token_id)
 
     def loss(self, model, tokens: torch.Tensor, valid: torch.Tensor | None = None,
              always_clean: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             t: torch.Tensor | None = None) -> LossOutput:
-        t, groups, nll = self._forward(model, tokens, always_clean, generator, t)
+             noise: Noise | None = None) -> LossOutput:
+        t, groups, nll = self._forward(model, tokens, always_clean, generator, noise)
         s = self.schedule.complement(t) if self.complement == "exact" else 1 - t
         weights = torch.where(groups, self.schedule.weight(t)[:, None], self.schedule.weight(s)[:, None])
         return _finish(weights * nll, _modeled(tokens, valid, always_clean), scale=0.5)
 
     def elbo(self, model, tokens: torch.Tensor, valid: torch.Tensor | None = None,
              always_clean: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             t: torch.Tensor | None = None) -> LossOutput:
-        t, groups, nll = self._forward(model, tokens, always_clean, generator, t)
+             noise: Noise | None = None) -> LossOutput:
+        t, groups, nll = self._forward(model, tokens, always_clean, generator, noise)
         per_token = torch.where(groups, self.schedule.weight(t)[:, None] * nll, 0.0)
         return _finish(per_token, _modeled(tokens, valid, always_clean))
 
 
 @dataclasses.dataclass
-class MaskedDiffusionObjective:
+class MaskedDiffusionObjective(_DiffusionObjective):
     """MDLM: mask each token with probability 1 - alpha_t, weight masked tokens' NLL by 1/t."""
-
-    schedule: LogLinearSchedule = dataclasses.field(default_factory=LogLinearSchedule)
-    antithetic: bool = True
-    t_min: float = 1e-3
 
     def loss(self, model, tokens: torch.Tensor, valid: torch.Tensor | None = None,
              always_clean: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             t: torch.Tensor | None = None) -> LossOutput:
-        if t is None:
-            t = sample_times(tokens.shape[0], antithetic=self.antithetic, t_min=self.t_min,
-                             generator=generator, device=tokens.device)
-        masked = sample_groups(t, tokens.shape, always_clean=always_clean, schedule=self.schedule,
-                               generator=generator)
-        noisy = torch.where(masked, model.config.mask_token_id, tokens)
-        cond = self.schedule.sigma(t) if model.config.time_conditioning else None
-        nll = token_nll(model(noisy, cond, check_inputs=False), tokens, model.config.mask_token_id)
+             noise: Noise | None = None) -> LossOutput:
+        t, masked = self._partition(tokens, always_clean, generator, noise)
+        noisy = torch.where(masked, model_config(model).mask_token_id, tokens)
+        cond = self.schedule.sigma(t) if model_config(model).time_conditioning else None
+        nll = token_nll(model(noisy, cond, check_inputs=False), tokens, model_config(model).mask_token_id)
         per_token = torch.where(masked, self.schedule.weight(t)[:, None] * nll, 0.0)
         return _finish(per_token, _modeled(tokens, valid, always_clean))
 
     elbo = loss
 
 
+@dataclasses.dataclass
+class AutoregressiveObjective:
+    """Next-token cross-entropy: position i predicts token i + 1. Its `elbo` is the exact NLL."""
+
+    def draw_noise(self, batch_size: int, length: int, generator=None, device=None) -> None:
+        return None  # nothing random in the loss
+
+    def loss(self, model, tokens: torch.Tensor, valid: torch.Tensor | None = None,
+             always_clean: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             noise=None) -> LossOutput:
+        logits = model(tokens[:, :-1], check_inputs=False)
+        nll = token_nll(logits, tokens[:, 1:], model_config(model).mask_token_id)
+        modeled = _modeled(tokens, valid, always_clean)[:, 1:]
+        return _finish(nll, modeled)
+
+    elbo = loss
+
+
 def objective_for(model, **options):
     """The objective that trains `model`'s kind."""
-    kind = model.config.kind
+    kind = model_config(model).kind
     if kind == "pgm":
         return PartitionObjective(**options)
     if kind == "mdlm":
         return MaskedDiffusionObjective(**options)
+    if kind == "ar":
+        return AutoregressiveObjective()
     raise ValueError(f"no text objective for model kind {kind!r}")

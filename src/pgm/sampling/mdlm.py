@@ -4,8 +4,12 @@ Between times t = 1 - i/S and s = 1 - (i+1)/S each masked token is revealed with
 (alpha_s - alpha_t) / (1 - alpha_t) and, if revealed, drawn from the model's prediction; known
 tokens are carried over. Drawing which tokens are revealed first and then sampling only those
 is the same distribution as the usual categorical over [p_x0 * (alpha_s - alpha_t), 1 - alpha_s].
-A model without time conditioning gives the same logits for the same input, so when a step
-reveals nothing the next step reuses them instead of running the network again.
+A model without time conditioning gives the same output for the same input, so when a step
+reveals nothing the next step reuses it instead of running the network again.
+
+Since only revealed positions need a prediction, the output layer (the largest matmul at a
+GPT-2-sized vocabulary) runs only on them; `logits_everywhere=True` computes logits at every
+position every step, as the authors' sampler (and the paper's MDLM speed figures) do.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from .common import check_known, model_device, resolve_known
 def sample_mdlm(model, *, num_samples: int | None = None, length: int | None = None, steps: int,
                 known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
                 options: SamplingOptions = SamplingOptions(), generator: torch.Generator | None = None,
-                cache: bool = True, stats: dict | None = None) -> torch.Tensor:
+                cache: bool = True, logits_everywhere: bool = False, stats: dict | None = None) -> torch.Tensor:
     """Generate [num_samples, length] ids in `steps` ancestral steps. `stats`, when given,
     receives the number of network calls under "forward_calls"."""
     config = model.config
@@ -35,21 +39,24 @@ def sample_mdlm(model, *, num_samples: int | None = None, length: int | None = N
     x = torch.where(known_mask, known_tokens, mask_id)
     masked = ~known_mask
     cache = cache and not config.time_conditioning
-    logits = None
+    encoded = None
     calls = 0
     for step in range(steps):
         t, s = 1 - step / steps, 1 - (step + 1) / steps
-        if logits is None or not cache:
+        if encoded is None or not cache:
             cond = schedule.sigma(torch.full((batch,), t, device=device)) if config.time_conditioning else None
-            logits = model(x, cond, check_inputs=False)
+            encoded = model.encode(x, cond, check_inputs=False)
             calls += 1
+            if logits_everywhere:
+                all_logits = model.output_layer(*encoded)
         p = schedule.reveal_probability(t, s)
         reveal = masked & (torch.rand(batch, length, generator=generator, device=device) < p)
         if not bool(reveal.any()):
             continue
-        x[reveal] = sample_categorical(logits[reveal], options, suppress=(mask_id,), generator=generator)
+        logits = all_logits[reveal] if logits_everywhere else model.logits_at(*encoded, reveal)
+        x[reveal] = sample_categorical(logits, options, suppress=(mask_id,), generator=generator)
         masked &= ~reveal
-        logits = None
+        encoded = None
     if stats is not None:
         stats["forward_calls"] = calls
     return x

@@ -1,4 +1,5 @@
-"""Typed model configurations that validate themselves and serialise to JSON."""
+"""Typed configurations: dataclasses that check their field types, validate their relations,
+round-trip through JSON and accept `key=value` overrides from the command line."""
 
 from __future__ import annotations
 
@@ -41,10 +42,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
 
 
 @dataclasses.dataclass
-class ModelConfig:
+class Config:
     """Base class: field types are checked at construction, `validate` adds the relations."""
-
-    kind: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -59,11 +58,10 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, **self.to_dict()}, indent=2)
+        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
-        values = {k: v for k, v in values.items() if k != "kind"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -72,6 +70,47 @@ class ModelConfig:
 
     def replace(self, **changes):
         return type(self).from_dict({**self.to_dict(), **changes})
+
+
+    @classmethod
+    def parse_value(cls, name: str, text: str) -> Any:
+        """Turn the command-line text of field `name` into a value of the field's type."""
+        hints = typing.get_type_hints(cls)
+        if name not in hints:
+            raise ConfigError(f"unknown {cls.__name__} field {name!r}")
+        annotation = hints[name]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            if text.lower() in ("none", "null"):
+                return None
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        try:
+            if annotation is bool:
+                lowered = text.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return lowered in ("true", "1", "yes")
+            if annotation is int:
+                return int(text)
+            if annotation is float:
+                return float(text)
+        except ValueError:
+            kind = {bool: "true or false", int: "an integer", float: "a number"}[annotation]
+            raise ConfigError(f"{name} must be {kind}, got {text!r}") from None
+        return text
+
+
+@dataclasses.dataclass
+class ModelConfig(Config):
+    """A model's configuration; `kind` names the model class it builds."""
+
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        return super().from_dict({k: v for k, v in values.items() if k != "kind"})
 
 
 def require(condition: bool, message: str) -> None:

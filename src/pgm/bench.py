@@ -1,0 +1,296 @@
+"""`pgm bench sampling` and `pgm bench training`: speed, measured side by side in one process.
+
+Sampling: PGM vs MDLM vs AR at matched parameter counts, the same vocabulary and batch, in
+eval mode, float32 on CPU (bf16 autocast on GPU). Counted: generated tokens only (the BOS at
+position 0 is given). Each configuration also gets its floating-point work computed from the
+shapes (matmuls and attention, in FLOPs), so that measured ratios can be read against the
+ratio of the work, and a floor: the tokens/s the machine would reach running that work at its
+own measured matmul throughput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .models import CausalConfig, MaskedDiffusionConfig, PartitionConfig, build_model
+from .sampling import SamplingOptions, sample_autoregressive, sample_mdlm, sample_pgm
+
+
+@dataclasses.dataclass
+class Shape:
+    hidden: int = 256
+    heads: int = 4
+    pgm_encoder: int = 4
+    pgm_decoder: int = 4
+    baseline_blocks: int = 8
+    vocab: int = 50258
+    cond_dim: int = 128
+
+
+def build(kind: str, shape: Shape, length: int):
+    common = dict(vocab_size=shape.vocab, length=length, hidden_size=shape.hidden, num_heads=shape.heads,
+                  cond_dim=shape.cond_dim, dropout=0.0)
+    if kind == "pgm":
+        config = PartitionConfig(encoder_blocks=shape.pgm_encoder, decoder_blocks=shape.pgm_decoder, **common)
+    elif kind.startswith("mdlm"):
+        config = MaskedDiffusionConfig(blocks=shape.baseline_blocks, **common)
+    else:
+        config = CausalConfig(blocks=shape.baseline_blocks, **common)
+    torch.manual_seed(0)
+    return build_model(config).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Floating-point work (multiply-adds counted as 2 FLOPs)
+# ---------------------------------------------------------------------------------------------
+
+def _block_flops(tokens: float, keys: float, hidden: int, mlp_ratio: int = 4) -> float:
+    """A self-attention block over `tokens` queries attending `keys` keys each."""
+    return tokens * (2 * (4 + 2 * mlp_ratio) * hidden ** 2 + 4 * keys * hidden)
+
+
+def pgm_flops(shape: Shape, batch: int, length: int, counts: list[int]) -> float:
+    h, total, clean = shape.hidden, 0.0, 1  # the BOS starts the clean set
+    for k in counts:
+        if k == 0:
+            continue
+        encoder = shape.pgm_encoder * _block_flops(clean, clean, h)
+        key_values = (shape.pgm_decoder + 1) * clean * 4 * h * h  # every decoder layer + GroupSwap project K, V
+        per_query = (2 * h * h  # GroupSwap output
+                     + 4 * clean * h  # its attention
+                     + shape.pgm_decoder * (2 * (2 + 8) * h * h + 4 * clean * h)  # q, out, MLP, attention per layer
+                     + 2 * h * shape.vocab)  # logits
+        total += batch * (encoder + key_values + k * per_query)
+        clean += k
+    return total
+
+
+def mdlm_flops(shape: Shape, batch: int, length: int, steps: int, logits_everywhere: bool) -> float:
+    body = shape.baseline_blocks * _block_flops(length, length, shape.hidden)
+    revealed = length - 1
+    logits = 2 * shape.hidden * shape.vocab * (length * steps if logits_everywhere else revealed)
+    return batch * (steps * body + logits)
+
+
+def ar_flops(shape: Shape, batch: int, length: int) -> float:
+    total = 0.0
+    for position in range(1, length):
+        total += shape.baseline_blocks * _block_flops(1, position, shape.hidden) + 2 * shape.hidden * shape.vocab
+    return batch * total
+
+
+def matmul_throughput(device: torch.device, size: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of a float32 square matmul: the yardstick for the floors."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    for _ in range(3):
+        a @ b
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _synchronize(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - started)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def uniform_counts(remaining: int, steps: int) -> list[int]:
+    return [(i + 1) * remaining // steps - i * remaining // steps for i in range(steps)]
+
+
+def time_sampler(run, device, repeats: int, warmup: int) -> tuple[float, dict]:
+    stats: dict = {}
+    for _ in range(warmup):
+        run({})
+    timings = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(repeats):
+        _synchronize(device)
+        started = time.perf_counter()
+        run(stats)
+        _synchronize(device)
+        timings.append(time.perf_counter() - started)
+    return sorted(timings)[len(timings) // 2], stats
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (Linux: KiB)
+    except ImportError:
+        return None
+
+
+def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: Shape = Shape(),
+                   repeats: int = 3, warmup: int = 1, device="cpu", models=("pgm", "mdlm", "mdlm-full", "ar"),
+                   log=print) -> dict:
+    device = torch.device(device)
+    peak = matmul_throughput(device)
+    log(f"matmul throughput {peak / 1e9:.1f} GFLOP/s on {device}")
+    rows = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    options = SamplingOptions()
+    for length in lengths:
+        built = {kind: build(kind, shape, length).to(device) for kind in set(models)}
+        known = torch.zeros(batch, length, dtype=torch.long, device=device)
+        known_mask = torch.zeros_like(known, dtype=torch.bool)
+        known_mask[:, 0] = True  # a BOS, as in training
+        for steps in steps_list:
+            for kind in models:
+                if kind == "ar" and steps != steps_list[0]:
+                    continue  # one step per token whatever the step budget
+                model = built[kind]
+
+                def run(stats, kind=kind, model=model):
+                    generator = torch.Generator(device=device).manual_seed(0)
+                    common = dict(known_tokens=known, known_mask=known_mask, options=options, generator=generator)
+                    with autocast:
+                        if kind == "pgm":
+                            sample_pgm(model, steps=steps, stats=stats, **common)
+                        elif kind == "mdlm":
+                            sample_mdlm(model, steps=steps, stats=stats, **common)
+                        elif kind == "mdlm-full":
+                            sample_mdlm(model, steps=steps, stats=stats, logits_everywhere=True, **common)
+                        else:
+                            sample_autoregressive(model, stats=stats, **common)
+
+                seconds, stats = time_sampler(run, device, repeats, warmup)
+                if kind == "pgm":
+                    flops = pgm_flops(shape, batch, length, uniform_counts(length - 1, steps))
+                elif kind == "ar":
+                    flops = ar_flops(shape, batch, length)
+                else:
+                    flops = mdlm_flops(shape, batch, length, stats.get("forward_calls", steps), kind == "mdlm-full")
+                generated = batch * (length - 1)
+                rows.append({
+                    "model": kind, "parameters": model.num_parameters(), "length": length,
+                    "steps": length - 1 if kind == "ar" else steps, "batch": batch,
+                    "seconds_per_batch": seconds, "tokens_per_s": generated / seconds,
+                    "forward_calls": stats.get("forward_calls"), "gflops_per_batch": flops / 1e9,
+                    "floor_tokens_per_s": generated / (flops / peak), "peak_memory_mb": peak_memory_mb(device),
+                })
+                log(f"  {kind:<10} L={length:<5} steps={rows[-1]['steps']:<5} {rows[-1]['tokens_per_s']:>9.1f} tok/s")
+    for row in rows:
+        reference = next((r for r in rows if r["model"] == "mdlm" and r["length"] == row["length"]
+                          and r["steps"] == row["steps"]), None)
+        if reference is None and row["model"] == "ar":
+            reference = next((r for r in rows if r["model"] == "mdlm" and r["length"] == row["length"]), None)
+        row["ratio_to_mdlm"] = row["tokens_per_s"] / reference["tokens_per_s"] if reference else None
+        row["work_ratio_to_mdlm"] = reference["gflops_per_batch"] / row["gflops_per_batch"] if reference else None
+    return {"device": str(device), "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
+            "matmul_gflops": peak / 1e9, "shape": dataclasses.asdict(shape), "results": rows}
+
+
+def format_sampling_table(report: dict) -> str:
+    lines = [f"device {report['device']} ({report['processor']}, {report['threads']} threads), {report['dtype']}, "
+             f"matmul {report['matmul_gflops']:.0f} GFLOP/s; generated tokens only",
+             f"{'model':<10}{'params':>8}{'L':>6}{'steps':>7}{'tok/s':>9}{'s/batch':>9}{'x MDLM':>8}"
+             f"{'work x':>8}{'calls':>7}{'GFLOP':>8}{'floor':>8}{'% floor':>8}{'peak MB':>9}"]
+    for r in report["results"]:
+        ratio = f"{r['ratio_to_mdlm']:.2f}" if r["ratio_to_mdlm"] else "-"
+        work = f"{r['work_ratio_to_mdlm']:.2f}" if r["work_ratio_to_mdlm"] else "-"
+        memory = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "-"
+        lines.append(f"{r['model']:<10}{r['parameters'] / 1e6:>7.1f}M{r['length']:>6}{r['steps']:>7}"
+                     f"{r['tokens_per_s']:>9.1f}{r['seconds_per_batch']:>9.2f}{ratio:>8}{work:>8}"
+                     f"{r['forward_calls'] or '-':>7}{r['gflops_per_batch']:>8.0f}{r['floor_tokens_per_s']:>8.0f}"
+                     f"{100 * r['tokens_per_s'] / r['floor_tokens_per_s']:>7.0f}%{memory:>9}")
+    return "\n".join(lines)
+
+
+def plot_sampling(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len({r["length"] for r in report["results"]}), figsize=(11, 4), squeeze=False)
+    for axis, length in zip(axes[0], sorted({r["length"] for r in report["results"]})):
+        for model in dict.fromkeys(r["model"] for r in report["results"]):
+            points = [(r["steps"], r["tokens_per_s"]) for r in report["results"]
+                      if r["model"] == model and r["length"] == length]
+            axis.plot(*zip(*sorted(points)), "o-" if len(points) > 1 else "s", label=model)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_title(f"length {length}")
+        axis.set_xlabel("steps")
+        axis.set_ylabel("generated tokens / s")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_report(report: dict, out_dir: Path, name: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+def bench_training(presets=("text-small", "mdlm-small", "ar-small"), *, steps: int = 10, warmup: int = 2,
+                   batch_size: int | None = None, device="cpu", log=print) -> dict:
+    """Training tokens/s (forward, backward, AdamW step) of each preset's model on random tokens."""
+    from .objectives import objective_for
+    from .presets import preset
+
+    device = torch.device(device)
+    rows = []
+    for name in presets:
+        config = preset(name)
+        torch.manual_seed(0)
+        model = build_model(config.model).to(device).train()
+        objective = objective_for(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        batch = batch_size or config.train.batch_size
+        length = config.model.length
+        tokens = torch.randint(0, config.model.vocab_size - 1, (batch, length), device=device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        timings = []
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        for step in range(warmup + steps):
+            _synchronize(device)
+            started = time.perf_counter()
+            with autocast:
+                loss = objective.loss(model, tokens, generator=generator).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _synchronize(device)
+            if step >= warmup:
+                timings.append(time.perf_counter() - started)
+        seconds = sorted(timings)[len(timings) // 2]
+        rows.append({"preset": name, "model": config.model.kind, "parameters": model.num_parameters(),
+                     "batch": batch, "length": length, "seconds_per_step": seconds,
+                     "tokens_per_s": batch * length / seconds})
+        log(f"  {name:<12} {rows[-1]['tokens_per_s']:>8.0f} tok/s")
+    for row in rows:
+        row["ratio_to_first"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return {"device": str(device), "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
+            "steps": steps, "results": rows}
+
+
+def format_training_table(report: dict) -> str:
+    lines = [f"device {report['device']} ({report['processor']}, {report['threads']} threads), {report['dtype']}, "
+             f"median of {report['steps']} optimizer steps on random tokens",
+             f"{'preset':<13}{'model':<6}{'params':>8}{'batch':>7}{'length':>8}{'s/step':>8}{'tok/s':>8}{'ratio':>7}"]
+    for r in report["results"]:
+        lines.append(f"{r['preset']:<13}{r['model']:<6}{r['parameters'] / 1e6:>7.2f}M{r['batch']:>7}{r['length']:>8}"
+                     f"{r['seconds_per_step']:>8.3f}{r['tokens_per_s']:>8.0f}{r['ratio_to_first']:>7.2f}")
+    return "\n".join(lines)

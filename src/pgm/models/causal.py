@@ -1,0 +1,95 @@
+"""The autoregressive baseline: a causal transformer built from the same adaLN blocks.
+
+Its conditioning vector is the constant SiLU(sigma_map(0)) of the diffusion models, so that at
+equal shapes it has exactly MDLM's parameters. Generation uses a key/value cache: each new
+token costs one pass over one position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, check_transformer_shape, require
+from .base import TimeConditionedModel, check_ids
+from .layers import FinalLayer, LayerCache, Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding
+
+
+@dataclasses.dataclass
+class CausalConfig(ModelConfig):
+    """Shape of a `CausalTransformer`. `mask_token_id` is unused by the model (it never sees a
+    mask) but kept so the vocabulary matches the diffusion models' and is never sampled."""
+
+    kind: ClassVar[str] = "ar"
+
+    vocab_size: int = 50258
+    length: int = 1024
+    hidden_size: int = 768
+    num_heads: int = 12
+    blocks: int = 12
+    mlp_ratio: int = 4
+    cond_dim: int = 128
+    dropout: float = 0.1
+    mask_token_id: int | None = None
+
+    @property
+    def time_conditioning(self) -> bool:
+        return False
+
+    def validate(self) -> None:
+        if self.mask_token_id is None:
+            self.mask_token_id = self.vocab_size - 1
+        check_transformer_shape(self)
+        require(self.blocks >= 1, f"blocks must be positive, got {self.blocks}")
+
+
+class KVCache:
+    """Keys and values of every block for the positions processed so far."""
+
+    def __init__(self, num_blocks: int, capacity: int):
+        self.layers = [LayerCache(capacity) for _ in range(num_blocks)]
+        self.filled = 0
+
+
+class CausalTransformer(TimeConditionedModel):
+    config_class = CausalConfig
+
+    def __init__(self, config: CausalConfig):
+        super().__init__()
+        self.config = config
+        self.vocab_embed = TokenEmbedding(config.vocab_size, config.hidden_size)
+        self.sigma_map = TimestepEmbedder(config.cond_dim)
+        self.rotary_emb = Rotary(config.hidden_size // config.num_heads)
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(config.hidden_size, config.num_heads, config.cond_dim, config.mlp_ratio, config.dropout)
+            for _ in range(config.blocks))
+        self.output_layer = FinalLayer(config.hidden_size, config.vocab_size, config.cond_dim)
+
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None, *, check_inputs: bool = True,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, L, V]: position i predicts token i + 1. With `cache`, `tokens` continue the
+        cached positions and their keys/values are appended to it."""
+        batch, length = tokens.shape
+        start = cache.filled if cache is not None else 0
+        if check_inputs:
+            check_ids("tokens", tokens, self.config.vocab_size)
+            if start + length > self.config.length:
+                raise ValueError(f"{start + length} positions exceed the model's length {self.config.length}")
+        cond_vector = self.conditioning(cond, batch)
+        rope = self.rotary_emb(torch.arange(start, start + length, device=tokens.device))
+        x = self.vocab_embed(tokens)
+        for index, block in enumerate(self.blocks):
+            if cache is None:
+                x = block(x, cond_vector, rope, causal=True)
+            else:
+                x = block(x, cond_vector, rope, cache=cache.layers[index], start=start)
+        if cache is not None:
+            cache.filled = start + length
+        return self.output_layer(x, cond_vector)
+
+    def new_cache(self, length: int) -> KVCache:
+        """An empty cache for sequences of up to `length` positions."""
+        return KVCache(len(self.blocks), length)

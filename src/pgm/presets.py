@@ -1,0 +1,89 @@
+"""Named run configurations: `pgm train --preset NAME`.
+
+- `text-tiny`: seconds; what the tests train.
+- `text-small` (PGM), `mdlm-small` and `ar-small` (parameters within 5%): the main job on the
+  built-in corpus, about ten minutes on two CPU cores.
+- The paper's shapes and hyper-parameters for GPU users (reference: 1M steps, global batch
+  512, AdamW lr 3e-4 with 2.5k warm-up then constant, no weight decay, EMA 0.9999, dropout 0.1,
+  gradient clipping 1): OpenWebText with GPT-2's tokenizer at length 1024 (wrapped, the last
+  100k documents held out) and LM1B with bert-base-uncased at length 128 (padded).
+"""
+
+from __future__ import annotations
+
+from .config import ConfigError
+from .data import DataConfig
+from .models import CausalConfig, MaskedDiffusionConfig, PartitionConfig
+from .runs import RunConfig
+from .train_config import TrainConfig
+
+
+def _small_model(kind: str, **overrides):
+    shape = dict(vocab_size=4097, length=128, hidden_size=192, num_heads=4, cond_dim=128, dropout=0.0)
+    shape.update(overrides)
+    if kind == "pgm":
+        return PartitionConfig(encoder_blocks=3, decoder_blocks=3, **shape)
+    if kind == "ar":
+        return CausalConfig(blocks=6, **shape)
+    return MaskedDiffusionConfig(blocks=6, **shape)
+
+
+def _small(kind: str) -> RunConfig:
+    return RunConfig(
+        model=_small_model(kind),
+        data=DataConfig(tokenizer="bpe", vocab_size=4096, packing="wrap"),
+        train=TrainConfig(batch_size=32, max_steps=400, lr=2e-3, warmup_steps=50, schedule="constant",
+                          ema=0.999, eval_every=100, eval_rows=128, save_every=100, log_every=10),
+    )
+
+
+def _tiny(kind: str) -> RunConfig:
+    return RunConfig(
+        model=_small_model(kind, vocab_size=385, length=32, hidden_size=32, num_heads=2, cond_dim=16),
+        data=DataConfig(tokenizer="bpe", vocab_size=384, limit_documents=40),
+        train=TrainConfig(batch_size=8, max_steps=20, lr=3e-3, warmup_steps=5, ema=0.99, eval_every=10,
+                          eval_rows=16, save_every=10, log_every=1, progress=False),
+    )
+
+
+def _paper(kind: str, dataset: str, **model) -> RunConfig:
+    owt = dataset == "owt"
+    data = (DataConfig(source="hf:openwebtext", tokenizer="gpt2", val_last=100_000, chunk_chars=0, packing="wrap")
+            if owt else
+            DataConfig(source="hf:lm1b", val_source="hf:lm1b", val_split="test", tokenizer="hf:bert-base-uncased",
+                       chunk_chars=0, packing="pad"))
+    shape = dict(vocab_size=50258 if owt else 30522, length=1024 if owt else 128, cond_dim=128, dropout=0.1,
+                 mask_token_id=None if owt else 103)
+    shape.update(model)
+    config = PartitionConfig(**shape) if kind == "pgm" else MaskedDiffusionConfig(**shape)
+    return RunConfig(model=config, data=data,
+                     train=TrainConfig(batch_size=512, max_steps=1_000_000, lr=3e-4, warmup_steps=2500,
+                                       schedule="constant", weight_decay=0.0, grad_clip=1.0, ema=0.9999,
+                                       eval_every=20_000, eval_rows=4096, save_every=5000, log_every=100,
+                                       bos_always_clean=False))
+
+
+PRESETS = {
+    "text-tiny": lambda: _tiny("pgm"),
+    "mdlm-tiny": lambda: _tiny("mdlm"),
+    "ar-tiny": lambda: _tiny("ar"),
+    "text-small": lambda: _small("pgm"),
+    "mdlm-small": lambda: _small("mdlm"),
+    "ar-small": lambda: _small("ar"),
+    "pgm-owt-8-8": lambda: _paper("pgm", "owt", hidden_size=768, num_heads=12, encoder_blocks=8, decoder_blocks=8),
+    "pgm-owt-6-6-1024": lambda: _paper("pgm", "owt", hidden_size=1024, num_heads=16, encoder_blocks=6,
+                                       decoder_blocks=6),
+    "mdlm-owt": lambda: _paper("mdlm", "owt", hidden_size=768, num_heads=12, blocks=12),
+    "pgm-lm1b-6-6": lambda: _paper("pgm", "lm1b", hidden_size=768, num_heads=12, encoder_blocks=6, decoder_blocks=6),
+    "pgm-lm1b-6-6-mean": lambda: _paper("pgm", "lm1b", hidden_size=768, num_heads=12, encoder_blocks=6,
+                                        decoder_blocks=6, pre_query_mode="learn+freqs+mean"),
+    "pgm-lm1b-6-6-logsumexp": lambda: _paper("pgm", "lm1b", hidden_size=768, num_heads=12, encoder_blocks=6,
+                                             decoder_blocks=6, pre_query_mode="learn+freqs+logsumexp"),
+    "mdlm-lm1b": lambda: _paper("mdlm", "lm1b", hidden_size=768, num_heads=12, blocks=12),
+}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
