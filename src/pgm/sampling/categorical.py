@@ -11,7 +11,8 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """temperature 0 means greedy; top_p < 1 keeps the smallest set of tokens whose
-    probability reaches top_p; float64 draws in double precision, as the paper's evaluation does."""
+    probability reaches top_p; float64 locates the draw in a float64 cumulative distribution (the
+    paper samples in float64: in lower precision, small probabilities are misrepresented)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -37,28 +38,28 @@ def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def sampling_logits(logits: torch.Tensor, options: SamplingOptions, suppress: Sequence[int] = ()) -> torch.Tensor:
     """The logits of the distribution actually sampled: suppressed ids (the mask token) removed
     first, so they never take part in the nucleus mass, then temperature, then the nucleus."""
-    logits = logits.to(torch.float64 if options.float64 else torch.float32)
+    logits = logits.to(torch.float32, copy=True)  # our own copy: the steps below work in place
     if suppress:
-        logits = logits.index_fill(-1, torch.tensor(list(suppress), device=logits.device), float("-inf"))
+        logits.index_fill_(-1, torch.tensor(list(suppress), device=logits.device), float("-inf"))
     if options.temperature not in (0, 1):
-        logits = logits / options.temperature
+        logits.div_(options.temperature)
     if options.top_p < 1:
         logits = filter_top_p(logits, options.top_p)
     return logits
 
 
 def _draw(logits: torch.Tensor, options: SamplingOptions, generator) -> torch.Tensor:
-    """Inverse-CDF sampling: one uniform per row, located in the cumulative distribution. It
-    costs a cumulative sum per row instead of a random number per vocabulary entry."""
+    """Inverse-CDF sampling: one uniform per row, located in the cumulative distribution (the
+    first id whose cumulative probability exceeds it). It costs a cumulative sum per row instead
+    of a random number per vocabulary entry, and can never return a zero-probability id."""
     if options.temperature == 0:
         return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1).reshape(-1, logits.shape[-1])
-    cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, dtype=probs.dtype, device=probs.device, generator=generator) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
-    # u can only land on a zero-probability id by rounding at the very top of the CDF; never return one.
-    tokens = torch.where(probs.gather(1, tokens) > 0, tokens, probs.argmax(dim=-1, keepdim=True))
-    return tokens.view(logits.shape[:-1])
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64 if options.float64 else torch.float32)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device, generator=generator) * total
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # strictly below the total, whatever the rounding
+    return torch.searchsorted(cdf, u, right=True).view(logits.shape[:-1])
 
 
 def sample_categorical(logits: torch.Tensor, options: SamplingOptions = SamplingOptions(), *,
