@@ -148,9 +148,10 @@ def write_checkpoint(path, model, hyper: dict, *, ema_scale=1.5, edit_state=None
         "hyper_parameters": {"config": omega(hyper), "tokenizer": tokenizer},
         "optimizer_states": [], "lr_schedulers": [], "loops": {}, "callbacks": {}, **(extra or {}),
     }
+    before = {name: sys.modules.get(name) for name in ("omegaconf", "transformers")}
     with stand_in_modules():
         torch.save(content, path)
-    assert "omegaconf" not in sys.modules and "transformers" not in sys.modules
+    assert {name: sys.modules.get(name) for name in before} == before  # stand-ins gone, real modules untouched
     assert getattr(sys.modules.get("tokenizers"), "Tokenizer", None) is not Tokenizer
     return state, shadow
 

@@ -1,4 +1,4 @@
-"""The `pgm` command line: train, sample, eval.
+"""The `pgm` command line: train, sample, eval, report, convert, bench.
 
 Mistakes in what the user asked for (an unknown preset or setting, a wrong value, missing data,
 a directory that is not a run, a damaged checkpoint) end with one sentence on stderr and exit
@@ -96,7 +96,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from .data import load_prepared
-    from .eval import validation_elbo
+    from .eval import generative_perplexity, load_evaluator, validation_elbo
     from .hub import load_pretrained_dir
     from .objectives import objective_for
     from .runs import read_run_config
@@ -107,17 +107,48 @@ def cmd_eval(args) -> int:
     data = load_prepared(run_dir)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    indices = range(min(args.rows, len(data.val))) if args.rows else None
-    result = validation_elbo(model, objective_for(model), data.val, indices=indices, batch_size=args.batch_size,
-                             passes=args.passes, seed=args.seed, device=device, autocast=autocast,
-                             bos_always_clean=config.train.bos_always_clean)
-    unigram = data.meta["unigram_val_nll"]
     print(f"run {run_dir} ({config.model.kind}, {checkpoint.name}, {args.weights} weights)")
-    print(f"validation: {result.tokens} tokens x {result.passes} Monte-Carlo passes")
-    print(f"ELBO       {result.nll:.4f} +- {result.stderr:.4f} nats/token")
-    print(f"perplexity {result.perplexity:.2f} +- {result.perplexity_stderr:.2f}  (an upper bound: exp of the ELBO)")
-    print(f"unigram perplexity of the corpus: {math.exp(unigram):.2f}")
+    if args.passes > 0:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        indices = range(min(args.rows, len(data.val))) if args.rows else None
+        exact = config.model.kind == "ar"
+        result = validation_elbo(model, objective_for(model), data.val, indices=indices, batch_size=args.batch_size,
+                                 passes=1 if exact else args.passes, seed=args.seed, device=device, autocast=autocast,
+                                 bos_always_clean=config.train.bos_always_clean)
+        if exact:
+            print(f"validation: {result.tokens} tokens (exact likelihood)")
+            print(f"NLL        {result.nll:.4f} nats/token")
+            print(f"perplexity {result.perplexity:.2f}")
+        else:
+            print(f"validation: {result.tokens} tokens x {result.passes} Monte-Carlo passes")
+            print(f"ELBO       {result.nll:.4f} +- {result.stderr:.4f} nats/token")
+            print(f"perplexity {result.perplexity:.2f} +- {result.perplexity_stderr:.2f}  "
+                  f"(an upper bound: exp of the ELBO)")
+        print(f"unigram perplexity of the corpus: {math.exp(data.meta['unigram_val_nll']):.2f}")
+    if args.evaluator:
+        evaluator = load_evaluator(args.evaluator, device=device)
+        steps = args.steps or min(config.model.length - 1, 128)
+        generated = generative_perplexity(model, data.tokenizer, evaluator, num_samples=args.num_samples, steps=steps,
+                                          batch_size=args.sample_batch_size, sampler=args.sampler, seed=args.seed)
+        print(f"generative perplexity {generated.perplexity:.2f} under {evaluator.name} "
+              f"({args.num_samples} samples, {steps} steps, {generated.evaluator_tokens} evaluator tokens)")
+        print(f"sample entropy {generated.entropy:.3f} nats; sampling {generated.tokens_per_s:.0f} generated tokens/s")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report, ensure_run, write_report
+
+    out_dir = Path(args.out)
+    runs = [ensure_run(item, out_dir, args.tokens) for item in args.runs]
+    evaluator = args.evaluator
+    if not evaluator.startswith("hf:"):
+        evaluator = str(ensure_run(evaluator, out_dir, args.tokens))
+    report = build_report(runs, evaluator, steps_list=args.steps, num_samples=args.num_samples,
+                          batch_size=args.batch_size, passes=args.passes, seed=args.seed, device=args.device)
+    path = write_report(report, out_dir)
+    print(path.read_text().split("\n![")[0].rstrip())
+    print(f"wrote {path}")
     return 0
 
 
@@ -141,7 +172,8 @@ def cmd_bench(args) -> int:
         shape = bench.Shape(hidden=args.hidden, heads=args.heads, pgm_encoder=args.pgm_blocks[0],
                             pgm_decoder=args.pgm_blocks[1], baseline_blocks=args.baseline_blocks, vocab=args.vocab)
         report = bench.bench_sampling(lengths=args.lengths, steps_list=args.steps, batch=args.batch_size, shape=shape,
-                                      repeats=args.repeats, device=args.device, models=args.models)
+                                      repeats=args.repeats, warmup=args.warmup, device=args.device,
+                                      models=args.models)
         print(bench.format_sampling_table(report))
         path = bench.write_report(report, out_dir, "sampling")
         bench.plot_sampling(report, out_dir / "sampling.png")
@@ -183,20 +215,42 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--stop-at-eos", action="store_true", help="end each sample at its first generated EOS")
     sample.add_argument("--mark", action="store_true", help="wrap generated spans in [[ ]]")
     sample.add_argument("--sampler", help="pgm: uniform (default), binomial, reference; mdlm: ancestral, "
-                                          "ancestral-nocache; ar: kv-cache, no-cache")
+                                          "ancestral-nocache, ancestral-full (logits at every position, as the "
+                                          "paper's MDLM); ar: kv-cache, no-cache")
     sample.add_argument("--weights", choices=("ema", "raw"), default="ema")
     sample.add_argument("--float32", action="store_true", help="draw in float32 instead of float64")
     sample.set_defaults(handler=cmd_sample)
 
     evaluate = commands.add_parser("eval", help="validation perplexity of a trained run")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--passes", type=int, default=4, help="Monte-Carlo passes over the validation rows")
+    evaluate.add_argument("--passes", type=int, default=4,
+                          help="Monte-Carlo passes over the validation rows (0: skip; AR is exact in one)")
     evaluate.add_argument("--rows", type=int, default=0, help="score only the first N validation rows (0: all)")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--weights", choices=("ema", "raw"), default="ema")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--evaluator", help="also the generative perplexity of samples, scored by an AR run "
+                                              "(a directory) or a Hugging Face causal LM (hf:gpt2-large)")
+    evaluate.add_argument("--num-samples", type=int, default=64, help="generative perplexity: samples to draw")
+    evaluate.add_argument("--steps", type=int, help="generative perplexity: decoding steps (default min(L-1, 128))")
+    evaluate.add_argument("--sampler", help="generative perplexity: the sampler (as in pgm sample)")
+    evaluate.add_argument("--sample-batch-size", type=int, default=32)
     evaluate.set_defaults(handler=cmd_eval)
+
+    report = commands.add_parser("report", help="PGM vs MDLM vs AR: perplexities, sample quality and speed")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or presets to train first")
+    report.add_argument("--evaluator", required=True,
+                        help="an AR run directory or preset, or hf:NAME (the paper: hf:gpt2-large)")
+    report.add_argument("--out", default="reports/latest", help="where report.md, report.json and plots go")
+    report.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    report.add_argument("--num-samples", type=int, default=64)
+    report.add_argument("--batch-size", type=int, default=32, help="samples drawn at a time")
+    report.add_argument("--passes", type=int, default=4, help="Monte-Carlo passes of the validation ELBO")
+    report.add_argument("--tokens", type=int, help="training budget in tokens for presets (default: the preset's)")
+    report.add_argument("--seed", type=int, default=0)
+    report.add_argument("--device", default="cpu")
+    report.set_defaults(handler=cmd_report)
 
     convert = commands.add_parser("convert", help="import the authors' released checkpoints into our format")
     convert.add_argument("source", choices=("official",), help="official: a Lightning .ckpt of the paper's text models")
@@ -228,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--presets", nargs="+", default=["text-small", "mdlm-small", "ar-small"],
                        help="training: presets to compare")
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions (training: optimizer steps)")
+    bench.add_argument("--warmup", type=int, default=1, help="sampling: untimed runs before the timed ones")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--out-dir", default="benchmarks/results")
     bench.set_defaults(handler=cmd_bench)

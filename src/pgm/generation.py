@@ -20,7 +20,7 @@ from .sampling.pgm import ORDERS
 
 SAMPLERS = {
     "pgm": ("uniform", "binomial", "reference"),
-    "mdlm": ("ancestral", "ancestral-nocache"),
+    "mdlm": ("ancestral", "ancestral-nocache", "ancestral-full"),
     "ar": ("kv-cache", "no-cache"),
 }
 GAP = re.compile(r"\{\{(\d+)\}\}")
@@ -94,7 +94,8 @@ def generate_tokens(model, *, known_tokens: torch.Tensor, known_mask: torch.Tens
         return sample_pgm(model, steps=steps, counts=sampler, order=order, **common)
     if kind == "ar":
         return sample_autoregressive(model, use_cache=sampler == "kv-cache", **common)
-    return sample_mdlm(model, steps=steps, cache=sampler == "ancestral", **common)
+    return sample_mdlm(model, steps=steps, cache=sampler != "ancestral-nocache",
+                       logits_everywhere=sampler == "ancestral-full", **common)
 
 
 def decode_samples(tokens: torch.Tensor, tokenizer, known_mask: torch.Tensor | None = None, *,

@@ -345,7 +345,7 @@ def _train(config: RunConfig, run_dir: Path, info: Distributed, device: torch.de
             if (tc.eval_every and step % tc.eval_every == 0) or final:
                 last_val = evaluate().nll
                 if progress is None:
-                    log(f"step {step}: validation ELBO {last_val:.4f} nats/token (perplexity <= {math.exp(last_val):.1f})")
+                    log(f"step {step}: {_describe_validation(config.model.kind, last_val)}")
             if (tc.save_every and step % tc.save_every == 0) or final:
                 save()
                 if info.main:
@@ -360,9 +360,14 @@ def _train(config: RunConfig, run_dir: Path, info: Distributed, device: torch.de
         raise
     if progress is not None:
         progress.close()
-    log(f"done: {step} steps; validation ELBO {last_val:.4f} nats/token (perplexity <= {math.exp(last_val):.1f}); "
-        f"run saved in {run_dir}")
+    log(f"done: {step} steps; {_describe_validation(config.model.kind, last_val)}; run saved in {run_dir}")
     return run_dir
+
+
+def _describe_validation(kind: str, nll: float) -> str:
+    if kind == "ar":
+        return f"validation NLL {nll:.4f} nats/token (perplexity {math.exp(nll):.1f})"
+    return f"validation ELBO {nll:.4f} nats/token (perplexity <= {math.exp(nll):.1f})"
 
 
 def _evaluation_rows(num_rows: int, wanted: int) -> list[int]:

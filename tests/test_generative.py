@@ -1,0 +1,149 @@
+"""Generative perplexity and the comparison report, on cases with known answers."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_pgm
+from pgm.data.tokenizers import train_bpe
+from pgm.eval import generative_perplexity, load_evaluator, unigram_entropy
+from pgm.eval.generative import same_tokenizer
+from pgm.hub import save_pretrained
+from pgm.models import CausalConfig, CausalTransformer
+from pgm.objectives import AutoregressiveObjective
+
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe([TEXT], vocab_size=300)
+
+
+def ar_evaluator_dir(directory, tokenizer, *, length=24, train_on=None, steps=0):
+    """A saved AR model; fresh (zero output layer: uniform over the V-1 non-mask ids) or fitted
+    to the sequence `train_on` for `steps` steps."""
+    torch.manual_seed(0)
+    model = CausalTransformer(CausalConfig(vocab_size=tokenizer.model_vocab_size, length=length, hidden_size=32,
+                                           num_heads=2, blocks=2, cond_dim=16, dropout=0.0))
+    if steps:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        rows = torch.tensor([train_on])
+        for _ in range(steps):
+            loss = AutoregressiveObjective().loss(model, rows).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    save_pretrained(model.eval(), directory, tokenizer=tokenizer)
+    return directory
+
+
+def test_unigram_entropy_known_values():
+    assert unigram_entropy([7] * 10) == 0.0
+    assert math.isclose(unigram_entropy([1, 2, 3, 4]), math.log(4))
+    assert math.isclose(unigram_entropy([1, 1, 2, 2]), math.log(2))
+    assert unigram_entropy([]) == 0.0
+
+
+def test_a_uniform_evaluator_gives_perplexity_v_minus_one_on_any_text(tokenizer, tmp_path):
+    evaluator = load_evaluator(str(ar_evaluator_dir(tmp_path / "uniform", tokenizer)))
+    ids = tokenizer.encode_batch([TEXT[:400]])[0]
+    assert len(ids) > 2 * evaluator.context  # scored in several windows
+    nll, counts = evaluator.score([ids, ids[:5], []])
+    assert counts == [len(ids), 5, 0]
+    for total, count in zip(nll[:2], counts[:2]):
+        assert math.isclose(math.exp(total / count), tokenizer.model_vocab_size - 1, rel_tol=1e-5)
+
+
+def test_a_model_finds_the_text_it_memorised_likely_and_a_shuffle_of_it_unlikely(tokenizer, tmp_path):
+    ids = [tokenizer.bos_id] + tokenizer.encode_batch(["It was the best of times, it was the worst of times"])[0]
+    evaluator = load_evaluator(str(ar_evaluator_dir(tmp_path / "fitted", tokenizer, train_on=ids, steps=150)))
+    shuffled = [ids[i] for i in torch.randperm(len(ids) - 1, generator=torch.Generator().manual_seed(0)) + 1]
+    (own, shuffle), (count, _) = evaluator.score([ids[1:], shuffled])
+    assert math.exp(own / count) < 1.5
+    assert math.exp(shuffle / count) > 10
+
+
+def test_samples_are_retokenized_only_when_the_tokenizers_differ(tokenizer, tmp_path):
+    evaluator = load_evaluator(str(ar_evaluator_dir(tmp_path / "same", tokenizer)))
+    other = train_bpe([TEXT], vocab_size=280)
+    assert same_tokenizer(tokenizer, evaluator.tokenizer) and not same_tokenizer(other, evaluator.tokenizer)
+    first, second = other.encode_batch(["it was the age of wisdom", "the epoch of belief"])
+    samples = torch.tensor([[other.bos_id] + first + [other.eos_id] + second])
+    same = evaluator.sequences_from_samples(samples, evaluator.tokenizer)
+    assert same == [samples[0, 1:].tolist()]  # ids kept as they are
+    [retokenized] = evaluator.sequences_from_samples(samples, other)
+    eos = retokenized.index(evaluator.tokenizer.eos_id)
+    assert evaluator.tokenizer.decode(retokenized[:eos]) == "it was the age of wisdom"
+    assert evaluator.tokenizer.decode(retokenized[eos + 1:]) == "the epoch of belief"
+
+
+def test_generative_perplexity_of_samples_under_a_uniform_evaluator(tokenizer, tmp_path):
+    evaluator = load_evaluator(str(ar_evaluator_dir(tmp_path / "uniform", tokenizer)))
+    model = tiny_pgm(vocab_size=tokenizer.model_vocab_size, length=20)
+    run = dict(num_samples=5, steps=7, batch_size=2, seed=3)
+    result = generative_perplexity(model, tokenizer, evaluator, **run)
+    assert math.isclose(result.perplexity, tokenizer.model_vocab_size - 1, rel_tol=1e-5)
+    assert result.generated_tokens == 5 * 19 and result.evaluator_tokens == 5 * 19
+    assert 0 < result.entropy <= math.log(19)
+    again = generative_perplexity(model, tokenizer, evaluator, **run)
+    assert again.entropy == result.entropy  # the seed fixes the samples
+
+
+def test_a_hugging_face_causal_lm_scores_like_our_own(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as RawTokenizer
+
+    directory = tmp_path / "hf-gpt2"
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=RawTokenizer.from_str(tokenizer.tokenizer.to_str()),
+                                                eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()  # tied to the output: uniform predictions
+    model.save_pretrained(directory)
+    evaluator = load_evaluator(f"hf:{directory}")
+    assert evaluator.context == 16 and evaluator.tokenizer.bos_id == tokenizer.bos_id
+    ids = tokenizer.encode_batch([TEXT[:200]])[0]
+    [nll], [count] = evaluator.score([ids])
+    assert count == len(ids) and math.isclose(math.exp(nll / count), tokenizer.vocab_size, rel_tol=1e-5)
+
+
+def test_missing_evaluators_are_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_evaluator(str(tmp_path / "nothing"))
+    save_pretrained(tiny_pgm(), tmp_path / "pgm")
+    with pytest.raises(ValueError, match="needs an autoregressive one"):
+        load_evaluator(str(tmp_path / "pgm"))
+
+
+def test_report_trains_presets_on_a_token_budget_and_writes_its_tables(tmp_path):
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "pgm", "report", "text-tiny", "mdlm-tiny", "ar-tiny", "--evaluator", "ar-tiny",
+         "--tokens", "2560", "--steps", "4", "16", "64", "--num-samples", "4", "--batch-size", "2", "--passes", "2",
+         "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    runs = {run["kind"]: run for run in report["runs"]}
+    assert set(runs) == {"pgm", "mdlm", "ar"}
+    assert all(run["tokens_seen"] == 10 * 8 * 32 for run in runs.values())  # 2560 tokens = 10 steps of 8 x 32
+    assert [row["steps"] for row in runs["pgm"]["samples"]] == [4, 16, 31]  # at most one step per position
+    assert "| 31 (64 asked) |" in (out / "report.md").read_text()
+    for row in runs["mdlm"]["samples"]:  # the paper's MDLM (logits everywhere) draws the same samples
+        assert math.isclose(row["gen_ppl_logits_everywhere"], row["gen_ppl"], rel_tol=1e-6)
+    assert [row["steps"] for row in runs["mdlm"]["samples"]] == [4, 16, 64]
+    assert [row["steps"] for row in runs["ar"]["samples"]] == [31] and runs["ar"]["self_scored"]
+    assert [t["what"].split(",")[0] for t in report["targets"]][:1] == ["PGM validation perplexity / MDLM's"]
+    markdown = (out / "report.md").read_text()
+    for run in report["runs"]:
+        for row in run["samples"]:
+            assert f" | {row['gen_ppl']:.2f} | {row['entropy']:.3f} | {row['tokens_per_s']:.1f} |" in markdown
+    assert (out / "frontier.png").stat().st_size > 0 and (out / "steps.png").stat().st_size > 0
+    assert "| target | measured | goal | met |" in result.stdout
