@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from .models import build_model, config_from_dict
-from .runs import CHECKPOINTS, CONFIG_FILE, RunError, load_checkpoint, load_weights, latest_checkpoint, write_atomic
+from .runs import (CHECKPOINTS, CONFIG_FILE, RunError, latest_checkpoint, load_checkpoint, load_weights,
+                   read_config_file, write_atomic)
 
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -44,14 +45,7 @@ def load_pretrained_dir(directory: Path, weights: str = "ema"):
     if weights not in ("ema", "raw"):
         raise RunError(f"weights must be 'ema' or 'raw', got {weights!r}")
     config_path = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise RunError(f"{directory} does not exist")
-    if not config_path.is_file():
-        raise RunError(f"{directory} is neither a pretrained nor a run directory (it has no {CONFIG_FILE})")
-    try:
-        values = json.loads(config_path.read_text())
-    except json.JSONDecodeError:
-        raise RunError(f"{config_path} is not valid JSON") from None
+    values = read_config_file(directory, "neither a pretrained nor a run directory")
     if not isinstance(values, dict) or "model" not in values:
         raise RunError(f"{config_path} has no model section")
     config = config_from_dict(values["model"])

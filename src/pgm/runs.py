@@ -108,16 +108,21 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def read_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / CONFIG_FILE
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir} does not exist")
+def read_config_file(directory: Path, missing: str = "not a run directory") -> dict:
+    """The parsed config.json of `directory`, or one sentence saying why there is none."""
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise RunError(f"{directory} does not exist")
     if not path.is_file():
-        raise RunError(f"{run_dir} is not a run directory (it has no {CONFIG_FILE})")
+        raise RunError(f"{directory} is {missing} (it has no {CONFIG_FILE})")
     try:
-        return RunConfig.from_dict(json.loads(path.read_text()))
+        return json.loads(path.read_text())
     except json.JSONDecodeError:
         raise RunError(f"{path} is not valid JSON") from None
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    return RunConfig.from_dict(read_config_file(run_dir))
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

@@ -11,11 +11,11 @@ import dataclasses
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from ..config import ModelConfig, check_transformer_shape, require
-from .base import TimeConditionedModel, check_ids
-from .layers import FinalLayer, LayerCache, Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding
+from .base import check_ids
+from .dit import SelfAttentionStack
+from .layers import LayerCache
 
 
 @dataclasses.dataclass
@@ -54,19 +54,8 @@ class KVCache:
         self.filled = 0
 
 
-class CausalTransformer(TimeConditionedModel):
+class CausalTransformer(SelfAttentionStack):
     config_class = CausalConfig
-
-    def __init__(self, config: CausalConfig):
-        super().__init__()
-        self.config = config
-        self.vocab_embed = TokenEmbedding(config.vocab_size, config.hidden_size)
-        self.sigma_map = TimestepEmbedder(config.cond_dim)
-        self.rotary_emb = Rotary(config.hidden_size // config.num_heads)
-        self.blocks = nn.ModuleList(
-            SelfAttentionBlock(config.hidden_size, config.num_heads, config.cond_dim, config.mlp_ratio, config.dropout)
-            for _ in range(config.blocks))
-        self.output_layer = FinalLayer(config.hidden_size, config.vocab_size, config.cond_dim)
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None, *, check_inputs: bool = True,
                 cache: KVCache | None = None) -> torch.Tensor:

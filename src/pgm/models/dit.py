@@ -37,12 +37,12 @@ class MaskedDiffusionConfig(ModelConfig):
         require(self.blocks >= 1, f"blocks must be positive, got {self.blocks}")
 
 
-class MaskedDiffusionTransformer(TimeConditionedModel):
-    """DiT backbone of MDLM: every position, masked or not, goes through every block."""
+class SelfAttentionStack(TimeConditionedModel):
+    """The DiT module tree (the authors' names): token embedding, sigma_map, rotary, a stack of
+    adaLN self-attention blocks and the output layer. MDLM and the AR baseline share it, so at
+    equal shapes they have exactly the same parameters."""
 
-    config_class = MaskedDiffusionConfig
-
-    def __init__(self, config: MaskedDiffusionConfig):
+    def __init__(self, config):
         super().__init__()
         self.config = config
         self.vocab_embed = TokenEmbedding(config.vocab_size, config.hidden_size)
@@ -52,6 +52,12 @@ class MaskedDiffusionTransformer(TimeConditionedModel):
             SelfAttentionBlock(config.hidden_size, config.num_heads, config.cond_dim, config.mlp_ratio, config.dropout)
             for _ in range(config.blocks))
         self.output_layer = FinalLayer(config.hidden_size, config.vocab_size, config.cond_dim)
+
+
+class MaskedDiffusionTransformer(SelfAttentionStack):
+    """DiT backbone of MDLM: every position, masked or not, goes through every block."""
+
+    config_class = MaskedDiffusionConfig
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None, *,
                 check_inputs: bool = True) -> torch.Tensor:
