@@ -38,6 +38,10 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     elif annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
+    elif annotation == list[int]:
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise ConfigError(f"{name} must be a list of integers, got {value!r}")
+        value = list(value)
     return value
 
 
@@ -93,8 +97,11 @@ class Config:
                 return int(text)
             if annotation is float:
                 return float(text)
+            if annotation == list[int]:
+                return [int(item) for item in text.split(",")]
         except ValueError:
-            kind = {bool: "true or false", int: "an integer", float: "a number"}[annotation]
+            kind = {bool: "true or false", int: "an integer", float: "a number",
+                    list[int]: "comma-separated integers such as 1,2,2,4"}[annotation]
             raise ConfigError(f"{name} must be {kind}, got {text!r}") from None
         return text
 

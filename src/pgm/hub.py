@@ -30,7 +30,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer=Non
     """Write `model` (and its tokenizer) as a pretrained directory; files are replaced atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.savable_state().items()}
     temporary = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
     save_file(state, str(temporary), metadata={"format": "pt"})
     os.replace(temporary, directory / WEIGHTS_FILE)

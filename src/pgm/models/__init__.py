@@ -2,13 +2,19 @@
 
 from ..config import ConfigError, ModelConfig
 from .causal import CausalConfig, CausalTransformer
+from .classifier import ClassifierConfig, FeatureClassifier
 from .dit import MaskedDiffusionConfig, MaskedDiffusionTransformer
+from .maskgit import MaskGITConfig, MaskGITTransformer
 from .partition import PartitionConfig, PartitionTransformer
+from .vq import VQConfig, VQModel
 
 MODEL_CLASSES = {
     PartitionConfig.kind: PartitionTransformer,
     MaskedDiffusionConfig.kind: MaskedDiffusionTransformer,
     CausalConfig.kind: CausalTransformer,
+    MaskGITConfig.kind: MaskGITTransformer,
+    VQConfig.kind: VQModel,
+    ClassifierConfig.kind: FeatureClassifier,
 }
 
 
@@ -26,5 +32,6 @@ def build_model(config: ModelConfig):
 
 __all__ = [
     "ConfigError", "ModelConfig", "PartitionConfig", "PartitionTransformer", "MaskedDiffusionConfig",
-    "MaskedDiffusionTransformer", "CausalConfig", "CausalTransformer", "MODEL_CLASSES", "config_from_dict", "build_model",
+    "MaskedDiffusionTransformer", "CausalConfig", "CausalTransformer", "MaskGITConfig", "MaskGITTransformer",
+    "VQConfig", "VQModel", "MODEL_CLASSES", "config_from_dict", "build_model",
 ]

@@ -72,6 +72,18 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
 
 
+class ClassEmbedding(nn.Module):
+    """Class labels -> adaLN vectors; one extra row for the null class (parameter `embedding_table`)."""
+
+    def __init__(self, num_rows: int, cond_dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_rows, cond_dim)
+        nn.init.normal_(self.embedding_table.weight, std=0.02)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)
+
+
 class Rotary(nn.Module):
     """NeoX rotary embedding (rotate halves) over the full head dimension."""
 

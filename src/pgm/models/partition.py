@@ -22,9 +22,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from .base import TimeConditionedModel, check_ids
+from .base import TimeConditionedModel, check_ids, check_labels
 from ..config import ModelConfig, check_transformer_shape, require
-from .layers import (CrossAttentionBlock, FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding,
+from .layers import (ClassEmbedding, CrossAttentionBlock, FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding,
                      apply_rotary, attend, sinusoid, split_heads)
 
 PreQueryMode = Literal["learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp"]
@@ -50,11 +50,22 @@ class PartitionConfig(ModelConfig):
     query_norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     time_conditioning: bool = False
     mask_token_id: int | None = None
+    num_classes: int = 0  # > 0: class-conditional (adaLN from a class embedding; label num_classes = no class)
+    registers: int = 0  # 2: one learned register per group, as the authors' image model
+
+    @property
+    def sequence_length(self) -> int:
+        """Positions inside the network: the registers, then the `length` token positions."""
+        return self.length + self.registers
 
     def validate(self) -> None:
         if self.mask_token_id is None:
             self.mask_token_id = self.vocab_size - 1
         check_transformer_shape(self)
+        require(self.registers in (0, 2), f"registers must be 0 or 2 (one per group), got {self.registers}")
+        require(self.num_classes >= 0, f"num_classes must be non-negative, got {self.num_classes}")
+        require(not (self.num_classes and self.time_conditioning),
+                "a class-conditional model cannot also be time-conditioned: its adaLN input is the class embedding")
         require(self.encoder_blocks >= 1, f"encoder_blocks must be positive, got {self.encoder_blocks}")
         require(self.decoder_blocks >= 0, f"decoder_blocks must be non-negative, got {self.decoder_blocks}")
         require(self.hidden_size % 2 == 0, f"hidden_size must be even for GroupSwap's sinusoid, got {self.hidden_size}")
@@ -91,7 +102,7 @@ class GroupSwap(nn.Module):
             self.query_processor = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.SiLU(), nn.Linear(4 * hidden, hidden))
         self.hidden_to_key_value = nn.Linear(hidden, 2 * hidden)
         self.output_linear = nn.Linear(hidden, hidden)
-        self.register_buffer("pos_freqs", sinusoid(torch.arange(config.length), hidden), persistent=False)
+        self.register_buffer("pos_freqs", sinusoid(torch.arange(config.sequence_length), hidden), persistent=False)
 
     @property
     def content_dependent(self) -> bool:
@@ -147,7 +158,13 @@ class Decoder(nn.Module):
 
 
 class PartitionTransformer(TimeConditionedModel):
-    """Encoder over clean tokens, GroupSwap, cross-attention-only decoder, adaLN output layer."""
+    """Encoder over clean tokens, GroupSwap, cross-attention-only decoder, adaLN output layer.
+
+    Conditioning: the noise level through `sigma_map` (text), or a class label through
+    `cls_embed` (images: `num_classes` > 0). With `registers` = 2 the network also sees two
+    learned tokens before position 0, one in each group (sequence positions 0 and 1; token
+    position p sits at sequence position p + 2), so that neither group is ever empty.
+    """
 
     config_class = PartitionConfig
 
@@ -155,21 +172,28 @@ class PartitionTransformer(TimeConditionedModel):
         super().__init__()
         self.config = config
         self.vocab_embed = TokenEmbedding(config.vocab_size, config.hidden_size)
+        if config.num_classes:
+            self.cls_embed = ClassEmbedding(config.num_classes + 1, config.cond_dim)
         self.rotary_emb = Rotary(config.hidden_size // config.num_heads)
-        self.sigma_map = TimestepEmbedder(config.cond_dim)
+        if not config.num_classes:
+            self.sigma_map = TimestepEmbedder(config.cond_dim)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.output_layer = FinalLayer(config.hidden_size, config.vocab_size, config.cond_dim)
+        if config.registers:
+            # Row 0 belongs to group 1, row 1 to group 0 (the clean set at sampling time).
+            self.reg_tokens = nn.Embedding(config.registers, config.hidden_size)
+            nn.init.normal_(self.reg_tokens.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, groups: torch.Tensor, cond: torch.Tensor | None = None, *,
                 check_inputs: bool = True) -> torch.Tensor:
         """Training view: logits [B, L, V] at every position, each predicted from the other group.
 
-        tokens: [B, L] ids; groups: [B, L] of 0/1 (or bool).
+        tokens: [B, L] ids; groups: [B, L] of 0/1 (or bool); cond: noise levels or class labels [B].
         """
         batch, length = tokens.shape
         if check_inputs:
-            check_ids("tokens", tokens, self.config.vocab_size)
+            self._check_common("tokens", tokens, cond, batch)
             if length > self.config.length:
                 raise ValueError(f"tokens have length {length}, longer than the model's length {self.config.length}")
             if groups.shape != tokens.shape:
@@ -178,16 +202,25 @@ class PartitionTransformer(TimeConditionedModel):
                 raise ValueError("groups must hold only 0 and 1")
         groups = groups.bool()
         cond_vector = self.conditioning(cond, batch)
-        positions = torch.arange(length, device=tokens.device)
+        x = self.vocab_embed(tokens)
+        registers = self.config.registers
+        if registers:
+            x = torch.cat([self.reg_tokens.weight.to(x.dtype).expand(batch, -1, -1), x], dim=1)
+            register_groups = torch.tensor([True, False], device=tokens.device).expand(batch, -1)
+            groups = torch.cat([register_groups, groups], dim=1)
+        positions = torch.arange(length + registers, device=tokens.device)
         rope = self.rotary_emb(positions)
-        same_group = groups[:, :, None] == groups[:, None, :]  # [B, L, L]
-        memory = self.encoder(self.vocab_embed(tokens), cond_vector, rope, same_group[:, None])
+        same_group = groups[:, :, None] == groups[:, None, :]  # [B, R+L, R+L]
+        memory = self.encoder(x, cond_vector, rope, same_group[:, None])
         summary = None
         if self.decoder.group_swap.content_dependent:
             summarise = self.decoder.group_swap.summarise
             of_group0, of_group1 = summarise(memory, ~groups), summarise(memory, groups)
-            summary = torch.where(groups[..., None], of_group0[:, None], of_group1[:, None])
-        x = self.decoder(memory, cond_vector, rope, positions, rope, ~same_group[:, None], summary)
+            summary = torch.where(groups[:, registers:, None], of_group0[:, None], of_group1[:, None])
+        # The registers are never predicted: queries start at the first token position.
+        query_rope = tuple(c[:, :, registers:] for c in rope)
+        x = self.decoder(memory, cond_vector, rope, positions[registers:], query_rope,
+                         ~same_group[:, None, registers:], summary)
         return self.output_layer(x, cond_vector)
 
     def predict(self, clean_tokens: torch.Tensor, clean_positions: torch.Tensor, query_positions: torch.Tensor,
@@ -201,26 +234,41 @@ class PartitionTransformer(TimeConditionedModel):
         `check_inputs=False` to skip the host-side checks.
         """
         if check_inputs:
+            self._check_common("clean_tokens", clean_tokens, cond, clean_tokens.shape[0])
             self._check_predict_inputs(clean_tokens, clean_positions, query_positions, lengths)
         batch, num_clean = clean_tokens.shape
         cond_vector = self.conditioning(cond, batch)
+        x = self.vocab_embed(clean_tokens)
+        if self.config.registers:
+            # The clean set holds group 0's register (row 1, sequence position 1).
+            x = torch.cat([self.reg_tokens.weight[1:].to(x.dtype).expand(batch, -1, -1), x], dim=1)
+            register_position = torch.ones(batch, 1, dtype=clean_positions.dtype, device=clean_positions.device)
+            clean_positions = torch.cat([register_position, clean_positions + 2], dim=1)
+            query_positions = query_positions + 2
+            num_clean += 1
+            lengths = None if lengths is None else lengths + 1
         key_rope = self.rotary_emb(clean_positions)
         query_rope = self.rotary_emb(query_positions)
         valid = mask = None
         if lengths is not None:
             valid = torch.arange(num_clean, device=clean_tokens.device) < lengths[:, None]  # [B, N]
             mask = valid[:, None, None, :]
-        memory = self.encoder(self.vocab_embed(clean_tokens), cond_vector, key_rope, mask)
+        memory = self.encoder(x, cond_vector, key_rope, mask)
         summary = None
         if self.decoder.group_swap.content_dependent:
-            members = valid if valid is not None else torch.ones_like(clean_tokens, dtype=torch.bool)
+            members = valid if valid is not None else torch.ones(batch, num_clean, dtype=torch.bool,
+                                                                 device=clean_tokens.device)
             summary = self.decoder.group_swap.summarise(memory, members)[:, None]
         x = self.decoder(memory, cond_vector, key_rope, query_positions, query_rope, mask, summary)
         return self.output_layer(x, cond_vector)
 
+    def _check_common(self, name, tokens, cond, batch) -> None:
+        check_ids(name, tokens, self.config.vocab_size)
+        if self.config.num_classes:
+            check_labels(cond, batch, self.config.num_classes)
+
     def _check_predict_inputs(self, clean_tokens, clean_positions, query_positions, lengths) -> None:
         length = self.config.length
-        check_ids("clean_tokens", clean_tokens, self.config.vocab_size)
         check_ids("clean_positions", clean_positions, length, what="position")
         check_ids("query_positions", query_positions, length, what="position")
         if clean_positions.shape != clean_tokens.shape:
