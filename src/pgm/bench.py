@@ -11,6 +11,7 @@ own measured matmul throughput.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import platform
 import time
@@ -298,4 +299,63 @@ def format_training_table(report: dict) -> str:
     for r in report["results"]:
         lines.append(f"{r['preset']:<13}{r['model']:<6}{r['parameters'] / 1e6:>7.2f}M{r['batch']:>7}{r['length']:>8}"
                      f"{r['seconds_per_step']:>8.3f}{r['tokens_per_s']:>8.0f}{r['ratio_to_first']:>7.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: class-conditional PGM vs MaskGIT
+# ---------------------------------------------------------------------------------------------
+
+def bench_images(presets=("fmnist-pgm", "fmnist-maskgit"), *, steps_list=(32,), batch: int = 32,
+                 guidance_values=(0.0, 3.0), sampler: str = "halton", repeats: int = 3, warmup: int = 1,
+                 device="cpu", log=print) -> dict:
+    """Images/s of each preset's model (random weights: speed does not depend on them) at
+    `batch`, and the latency of one image, with and without classifier-free guidance. Counted:
+    VQ codes generated; the VQ decoder, the same for both, is left out."""
+    from .presets import preset
+    from .sampling.image import generate_codes
+
+    device = torch.device(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    rows = []
+    for name in presets:
+        config = preset(name).model
+        torch.manual_seed(0)
+        model = build_model(config).to(device).eval()
+        for steps, guidance, rows_in_batch in itertools.product(steps_list, guidance_values, dict.fromkeys((batch, 1))):
+            labels = torch.arange(rows_in_batch, device=device) % config.num_classes
+
+            def run(stats, model=model, labels=labels, guidance=guidance, steps=steps):
+                generator = torch.Generator(device=device).manual_seed(0)
+                with autocast:
+                    generate_codes(model, labels, steps=steps, sampler=sampler, guidance=guidance,
+                                   generator=generator, stats=stats)
+
+            seconds, stats = time_sampler(run, device, repeats, warmup)
+            rows.append({"preset": name, "model": config.kind, "parameters": model.num_parameters(),
+                         "batch": rows_in_batch, "steps": steps, "sampler": sampler, "guidance": guidance,
+                         "seconds_per_batch": seconds, "images_per_s": rows_in_batch / seconds,
+                         "forward_calls": stats.get("forward_calls")})
+            log(f"  {name:<15} {steps} steps, batch {rows_in_batch:<3} w={guidance:<4} "
+                f"{rows[-1]['images_per_s']:>8.1f} images/s")
+    for row in rows:
+        baseline = next((r for r in rows if r["model"] == "maskgit" and r["batch"] == row["batch"]
+                         and r["guidance"] == row["guidance"] and r["steps"] == row["steps"]), None)
+        row["ratio_to_maskgit"] = row["images_per_s"] / baseline["images_per_s"] if baseline else None
+    return {"device": str(device), "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
+            "results": rows}
+
+
+def format_images_table(report: dict) -> str:
+    lines = [f"device {report['device']} ({report['processor']}, {report['threads']} threads), {report['dtype']}; "
+             "VQ codes generated (decoder excluded)",
+             f"{'preset':<16}{'params':>8}{'sampler':>11}{'steps':>6}{'w':>5}{'batch':>6}{'images/s':>10}"
+             f"{'ms/batch':>10}{'calls':>6}{'x MaskGIT':>10}"]
+    for r in report["results"]:
+        ratio = f"{r['ratio_to_maskgit']:.2f}" if r["ratio_to_maskgit"] else "-"
+        lines.append(f"{r['preset']:<16}{r['parameters'] / 1e6:>7.2f}M{r['sampler']:>11}{r['steps']:>6}"
+                     f"{r['guidance']:>5g}{r['batch']:>6}{r['images_per_s']:>10.1f}{1000 * r['seconds_per_batch']:>10.1f}"
+                     f"{r['forward_calls'] or '-':>6}{ratio:>10}")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from .data import DATA_DIR, PreparedData, load_prepared, prepare_data
 from .eval.perplexity import seed_for, validation_elbo
 from .models import build_model
 from .objectives import objective_for
+from .objectives.image import psnr
 from .runs import (CONFIG_FILE, RunConfig, RunError, latest_checkpoint, load_checkpoint, read_run_config,
                    remove_partial_checkpoints, save_checkpoint, write_atomic)
 
@@ -126,9 +127,32 @@ class RowSchedule:
 
 
 def resolve_config(config: RunConfig, data: PreparedData) -> RunConfig:
-    """Fill in what the data decides: the vocabulary, the mask id and the row length."""
-    tokenizer = data.tokenizer
-    model = config.model.replace(vocab_size=tokenizer.model_vocab_size, mask_token_id=tokenizer.mask_id)
+    """Fill in what the data decides: the vocabulary, the mask id and, for images, the row shape."""
+    tokenizer, model = data.tokenizer, config.model
+    kind = model.kind
+    if kind == "vq":
+        if getattr(tokenizer, "kind", "") != "pixels":
+            raise RunError("a VQ autoencoder trains on pixels: set data.tokenizer=pixels")
+        if (model.in_channels, model.image_size) != (tokenizer.channels, tokenizer.image_size):
+            raise RunError(f"the VQ model reads {model.in_channels}x{model.image_size}px images but the data holds "
+                           f"{tokenizer.channels}x{tokenizer.image_size}px images")
+        return config
+    image_tokens = getattr(tokenizer, "kind", "") == "vq"
+    if kind == "maskgit" or (kind == "pgm" and model.num_classes):
+        if not image_tokens:
+            raise RunError(f"a class-conditional {kind} model trains on VQ tokens: set data.tokenizer=vq:VQ_RUN_DIR")
+        classes = len(data.meta.get("classes", []))
+        if model.num_classes < classes:
+            raise RunError(f"the data has {classes} classes but the model only {model.num_classes}")
+        if kind == "maskgit":
+            model = model.replace(codebook_size=tokenizer.codebook_size, grid_size=tokenizer.grid_size)
+        else:
+            model = model.replace(vocab_size=tokenizer.model_vocab_size, mask_token_id=tokenizer.mask_id,
+                                  length=tokenizer.row_length)
+        return dataclasses.replace(config, model=model)
+    if image_tokens or tokenizer.kind == "pixels":
+        raise RunError(f"a {kind} model is a text model; image data needs a vq, maskgit or class-conditional pgm model")
+    model = model.replace(vocab_size=tokenizer.model_vocab_size, mask_token_id=tokenizer.mask_id)
     return dataclasses.replace(config, model=model)
 
 
@@ -236,7 +260,7 @@ def _train(config: RunConfig, run_dir: Path, info: Distributed, device: torch.de
 
     torch.manual_seed(tc.seed)
     model = build_model(config.model).to(device)
-    objective = objective_for(model, **({"complement": tc.complement} if config.model.kind == "pgm" else {}))
+    objective = objective_for(model, complement=tc.complement, label_dropout=tc.label_dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                   weight_decay=tc.weight_decay, foreach=True)
     ema = EMA(model, tc.ema) if tc.ema > 0 else None
@@ -272,8 +296,9 @@ def _train(config: RunConfig, run_dir: Path, info: Distributed, device: torch.de
     def save():
         if info.main:
             state = {"step": step, "ema_updates": ema.updates if ema else 0, "parameters": parameters}
-            save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(model) if ema else None,
-                            optimizer.state_dict(), state, tc.keep_checkpoints)
+            averaged = model.savable_state(ema.state_dict(model)) if ema else None
+            save_checkpoint(run_dir, step, model.savable_state(), averaged, optimizer.state_dict(), state,
+                            tc.keep_checkpoints)
         info.barrier()
 
     def evaluate():
@@ -306,6 +331,8 @@ def _train(config: RunConfig, run_dir: Path, info: Distributed, device: torch.de
             for m in range(accumulation):
                 start = info.rank * per_process + m * micro
                 tokens, valid = data.train[rows[start:start + micro]]
+                labels = data.train.labels_of(rows[start:start + micro])
+                labeled = {} if labels is None else {"labels": labels.to(device)}
                 tokens = tokens.to(device, non_blocking=True)
                 valid = None if valid is None else valid.to(device)
                 always_clean = None
@@ -315,7 +342,8 @@ def _train(config: RunConfig, run_dir: Path, info: Distributed, device: torch.de
                 sync = m == accumulation - 1 or info.world_size == 1
                 with (contextlib.nullcontext() if sync else network.no_sync()), autocast():
                     out = objective.loss(network, tokens, valid=valid, always_clean=always_clean,
-                                         noise=None if noise is None else noise[start:start + micro].to(device))
+                                         noise=None if noise is None else noise[start:start + micro].to(device),
+                                         **labeled)
                     (out.loss / accumulation).backward()
                 step_loss += out.loss.detach() / accumulation
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip else math.inf)
@@ -345,7 +373,7 @@ def _train(config: RunConfig, run_dir: Path, info: Distributed, device: torch.de
             if (tc.eval_every and step % tc.eval_every == 0) or final:
                 last_val = evaluate().nll
                 if progress is None:
-                    log(f"step {step}: {_describe_validation(config.model.kind, last_val)}")
+                    log(f"step {step}: {_describe_validation(config.model, last_val)}")
             if (tc.save_every and step % tc.save_every == 0) or final:
                 save()
                 if info.main:
@@ -360,13 +388,18 @@ def _train(config: RunConfig, run_dir: Path, info: Distributed, device: torch.de
         raise
     if progress is not None:
         progress.close()
-    log(f"done: {step} steps; {_describe_validation(config.model.kind, last_val)}; run saved in {run_dir}")
+    log(f"done: {step} steps; {_describe_validation(config.model, last_val)}; run saved in {run_dir}")
     return run_dir
 
 
-def _describe_validation(kind: str, nll: float) -> str:
+def _describe_validation(model_config, nll: float) -> str:
+    kind = model_config.kind
     if kind == "ar":
         return f"validation NLL {nll:.4f} nats/token (perplexity {math.exp(nll):.1f})"
+    if kind == "vq":
+        return f"validation MSE {nll:.5f} per pixel on [-1, 1] (PSNR {psnr(nll):.2f} dB)"
+    if kind == "maskgit" or getattr(model_config, "num_classes", 0):
+        return f"validation cross-entropy {nll:.4f} nats/token"
     return f"validation ELBO {nll:.4f} nats/token (perplexity <= {math.exp(nll):.1f})"
 
 

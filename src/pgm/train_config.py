@@ -32,6 +32,7 @@ class TrainConfig(Config):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     bos_always_clean: bool = True  # the BOS at position 0 is given, never masked or scored
     complement: Literal["exact", "one_minus_t"] = "exact"  # PGM: the swapped view's time
+    label_dropout: float = 0.1  # class-conditional models: share of rows trained with the null class
     progress: bool = True  # a progress bar on the terminal
 
     def validate(self) -> None:
@@ -46,6 +47,7 @@ class TrainConfig(Config):
         require(min(self.eval_every, self.eval_rows, self.save_every) >= 0,
                 "eval_every, eval_rows and save_every must be non-negative")
         require(self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        require(0 <= self.label_dropout < 1, f"label_dropout must lie in [0, 1), got {self.label_dropout}")
         require(self.log_every >= 1, f"log_every must be positive, got {self.log_every}")
 
     def learning_rate(self, step: int) -> float:

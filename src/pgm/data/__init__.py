@@ -36,11 +36,23 @@ class DataConfig(Config):
     vocab_size: int = 4096  # of the trained BPE
     gpt2_file: str = ""  # a local gpt2.tiktoken for offline use
     packing: Literal["wrap", "pad"] = "wrap"
+    # Images (the tokenizer "pixels" or "vq:VQ_RUN_DIR"; source "fashion-mnist", a folder or hf:NAME):
+    image_size: int = 32  # smaller images are zero-padded, larger ones resized and centre-cropped
+    channels: int = 1  # 1 (grayscale) or 3 (RGB)
+    image_field: str = "image"  # Hugging Face image datasets: the image and label fields
+    label_field: str = "label"
+    limit_images: int = 0  # keep only the first N training images (and N/4 validation images); 0: all
+
+    @property
+    def is_image(self) -> bool:
+        return self.tokenizer == "pixels" or self.tokenizer.startswith("vq:")
 
     def validate(self) -> None:
         require(self.val_every >= 2, f"val_every must be at least 2, got {self.val_every}")
         require(self.val_last >= 0 and self.limit_documents >= 0 and self.chunk_chars >= 0,
                 "val_last, limit_documents and chunk_chars must be non-negative")
+        require(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")
+        require(self.image_size >= 4 and self.limit_images >= 0, "image_size must be >= 4 and limit_images >= 0")
 
 
 @dataclasses.dataclass
@@ -53,6 +65,13 @@ class PreparedData:
 
 def prepare_data(config: DataConfig, length: int, directory: Path, log=print) -> PreparedData:
     """Read, split, tokenize and pack the data into `directory` (tokenizer/ and data/)."""
+    if config.is_image:
+        from .image_tokens import prepare_image_data
+
+        meta = prepare_image_data(config, directory, log)
+        meta["recipe"] = {"data": config.to_dict(), "length": length}
+        (directory / DATA_DIR / "meta.json").write_text(json.dumps(meta, indent=2))
+        return load_prepared(directory)
     if length < 3:
         raise ConfigError(f"rows of length {length} leave no room between BOS and EOS")
     documents = load_documents(config.source, config.text_field, config.split)

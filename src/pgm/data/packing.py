@@ -17,6 +17,8 @@ import torch
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
+    if vocab_size <= 256:
+        return np.dtype(np.uint8)
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
 
 
@@ -64,7 +66,8 @@ def write_rows(rows: Iterable, path: Path, length: int, vocab_size: int, padded:
 
 
 class TokenRows:
-    """Rows of a split, memory-mapped: `rows[indices]` -> (tokens [B, L] long, valid [B, L] bool or None)."""
+    """Rows of a split, memory-mapped: `rows[indices]` -> (tokens [B, L] long, valid [B, L] bool or None);
+    `labels` [N] (class labels of image rows) or None."""
 
     def __init__(self, path: Path):
         meta = json.loads(Path(f"{path}.json").read_text())
@@ -75,6 +78,11 @@ class TokenRows:
         self.array = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["rows"], meta["length"]))
         lengths_path = Path(f"{path}.lengths.npy")
         self.lengths = np.load(lengths_path) if lengths_path.is_file() else None
+        labels_path = Path(f"{path}.labels.npy")
+        self.labels = np.load(labels_path) if labels_path.is_file() else None
+
+    def labels_of(self, indices) -> torch.Tensor | None:
+        return None if self.labels is None else torch.from_numpy(self.labels[np.asarray(indices)].astype(np.int64))
 
     def __len__(self) -> int:
         return self.array.shape[0]

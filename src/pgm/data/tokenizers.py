@@ -195,6 +195,10 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError):
         raise DataError(f"{directory} holds no readable tokenizer ({CONFIG_FILE})") from None
+    if config["type"] in ("pixels", "vq"):
+        from .image_tokens import load_image_tokenizer
+
+        return load_image_tokenizer(directory, config)
     if config["type"] == "gpt2":
         local = directory / GPT2_FILE
         return GPT2Tokenizer(local if local.is_file() else None)

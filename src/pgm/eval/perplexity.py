@@ -68,9 +68,11 @@ def validation_elbo(model, objective, rows, *, indices=None, batch_size: int = 3
                 if bos_always_clean:
                     always_clean = torch.zeros_like(part_tokens, dtype=torch.bool)
                     always_clean[:, 0] = True
+                labels = rows.labels_of([chunk[i] for i in range(part.start, part.stop)])
+                labeled = {} if labels is None else {"labels": labels.to(device)}
                 with autocast or contextlib.nullcontext():
                     out = objective.elbo(model, part_tokens, valid=part_valid, always_clean=always_clean,
-                                         noise=None if noise is None else noise[part].to(device))
+                                         noise=None if noise is None else noise[part].to(device), **labeled)
                 positions = torch.arange(start + part.start, start + part.stop)
                 row_nll[p, positions] = out.row_nll.double().cpu()
                 row_tokens[positions] = out.row_tokens.double().cpu()

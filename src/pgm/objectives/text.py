@@ -181,13 +181,22 @@ class AutoregressiveObjective:
     elbo = loss
 
 
-def objective_for(model, **options):
-    """The objective that trains `model`'s kind."""
-    kind = model_config(model).kind
-    if kind == "pgm":
-        return PartitionObjective(**options)
-    if kind == "mdlm":
-        return MaskedDiffusionObjective(**options)
-    if kind == "ar":
+def objective_for(model, *, complement: str = "exact", label_dropout: float = 0.1):
+    """The objective that trains `model`'s kind. `complement`: the text PGM's swapped-view time;
+    `label_dropout`: how often a class-conditional model trains without its label."""
+    from .image import ImagePartitionObjective, MaskGITObjective, VQObjective
+
+    config = model_config(model)
+    if config.kind == "pgm" and config.num_classes:
+        return ImagePartitionObjective(label_dropout=label_dropout)
+    if config.kind == "pgm":
+        return PartitionObjective(complement=complement)
+    if config.kind == "mdlm":
+        return MaskedDiffusionObjective()
+    if config.kind == "ar":
         return AutoregressiveObjective()
-    raise ValueError(f"no text objective for model kind {kind!r}")
+    if config.kind == "maskgit":
+        return MaskGITObjective(label_dropout=label_dropout)
+    if config.kind == "vq":
+        return VQObjective()
+    raise ValueError(f"no objective for model kind {config.kind!r}")

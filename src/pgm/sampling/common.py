@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..objectives.schedules import LogLinearSchedule
@@ -48,40 +50,61 @@ def check_known(config, known_tokens, known_mask, steps) -> None:
             raise ValueError(f"a known token is the mask id {config.mask_token_id}")
 
 
+def arccos_bounds(total: torch.Tensor, steps: int) -> torch.Tensor:
+    """Cumulative counts [S + 1, ...] of the arccos schedule (Halton-MaskGIT's and the authors'
+    image samplers): after step i, min(R, max(i + 1, floor(R (1 - arccos((i + 1) / S) / (pi / 2)))))
+    of R positions are decoded. Few tokens early, most at the end; at least one per step while any
+    are left. Float64, so the floors are exact for the published test vectors."""
+    fractions = torch.arange(steps + 1, dtype=torch.float64, device=total.device) / steps
+    shares = 1 - torch.arccos(fractions) / (math.pi / 2)
+    total = total.to(torch.float64)
+    bounds = torch.floor(total * shares.view(-1, *([1] * total.dim())))
+    at_least = torch.arange(steps + 1, dtype=torch.float64, device=total.device).view(-1, *([1] * total.dim()))
+    return torch.minimum(torch.maximum(bounds, at_least), total).long()
+
+
 class StepCounts:
     """How many positions each row decodes at each step.
 
     "uniform": row b spreads its R_b unknown positions as evenly as possible,
-    floor((i+1) R_b / S) - floor(i R_b / S) at step i. When every row has the same R, counts
-    are plain ints and the sampler needs no padding, masks or host synchronisation.
+    floor((i+1) R_b / S) - floor(i R_b / S) at step i. "arccos": the image samplers' schedule
+    (`arccos_bounds`). When every row has the same R, counts are plain ints and the sampler needs
+    no padding, masks or host synchronisation.
     "binomial": Binomial(left_b, p_i) with p_i MDLM's reveal probability between the times
     1 - i/S and 1 - (i+1)/S (p = 1 at the last step, so nothing is left).
     """
 
+    MODES = ("uniform", "arccos", "binomial")
+
     def __init__(self, num_known: torch.Tensor, length: int, steps: int, mode: str,
                  generator: torch.Generator | None, schedule: LogLinearSchedule = LogLinearSchedule()):
-        if mode not in ("uniform", "binomial"):
-            raise ValueError(f"counts must be 'uniform' or 'binomial', got {mode!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"counts must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.mode, self.steps, self.generator, self.schedule = mode, steps, generator, schedule
         remaining = length - num_known
         equal = bool((num_known == num_known[0]).all())
-        if mode == "uniform" and equal:
-            total = int(remaining[0])
-            self.initial_clean = length - total
-            self.plan = [(i + 1) * total // steps - i * total // steps for i in range(steps)]
-            self.widths = self.plan
+        if mode == "binomial":
+            self.initial_clean = num_known.clone()
+            self.left = remaining.clone()
+            return
+        if equal:
+            remaining = remaining[:1]
+        if mode == "uniform":
+            bounds = torch.arange(steps + 1, device=num_known.device)[:, None] * remaining // steps
+        else:
+            bounds = arccos_bounds(remaining, steps)
+        plan = bounds[1:] - bounds[:-1]  # [S, B or 1]
+        if equal:
+            self.initial_clean = length - int(remaining[0])
+            self.plan = self.widths = plan[:, 0].tolist()
         else:
             self.initial_clean = num_known.clone()
-            if mode == "uniform":
-                bounds = torch.arange(steps + 1, device=num_known.device)[:, None] * remaining // steps
-                self.plan = bounds[1:] - bounds[:-1]  # [S, B]
-                self.widths = self.plan.max(dim=1).values.tolist()
-            else:
-                self.left = remaining.clone()
+            self.plan = plan
+            self.widths = plan.max(dim=1).values.tolist()
 
     def next(self, step: int):
         """(count per row: int or [B] tensor, the widest row's count as an int)."""
-        if self.mode == "uniform":
+        if self.mode != "binomial":
             return self.plan[step], self.widths[step]
         t, s = 1 - step / self.steps, 1 - (step + 1) / self.steps
         p = self.schedule.reveal_probability(t, s)

@@ -10,18 +10,27 @@ Decoding orders:
 - "random" (the paper): the unknown positions are queued in a random order; a step queries
   only the next `k`;
 - "left-to-right": the same queue in position order, i.e. semi-autoregressive blocks of `k`;
+- a fixed permutation of the positions (a tensor), e.g. the Halton order of image cells;
 - "confidence", "margin", "entropy": a step queries every unknown position, draws a token at
   each, and keeps the `k` most certain (the drawn token's probability; the gap between the two
   most likely tokens; the lowest entropy). The rest stay unknown.
 
-Two views of the same loop:
+Three views of the same loop:
 - `view="efficient"` calls `model.predict` on the packed clean set (the fast path);
 - `view="reference"` calls the training view on full-length inputs with groups = revealed (0)
-  vs not (1). It is slow and exists to test the efficient path: both give the same tokens.
+  vs not (1). It is slow and exists to test the efficient path: both give the same tokens;
+- `view="masked"` drives a masked model (MaskGIT) with the same loop: the clean set is written
+  into a full-length input whose other positions hold the mask id.
+
+Class-conditional models take their labels as `cond`; classifier-free guidance runs the
+conditional and the null-class rows as one doubled batch and mixes the logits as
+(1 + w) l_cond - w l_null, with w constant or ramped linearly from 0 at the first step to w at
+the last (the authors' image samplers; a step with w = 0 skips the null rows).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
@@ -33,34 +42,75 @@ from .common import StepCounts, check_known, model_device, resolve_known
 QUEUED_ORDERS = ("random", "left-to-right")
 SCORED_ORDERS = ("confidence", "margin", "entropy")
 ORDERS = QUEUED_ORDERS + SCORED_ORDERS
+VIEWS = ("efficient", "reference", "masked")
+
+
+def guidance_weight(guidance: float, step: int, steps: int, schedule: str) -> float:
+    """The guidance weight w at `step`: constant, or ramped linearly from 0 to `guidance`."""
+    if schedule == "constant":
+        return guidance
+    if schedule == "linear":
+        return guidance * step / (steps - 1) if steps > 1 else guidance
+    raise ValueError(f"guidance_schedule must be 'linear' or 'constant', got {schedule!r}")
+
+
+def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor, weight: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: (1 + w) l_cond - w l_null, in float32."""
+    return (1 + weight) * conditional.float() - weight * unconditional.float()
 
 
 @torch.no_grad()
 def sample_pgm(model, *, num_samples: int | None = None, length: int | None = None, steps: int,
                known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-               counts: Literal["uniform", "binomial"] = "uniform", order: str = "random",
+               counts: Literal["uniform", "arccos", "binomial"] = "uniform", order: str | torch.Tensor = "random",
                options: SamplingOptions = SamplingOptions(), generator: torch.Generator | None = None,
-               cond: torch.Tensor | None = None, view: Literal["efficient", "reference"] = "efficient",
+               cond: torch.Tensor | None = None, guidance: float = 0.0,
+               guidance_schedule: Literal["linear", "constant"] = "linear",
+               first_step_temperature_scale: float = 1.0, confidence_noise: float = 0.0,
+               suppress: tuple[int, ...] | None = None, view: str = "efficient",
                stats: dict | None = None) -> torch.Tensor:
     """Generate [num_samples, length] token ids in `steps` steps.
 
     known_tokens/known_mask [B, L] fix tokens at arbitrary positions (a prompt, a suffix, the
-    text around a gap); those start in the clean set and only the rest is decoded.
-    counts="uniform" decodes the unknown positions of a row as evenly as possible over the
-    steps (any length, any number of steps); counts="binomial" draws each row's count per step
-    from MDLM's posterior, Binomial(remaining, 1 / (steps - i)). `order` is one of ORDERS.
-    `stats`, when given, receives the number of network calls under "forward_calls".
+    text around a gap, the visible part of an image); those start in the clean set and only the
+    rest is decoded. counts: "uniform" decodes the unknown positions of a row as evenly as
+    possible over the steps; "arccos" follows the image samplers' schedule; "binomial" draws
+    each row's count per step from MDLM's posterior. `order`: one of ORDERS or a permutation [L]
+    of the positions. `cond`: noise levels (time-conditioned text models) or class labels [B].
+    `guidance` > 0 needs a class-conditional model. `first_step_temperature_scale` multiplies the
+    temperature at step 0 (the authors' image samplers use 2: they halve the first logits).
+    `confidence_noise` adds Gumbel noise, annealed to 0 over the steps, to the log-confidence
+    of the "confidence" order (MaskGIT's randomisation; the authors use 5 for images).
+    `suppress`: ids never drawn (default: the mask id). `stats`, when given, receives the
+    number of network calls under "forward_calls".
     """
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    fixed_order = isinstance(order, torch.Tensor)
+    if not fixed_order and order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)} or a permutation of the positions, got {order!r}")
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
+    if confidence_noise and order != "confidence":
+        raise ValueError("confidence_noise applies to the confidence order only")
     config = model.config
     known_tokens, known_mask = resolve_known(config, num_samples, length, known_tokens, known_mask,
                                              model_device(model))
     check_known(config, known_tokens, known_mask, steps)
     batch, length = known_tokens.shape
     device = known_tokens.device
+    if fixed_order and sorted(order.tolist()) != list(range(length)):
+        raise ValueError(f"a fixed order must be a permutation of the {length} positions")
+    num_classes = getattr(config, "num_classes", 0)
+    if guidance and not num_classes:
+        raise ValueError("classifier-free guidance needs a class-conditional model")
+    if num_classes:
+        cond = torch.as_tensor(cond, device=device).long().reshape(-1).expand(batch).contiguous() \
+            if cond is not None else None
+        if cond is None or bool((cond < 0).any()) or bool((cond > num_classes).any()):
+            raise ValueError(f"a class-conditional model needs cond, one label per sample in [0, {num_classes}] "
+                             f"({num_classes} = no class)")
+    guidance_weight(guidance, 0, steps, guidance_schedule)  # validates the schedule's name
     schedule = LogLinearSchedule()
-    suppress = (config.mask_token_id,)
+    suppress = (config.mask_token_id,) if suppress is None else tuple(suppress)
 
     # Clean-set buffers; column `length` is a sink for writes that belong to no row.
     packed = known_mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)
@@ -70,26 +120,44 @@ def sample_pgm(model, *, num_samples: int | None = None, length: int | None = No
     slot_tokens[:, :length] = known_tokens.gather(1, packed)
     step_counts = StepCounts(known_mask.sum(1), length, steps, counts, generator)
 
-    if view == "efficient":
-        def logits_at(num_clean, lengths, queries, step_cond):
-            return model.predict(slot_tokens[:, :num_clean], slot_positions[:, :num_clean], queries, lengths,
-                                 step_cond, check_inputs=False)
-    elif view == "reference":
-        def logits_at(num_clean, lengths, queries, step_cond):
-            clean = torch.arange(num_clean, device=device) < (num_clean if lengths is None else lengths[:, None])
-            where = torch.where(clean, slot_positions[:, :num_clean], length)
-            tokens = torch.zeros(batch, length + 1, dtype=torch.long, device=device)
-            tokens.scatter_(1, where, slot_tokens[:, :num_clean])
-            groups = torch.ones(batch, length + 1, dtype=torch.bool, device=device)
+    def network(tokens, positions, num_clean, lengths, queries, step_cond):
+        """Logits [b, Q, V] at `queries` given the first num_clean (or `lengths`) slots of each row."""
+        if view == "efficient":
+            return model.predict(tokens[:, :num_clean], positions[:, :num_clean], queries, lengths, step_cond,
+                                 check_inputs=False)
+        rows = tokens.shape[0]
+        clean = torch.arange(num_clean, device=device) < (num_clean if lengths is None else lengths[:, None])
+        where = torch.where(clean, positions[:, :num_clean], length)
+        filler = config.mask_token_id if view == "masked" else 0
+        full_tokens = torch.full((rows, length + 1), filler, dtype=torch.long, device=device)
+        full_tokens.scatter_(1, where, tokens[:, :num_clean])
+        if view == "masked":
+            full = model(full_tokens[:, :length], step_cond, check_inputs=False)
+        else:
+            groups = torch.ones(rows, length + 1, dtype=torch.bool, device=device)
             groups.scatter_(1, where, False)
-            full = model(tokens[:, :length], groups[:, :length], step_cond, check_inputs=False)
-            return full.gather(1, queries[..., None].expand(-1, -1, full.shape[-1]))
-    else:
-        raise ValueError(f"view must be 'efficient' or 'reference', got {view!r}")
+            full = model(full_tokens[:, :length], groups[:, :length], step_cond, check_inputs=False)
+        return full.gather(1, queries[..., None].expand(-1, -1, full.shape[-1]))
 
-    if order in QUEUED_ORDERS:
-        priority = (torch.rand(batch, length, generator=generator, device=device) if order == "random"
-                    else torch.arange(length, device=device, dtype=torch.float).expand(batch, -1).clone())
+    def logits_at(num_clean, lengths, queries, step_cond, weight):
+        if not weight:
+            return network(slot_tokens, slot_positions, num_clean, lengths, queries, step_cond)
+        def twice(t):
+            return None if t is None else torch.cat([t, t])
+        null = torch.full_like(step_cond, num_classes)
+        both = network(twice(slot_tokens), twice(slot_positions), num_clean, twice(lengths), twice(queries),
+                       torch.cat([step_cond, null]))
+        return guided_logits(*both.chunk(2), weight)
+
+    if fixed_order or order in QUEUED_ORDERS:
+        if fixed_order:
+            priority = torch.empty(length, device=device)
+            priority[order.to(device)] = torch.arange(length, device=device, dtype=torch.float)
+            priority = priority.expand(batch, -1).clone()
+        elif order == "random":
+            priority = torch.rand(batch, length, generator=generator, device=device)
+        else:
+            priority = torch.arange(length, device=device, dtype=torch.float).expand(batch, -1).clone()
         queue = priority.masked_fill_(known_mask, float("inf")).argsort(dim=1)  # unknown positions first
     else:
         unknown = torch.zeros(batch, length + 1, dtype=torch.bool, device=device)
@@ -104,20 +172,28 @@ def sample_pgm(model, *, num_samples: int | None = None, length: int | None = No
             continue
         calls += 1
         step_cond = cond
-        if config.time_conditioning:
+        if getattr(config, "time_conditioning", False):
             step_cond = schedule.sigma(torch.full((batch,), 1 - step / steps, device=device))
+        step_options = options
+        if step == 0 and first_step_temperature_scale != 1:
+            step_options = dataclasses.replace(options, temperature=options.temperature * first_step_temperature_scale)
+        weight = guidance_weight(guidance, step, steps, guidance_schedule)
         equal = isinstance(num_clean, int)
         clean_width, lengths = (num_clean, None) if equal else (int(num_clean.max()), num_clean)
         offsets = torch.arange(width, device=device)
-        if order in QUEUED_ORDERS:
+        if fixed_order or order in QUEUED_ORDERS:
             queries = queue.gather(1, (decoded[:, None] + offsets).clamp(max=length - 1))
-            drawn = sample_categorical(logits_at(clean_width, lengths, queries, step_cond), options,
+            drawn = sample_categorical(logits_at(clean_width, lengths, queries, step_cond, weight), step_options,
                                        suppress=suppress, generator=generator)
         else:
             remaining = unknown[:, :length].sum(1)
             candidates = (~unknown[:, :length]).to(torch.int8).argsort(dim=1, stable=True)[:, :int(remaining.max())]
-            drawn, scores = sample_scored(logits_at(clean_width, lengths, candidates, step_cond), order, options,
-                                          suppress=suppress, generator=generator)
+            drawn, scores = sample_scored(logits_at(clean_width, lengths, candidates, step_cond, weight), order,
+                                          step_options, suppress=suppress, generator=generator)
+            if confidence_noise:
+                uniform = torch.rand(scores.shape, generator=generator, device=device).clamp_(min=1e-20)
+                annealing = 1 - step / (steps - 1) if steps > 1 else 0.0
+                scores = scores.clamp(min=1e-30).log() + confidence_noise * annealing * -torch.log(-torch.log(uniform))
             scores = scores.masked_fill(torch.arange(candidates.shape[1], device=device) >= remaining[:, None],
                                         float("-inf"))
             best = scores.topk(width, dim=1).indices
@@ -128,7 +204,7 @@ def sample_pgm(model, *, num_samples: int | None = None, length: int | None = No
             slots = torch.where(offsets < k[:, None], num_clean[:, None] + offsets, length)
         slot_tokens.scatter_(1, slots, drawn)
         slot_positions.scatter_(1, slots, queries)
-        if order in SCORED_ORDERS:
+        if not fixed_order and order in SCORED_ORDERS:
             unknown.scatter_(1, torch.where(slots < length, queries, length), False)
         num_clean = num_clean + k
         decoded += k
