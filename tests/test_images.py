@@ -274,3 +274,39 @@ def test_eval_reports_psnr_usage_and_classifier_fd(image_runs):
     assert "FD (classifier features)" in result.stdout and "VQ floor" in result.stdout
     assert_clean_failure(pgm("eval", str(image_runs / "pgm"), "--fid", "--classifier", str(image_runs / "nothing")),
                          "nothing")
+
+
+def test_image_data_refuses_overlapping_splits_and_bad_labels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pgm.data import DataConfig
+    from pgm.data.corpus import DataError
+    from pgm.data.image_tokens import split_images
+
+    with pytest.raises(DataError, match="same images"):
+        split_images(DataConfig(source="fashion-mnist", split="test", val_split="validation", tokenizer="pixels"),
+                     train_split=True)
+    for name in ("cat", "dog"):  # a folder source: classes from sub-folders, every 4th image held out
+        (tmp_path / name).mkdir()
+        for i in range(8):
+            Image.fromarray(np.full((20, 24), 30 * i, dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    config = DataConfig(source=str(tmp_path), tokenizer="pixels", image_size=16, val_every=4, limit_images=6)
+    images, labels, classes = split_images(config, train_split=True)
+    assert classes == ["cat", "dog"] and images.shape == (6, 1, 16, 16)
+    assert set(labels.tolist()) == {0, 1}  # the limit keeps both classes: the order is shuffled first
+    held_out, _, _ = split_images(config.replace(limit_images=0), train_split=False)
+    assert len(held_out) == 4
+
+
+def test_first_step_temperature_scale_multiplies_the_users_temperature():
+    spy = GuidanceSpy()
+    known = torch.zeros(64, 6, dtype=torch.long)
+    mask = torch.zeros(64, 6, dtype=torch.bool)
+    mask[:, 0] = True
+    labels = torch.ones(64, dtype=torch.long)
+    drawn = [sample_pgm(spy, known_tokens=known, known_mask=mask, steps=1, cond=labels, options=SamplingOptions(t),
+                        first_step_temperature_scale=scale, generator=torch.Generator().manual_seed(0))
+             for t, scale in ((0.5, 2.0), (1.0, 1.0), (0.05, 1.0))]
+    assert torch.equal(drawn[0], drawn[1])  # 0.5 x 2 is temperature 1
+    assert not torch.equal(drawn[1], drawn[2])

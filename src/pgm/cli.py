@@ -153,7 +153,10 @@ def cmd_eval(args) -> int:
     data = load_prepared(run_dir)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    print(f"run {run_dir} ({config.model.kind}, {checkpoint.name}, {args.weights} weights)")
+    weights = args.weights
+    if weights == "ema" and checkpoint.is_dir() and not (checkpoint / "ema.safetensors").is_file():
+        weights = "raw (the run kept no EMA)"
+    print(f"run {run_dir} ({config.model.kind}, {checkpoint.name}, {weights} weights)")
     from .image_generation import is_image_model
 
     if config.model.kind == "vq" or is_image_model(config.model):
