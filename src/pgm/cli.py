@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.handler(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, ImportError) as error:
         if os.environ.get("PGM_DEBUG"):
             raise
         message = str(error).strip() or type(error).__name__
