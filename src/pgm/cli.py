@@ -60,7 +60,6 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-
     from .data import load_tokenizer
     from .generation import decode_samples, generate_tokens, known_from_text
     from .hub import load_pretrained_dir
@@ -71,7 +70,7 @@ def cmd_sample(args) -> int:
     if model.config.kind == "vq":
         raise ValueError(f"{run_dir} is a VQ autoencoder: it reconstructs images; sample from a PGM or MaskGIT run "
                          "trained on its codes")
-    from .image_generation import is_image_model
+    from .models import is_image_model
 
     if is_image_model(model.config):
         return _sample_images(args, run_dir, model)
@@ -157,7 +156,7 @@ def cmd_eval(args) -> int:
     if weights == "ema" and checkpoint.is_dir() and not (checkpoint / "ema.safetensors").is_file():
         weights = "raw (the run kept no EMA)"
     print(f"run {run_dir} ({config.model.kind}, {checkpoint.name}, {weights} weights)")
-    from .image_generation import is_image_model
+    from .models import is_image_model
 
     if config.model.kind == "vq" or is_image_model(config.model):
         return _eval_images(args, config, model, data, device)

@@ -13,10 +13,6 @@ from .sampling import SamplingOptions
 from .sampling.image import generate_codes, region_mask
 
 
-def is_image_model(config) -> bool:
-    return config.kind == "maskgit" or (config.kind == "pgm" and getattr(config, "num_classes", 0) > 0)
-
-
 def parse_classes(items: list[str] | None, class_names: list[str], num_classes: int) -> list[int]:
     """Class labels from numbers or names (case-insensitive); "none" is the null class."""
     if not items:

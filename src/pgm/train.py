@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .data import DATA_DIR, PreparedData, load_prepared, prepare_data
 from .eval.perplexity import seed_for, validation_elbo
-from .models import build_model
+from .models import build_model, is_image_model
 from .objectives import objective_for
 from .objectives.image import psnr
 from .runs import (CONFIG_FILE, RunConfig, RunError, latest_checkpoint, load_checkpoint, read_run_config,
@@ -138,7 +138,7 @@ def resolve_config(config: RunConfig, data: PreparedData) -> RunConfig:
                            f"{tokenizer.channels}x{tokenizer.image_size}px images")
         return config
     image_tokens = getattr(tokenizer, "kind", "") == "vq"
-    if kind == "maskgit" or (kind == "pgm" and model.num_classes):
+    if is_image_model(model):
         if not image_tokens:
             raise RunError(f"a class-conditional {kind} model trains on VQ tokens: set data.tokenizer=vq:VQ_RUN_DIR")
         classes = len(data.meta.get("classes", []))
@@ -398,7 +398,7 @@ def _describe_validation(model_config, nll: float) -> str:
         return f"validation NLL {nll:.4f} nats/token (perplexity {math.exp(nll):.1f})"
     if kind == "vq":
         return f"validation MSE {nll:.5f} per pixel on [-1, 1] (PSNR {psnr(nll):.2f} dB)"
-    if kind == "maskgit" or getattr(model_config, "num_classes", 0):
+    if is_image_model(model_config):
         return f"validation cross-entropy {nll:.4f} nats/token"
     return f"validation ELBO {nll:.4f} nats/token (perplexity <= {math.exp(nll):.1f})"
 

@@ -68,7 +68,7 @@ def validation_elbo(model, objective, rows, *, indices=None, batch_size: int = 3
                 if bos_always_clean:
                     always_clean = torch.zeros_like(part_tokens, dtype=torch.bool)
                     always_clean[:, 0] = True
-                labels = rows.labels_of([chunk[i] for i in range(part.start, part.stop)])
+                labels = rows.labels_of(chunk[part])
                 labeled = {} if labels is None else {"labels": labels.to(device)}
                 with autocast or contextlib.nullcontext():
                     out = objective.elbo(model, part_tokens, valid=part_valid, always_clean=always_clean,

@@ -26,6 +26,11 @@ def config_from_dict(values: dict) -> ModelConfig:
     return MODEL_CLASSES[kind].config_class.from_dict(values)
 
 
+def is_image_model(config: ModelConfig) -> bool:
+    """A class-conditional model of VQ codes: MaskGIT, or a PGM with classes."""
+    return config.kind == "maskgit" or (config.kind == "pgm" and config.num_classes > 0)
+
+
 def build_model(config: ModelConfig):
     return MODEL_CLASSES[config.kind](config)
 
@@ -33,5 +38,5 @@ def build_model(config: ModelConfig):
 __all__ = [
     "ConfigError", "ModelConfig", "PartitionConfig", "PartitionTransformer", "MaskedDiffusionConfig",
     "MaskedDiffusionTransformer", "CausalConfig", "CausalTransformer", "MaskGITConfig", "MaskGITTransformer",
-    "VQConfig", "VQModel", "MODEL_CLASSES", "config_from_dict", "build_model",
+    "VQConfig", "VQModel", "MODEL_CLASSES", "config_from_dict", "build_model", "is_image_model",
 ]

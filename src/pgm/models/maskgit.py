@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, require
+from ..config import ModelConfig, check_attention_shape, require
 from .base import PretrainedModel, check_ids
 from .layers import merge_heads, modulate, split_heads, zero_init_
 
@@ -68,13 +68,8 @@ class MaskGITConfig(ModelConfig):
     def validate(self) -> None:
         for name in ("codebook_size", "grid_size", "depth", "num_heads", "mlp_dim", "num_classes"):
             require(getattr(self, name) >= 1, f"{name} must be positive, got {getattr(self, name)}")
-        require(self.hidden_size >= 2, f"hidden_size must be at least 2, got {self.hidden_size}")
-        require(self.hidden_size % self.num_heads == 0,
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        require((self.hidden_size // self.num_heads) % 2 == 0,
-                f"the head dimension hidden_size/num_heads = {self.hidden_size // self.num_heads} must be even")
+        check_attention_shape(self)
         require(self.registers >= 0, f"registers must be zero or more, got {self.registers}")
-        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
 
 
 def rms_norm(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:

@@ -239,12 +239,13 @@ class PartitionTransformer(TimeConditionedModel):
         batch, num_clean = clean_tokens.shape
         cond_vector = self.conditioning(cond, batch)
         x = self.vocab_embed(clean_tokens)
-        if self.config.registers:
+        registers = self.config.registers
+        if registers:
             # The clean set holds group 0's register (row 1, sequence position 1).
             x = torch.cat([self.reg_tokens.weight[1:].to(x.dtype).expand(batch, -1, -1), x], dim=1)
             register_position = torch.ones(batch, 1, dtype=clean_positions.dtype, device=clean_positions.device)
-            clean_positions = torch.cat([register_position, clean_positions + 2], dim=1)
-            query_positions = query_positions + 2
+            clean_positions = torch.cat([register_position, clean_positions + registers], dim=1)
+            query_positions = query_positions + registers
             num_clean += 1
             lengths = None if lengths is None else lengths + 1
         key_rope = self.rotary_emb(clean_positions)

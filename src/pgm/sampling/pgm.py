@@ -35,6 +35,7 @@ from typing import Literal
 
 import torch
 
+from ..models.base import check_labels
 from ..objectives.schedules import LogLinearSchedule
 from .categorical import SamplingOptions, sample_categorical, sample_scored
 from .common import StepCounts, check_known, model_device, resolve_known
@@ -103,11 +104,8 @@ def sample_pgm(model, *, num_samples: int | None = None, length: int | None = No
     if guidance and not num_classes:
         raise ValueError("classifier-free guidance needs a class-conditional model")
     if num_classes:
-        cond = torch.as_tensor(cond, device=device).long().reshape(-1).expand(batch).contiguous() \
-            if cond is not None else None
-        if cond is None or bool((cond < 0).any()) or bool((cond > num_classes).any()):
-            raise ValueError(f"a class-conditional model needs cond, one label per sample in [0, {num_classes}] "
-                             f"({num_classes} = no class)")
+        check_labels(cond, batch, num_classes)
+        cond = torch.as_tensor(cond, device=device).long().reshape(-1).expand(batch).contiguous()
     guidance_weight(guidance, 0, steps, guidance_schedule)  # validates the schedule's name
     schedule = LogLinearSchedule()
     suppress = (config.mask_token_id,) if suppress is None else tuple(suppress)
