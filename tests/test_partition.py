@@ -2,9 +2,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_pgm
 from pgm.models import ConfigError, PartitionConfig, PartitionTransformer, config_from_dict
+from pgm.models.layers import LayerNorm, Rotary, apply_rotary, gelu_tanh
 
 MODES = ["learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp"]
 
@@ -181,3 +183,25 @@ def test_padded_clean_slots_may_repeat_positions():
     logits = model.predict(torch.tensor([[1, 2, 0]]), torch.tensor([[0, 1, 1]]), torch.tensor([[3]]),
                            lengths=torch.tensor([2]))
     assert torch.isfinite(logits).all()
+
+
+def test_inference_shortcuts_in_the_layers_match_the_textbook_formulas():
+    generator = torch.Generator().manual_seed(0)
+    x = 4 * torch.randn(3, 2, 7, 16, generator=generator)
+    with torch.no_grad():  # gelu_tanh takes its in-place sigmoid form only without autograd
+        assert (gelu_tanh(x) - F.gelu(x, approximate="tanh")).abs().max() < 1e-5
+    needs_grad = x.clone().requires_grad_(True)
+    assert torch.equal(gelu_tanh(needs_grad), F.gelu(needs_grad, approximate="tanh"))
+
+    positions = torch.tensor([0, 1, 2, 5, 9, 17, 40])
+    rotary = Rotary(16)
+    angles = positions[:, None].float() * rotary.inv_freq
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    rotate_half = torch.cat([-x[..., 8:], x[..., :8]], dim=-1)
+    assert (apply_rotary(x, rotary(positions)) - (x * cos + rotate_half * sin)).abs().max() < 1e-5
+
+    norm = LayerNorm(16)
+    norm.weight.data = torch.rand(16, generator=generator) + 0.5
+    centred = x - x.mean(-1, keepdim=True)
+    expected = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    assert (norm(x) - expected).abs().max() < 1e-4

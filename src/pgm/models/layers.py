@@ -20,7 +20,32 @@ from torch import nn
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(x, gate, branch)
+
+
+# 0.5 * (1 + tanh(z)) = sigmoid(2 z), with z = sqrt(2 / pi) * (x + 0.044715 x^3).
+_GELU_LINEAR = 2 * math.sqrt(2 / math.pi)
+_GELU_CUBIC = _GELU_LINEAR * 0.044715
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation. On a CPU without autograd it is computed in place
+    through the sigmoid identity: ATen's CPU tanh-GELU kernel takes twice as long (1.95 vs
+    0.91 ms on a [2112, 512] float32 tensor, 2 cores); the two differ by < 1e-6."""
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return F.gelu(x, approximate="tanh")
+    out = x * x
+    out.mul_(_GELU_CUBIC).add_(_GELU_LINEAR).mul_(x).sigmoid_()
+    return out.mul_(x)
+
+
+class GELUTanh(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh(x)
 
 
 class LayerNorm(nn.Module):
@@ -32,6 +57,8 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return F.layer_norm(x, (x.shape[-1],), self.weight, None, self.eps)
         with torch.autocast(x.device.type, enabled=False):
             x = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return x * self.weight
@@ -93,19 +120,23 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for `positions` ([L] or [B, L]) shaped [1 or B, 1, L, head_dim]."""
+        """(cos, signed sin) for `positions` ([L] or [B, L]), each [1 or B, 1, L, head_dim]; the
+        sine's first half is negated so that `apply_rotary` needs no negation of its own."""
         angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq
-        angles = torch.cat([angles, angles], dim=-1)
         if angles.dim() == 2:
             angles = angles[None]
-        return angles.cos()[:, None], angles.sin()[:, None]
+        sin = angles.sin()
+        return torch.cat([angles, angles], dim=-1).cos()[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate `x` [B, heads, L, head_dim]; cos/sin are cast to x's dtype, as the reference does."""
-    cos, sin = (c.to(x.dtype) for c in cos_sin)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """Rotate `x` [..., L, head_dim]: x cos + [-x2, x1] sin. cos/sin are cast to x's dtype, as the
+    reference does. [-x2, x1] sin = roll(x) * signed sin, one copy instead of a split, a negation
+    and a concatenation."""
+    cos, signed_sin = cos_sin
+    if cos.dtype != x.dtype:
+        cos, signed_sin = cos.to(x.dtype), signed_sin.to(x.dtype)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -130,7 +161,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 def mlp(hidden_size: int, mlp_ratio: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(hidden_size, mlp_ratio * hidden_size),
-        nn.GELU(approximate="tanh"),
+        GELUTanh(),
         nn.Linear(mlp_ratio * hidden_size, hidden_size),
     )
 
@@ -181,8 +212,11 @@ class SelfAttentionBlock(nn.Module):
         # With `cache`, x holds positions start..start+L, attending causally to everything cached.
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(cond)[:, None].chunk(6, dim=-1)
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_a, scale_a))
-        q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        batch, length, width = qkv.shape
+        head_dim = width // (3 * self.num_heads)
+        qkv = qkv.view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)  # [3, B, heads, L, d]
+        q, k = apply_rotary(qkv[:2], rope)  # q and k share the positions: one rotation for both
+        v = qkv[2]
         if cache is not None:
             k, v = cache.extend(k, v, start)
             length = q.shape[2]
@@ -190,9 +224,9 @@ class SelfAttentionBlock(nn.Module):
                 positions = start + torch.arange(length, device=x.device)
                 mask = torch.arange(start + length, device=x.device) <= positions[:, None]
         attn = attend(q, k, v, mask, causal)
-        x = x + gate_a * F.dropout(self.attn_out(attn), self.dropout, self.training)
+        x = gated_residual(x, gate_a, F.dropout(self.attn_out(attn), self.dropout, self.training))
         h = self.mlp(modulate(self.norm2(x), shift_m, scale_m))
-        return x + gate_m * F.dropout(h, self.dropout, self.training)
+        return gated_residual(x, gate_m, F.dropout(h, self.dropout, self.training))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -221,9 +255,9 @@ class CrossAttentionBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(cond)[:, None].chunk(6, dim=-1)
         q = split_heads(self.attn_q(modulate(self.q_norm1(x), shift_a, scale_a)), self.num_heads)
         attn = attend(apply_rotary(q, query_rope), *keys_values, mask)
-        x = x + gate_a * F.dropout(self.attn_out(attn), self.dropout, self.training)
+        x = gated_residual(x, gate_a, F.dropout(self.attn_out(attn), self.dropout, self.training))
         h = self.mlp(modulate(self.norm2(x), shift_m, scale_m))
-        return x + gate_m * F.dropout(h, self.dropout, self.training)
+        return gated_residual(x, gate_m, F.dropout(h, self.dropout, self.training))
 
 
 class FinalLayer(nn.Module):
