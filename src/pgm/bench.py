@@ -56,19 +56,24 @@ def _block_flops(tokens: float, keys: float, hidden: int, mlp_ratio: int = 4) ->
     return tokens * (2 * (4 + 2 * mlp_ratio) * hidden ** 2 + 4 * keys * hidden)
 
 
+def pgm_step_flops(shape: Shape, clean: int, queries: int) -> float:
+    """One PGM call for one row: the encoder over `clean` tokens, `queries` decoded positions."""
+    h = shape.hidden
+    encoder = shape.pgm_encoder * _block_flops(clean, clean, h)
+    key_values = (shape.pgm_decoder + 1) * clean * 4 * h * h  # every decoder layer + GroupSwap project K, V
+    per_query = (2 * h * h  # GroupSwap output
+                 + 4 * clean * h  # its attention
+                 + shape.pgm_decoder * (2 * (2 + 8) * h * h + 4 * clean * h)  # q, out, MLP, attention per layer
+                 + 2 * h * shape.vocab)  # logits
+    return encoder + key_values + queries * per_query
+
+
 def pgm_flops(shape: Shape, batch: int, length: int, counts: list[int]) -> float:
-    h, total, clean = shape.hidden, 0.0, 1  # the BOS starts the clean set
+    total, clean = 0.0, 1  # the BOS starts the clean set
     for k in counts:
-        if k == 0:
-            continue
-        encoder = shape.pgm_encoder * _block_flops(clean, clean, h)
-        key_values = (shape.pgm_decoder + 1) * clean * 4 * h * h  # every decoder layer + GroupSwap project K, V
-        per_query = (2 * h * h  # GroupSwap output
-                     + 4 * clean * h  # its attention
-                     + shape.pgm_decoder * (2 * (2 + 8) * h * h + 4 * clean * h)  # q, out, MLP, attention per layer
-                     + 2 * h * shape.vocab)  # logits
-        total += batch * (encoder + key_values + k * per_query)
-        clean += k
+        if k:
+            total += batch * pgm_step_flops(shape, clean, k)
+            clean += k
     return total
 
 
@@ -336,26 +341,60 @@ def bench_images(presets=("fmnist-pgm", "fmnist-maskgit"), *, steps_list=(32,), 
             rows.append({"preset": name, "model": config.kind, "parameters": model.num_parameters(),
                          "batch": rows_in_batch, "steps": steps, "sampler": sampler, "guidance": guidance,
                          "seconds_per_batch": seconds, "images_per_s": rows_in_batch / seconds,
-                         "forward_calls": stats.get("forward_calls")})
+                         "forward_calls": stats.get("forward_calls"),
+                         "gflops_per_image": image_flops(config, steps, sampler, guidance) / 1e9})
             log(f"  {name:<15} {steps} steps, batch {rows_in_batch:<3} w={guidance:<4} "
                 f"{rows[-1]['images_per_s']:>8.1f} images/s")
     for row in rows:
         baseline = next((r for r in rows if r["model"] == "maskgit" and r["batch"] == row["batch"]
                          and r["guidance"] == row["guidance"] and r["steps"] == row["steps"]), None)
         row["ratio_to_maskgit"] = row["images_per_s"] / baseline["images_per_s"] if baseline else None
+        row["work_ratio_to_maskgit"] = baseline["gflops_per_image"] / row["gflops_per_image"] if baseline else None
     return {"device": str(device), "processor": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
             "results": rows}
 
 
+def image_flops(config, steps: int, sampler: str, guidance: float) -> float:
+    """FLOPs to generate one image's codes with the arccos schedule; a step with a guidance
+    weight > 0 (ramped linearly from 0) runs the conditional and the null row."""
+    from .sampling.common import arccos_bounds
+    from .sampling.pgm import guidance_weight
+
+    pgm = config.kind == "pgm"
+    cells = config.length - 1 if pgm else config.length
+    bounds = arccos_bounds(torch.tensor(cells), steps).tolist()
+    h = config.hidden_size
+    if pgm:
+        shape = Shape(hidden=h, heads=config.num_heads, pgm_encoder=config.encoder_blocks,
+                      pgm_decoder=config.decoder_blocks, vocab=config.vocab_size)
+        clean = 1 + config.registers // 2  # the BOS and group 0's register
+    else:
+        tokens = config.length + config.registers
+        block = tokens * (2 * (4 * h * h + 3 * h * config.ffn_hidden) + 4 * tokens * h)  # SwiGLU: 3 matrices
+        maskgit_step = config.depth * block + 2 * h * config.vocab_size * config.length
+    total = 0.0
+    for step in range(steps):
+        new = bounds[step + 1] - bounds[step]
+        if pgm:
+            queries = new if sampler == "halton" else cells - bounds[step]  # confidence queries every unknown cell
+            work = pgm_step_flops(shape, clean, queries)
+            clean += new
+        else:
+            work = maskgit_step
+        total += work * (2 if guidance_weight(guidance, step, steps, "linear") else 1)
+    return total
+
+
 def format_images_table(report: dict) -> str:
     lines = [f"device {report['device']} ({report['processor']}, {report['threads']} threads), {report['dtype']}; "
-             "VQ codes generated (decoder excluded)",
+             "VQ codes generated (decoder excluded); work x: MaskGIT's FLOPs per image / the row's",
              f"{'preset':<16}{'params':>8}{'sampler':>11}{'steps':>6}{'w':>5}{'batch':>6}{'images/s':>10}"
-             f"{'ms/batch':>10}{'calls':>6}{'x MaskGIT':>10}"]
+             f"{'ms/batch':>10}{'calls':>6}{'MFLOP/img':>10}{'x MaskGIT':>10}{'work x':>8}"]
     for r in report["results"]:
         ratio = f"{r['ratio_to_maskgit']:.2f}" if r["ratio_to_maskgit"] else "-"
+        work = f"{r['work_ratio_to_maskgit']:.2f}" if r["work_ratio_to_maskgit"] else "-"
         lines.append(f"{r['preset']:<16}{r['parameters'] / 1e6:>7.2f}M{r['sampler']:>11}{r['steps']:>6}"
                      f"{r['guidance']:>5g}{r['batch']:>6}{r['images_per_s']:>10.1f}{1000 * r['seconds_per_batch']:>10.1f}"
-                     f"{r['forward_calls'] or '-':>6}{ratio:>10}")
+                     f"{r['forward_calls'] or '-':>6}{1000 * r['gflops_per_image']:>10.0f}{ratio:>10}{work:>8}")
     return "\n".join(lines)

@@ -90,10 +90,13 @@ def _image_model(kind: str, tiny: bool) -> RunConfig:
     vq = "vq:runs/vq-tiny" if tiny else "vq:runs/fmnist-vq"
     shape = (dict(hidden_size=32, num_heads=2, cond_dim=32) if tiny else dict(hidden_size=128, num_heads=4, cond_dim=128))
     if kind == "pgm":
-        blocks = 1 if tiny else 3
+        # 2 + 4 rather than 3 + 3: same parameters, lower validation loss (2.107 vs 2.128 nats
+        # per code after 800 steps) and less work per sampling step (the encoder runs on the clean set).
+        encoder_blocks, decoder_blocks = (1, 1) if tiny else (2, 4)
         # vocab_size and length are placeholders: the VQ tokenizer decides them.
-        model = PartitionConfig(vocab_size=258, length=65, mask_token_id=256, encoder_blocks=blocks,
-                                decoder_blocks=blocks, dropout=0.0, num_classes=10, registers=2, mlp_ratio=4, **shape)
+        model = PartitionConfig(vocab_size=258, length=65, mask_token_id=256, encoder_blocks=encoder_blocks,
+                                decoder_blocks=decoder_blocks, dropout=0.0, num_classes=10, registers=2, mlp_ratio=4,
+                                **shape)
     else:
         model = MaskGITConfig(codebook_size=256, grid_size=8, hidden_size=shape["hidden_size"],
                               num_heads=shape["num_heads"], depth=2 if tiny else 5, mlp_dim=4 * shape["hidden_size"],
