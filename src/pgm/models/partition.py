@@ -24,8 +24,8 @@ from torch import nn
 
 from .base import TimeConditionedModel, check_ids, check_labels
 from ..config import ModelConfig, check_transformer_shape, require
-from .layers import (ClassEmbedding, CrossAttentionBlock, FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding,
-                     apply_rotary, attend, sinusoid, split_heads)
+from .layers import (ClassEmbedding, CrossAttentionBlock, FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder,
+                     TokenEmbedding, apply_rotary, attend, sinusoid, split_heads)
 
 PreQueryMode = Literal["learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp"]
 
