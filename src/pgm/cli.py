@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .allocator import keep_freed_memory
 
 
 def _load_config_file(path: str) -> dict:
@@ -468,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    keep_freed_memory()
     try:
         return args.handler(args)
     except (ValueError, OSError, ImportError) as error:

@@ -271,4 +271,12 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(cond)[:, None].chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        x = modulate(self.norm_final(x), shift, scale)
+        rows = x.numel() // x.shape[-1]
+        if (rows <= 128 and self.linear.out_features >= 32768 and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+            # A few rows against a large vocabulary (sampling steps): the CPU matmul is faster as
+            # weight @ x^T. [32, 256] x [256, 50258]: 10.1 instead of 13.8 ms, transpose included.
+            logits = torch.addmm(self.linear.bias[:, None], self.linear.weight, x.reshape(rows, -1).t())
+            return logits.t().contiguous().view(*x.shape[:-1], -1)
+        return self.linear(x)
