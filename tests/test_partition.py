@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_pgm
 from pgm.models import ConfigError, PartitionConfig, PartitionTransformer, config_from_dict
-from pgm.models.layers import LayerNorm, Rotary, apply_rotary, gelu_tanh
+from pgm.models.layers import FinalLayer, LayerNorm, Rotary, apply_rotary, gelu_tanh
 
 MODES = ["learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp"]
 
@@ -205,3 +205,12 @@ def test_inference_shortcuts_in_the_layers_match_the_textbook_formulas():
     centred = x - x.mean(-1, keepdim=True)
     expected = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
     assert (norm(x) - expected).abs().max() < 1e-4
+
+    final = FinalLayer(16, 40000, 8)  # a large vocabulary: a few rows take the weight @ x^T product
+    for parameter in final.parameters():
+        parameter.data = torch.randn(parameter.shape, generator=generator)
+    cond = torch.randn(3, 8, generator=generator)
+    with torch.no_grad():
+        shortcut = final(x[:, 0], cond)
+    assert shortcut.is_contiguous() and shortcut.shape == (3, 7, 40000)
+    assert torch.allclose(shortcut, final(x[:, 0], cond), rtol=1e-5, atol=1e-4)  # with autograd: nn.Linear
