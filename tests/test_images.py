@@ -269,9 +269,10 @@ def test_eval_reports_psnr_usage_and_classifier_fd(image_runs):
     assert result.returncode == 0, result.stderr
     assert "PSNR" in result.stdout and "codes used" in result.stdout and "reconstructions" in result.stdout
     result = pgm("eval", str(image_runs / "maskgit"), "--fid", "--classifier", str(image_runs / "classifier"),
-                 "--num-samples", "8", "--steps", "4", "--passes", "1")
+                 "--num-samples", "8", "--steps", "4", "--passes", "1", "--temperature", "0.5")
     assert result.returncode == 0, result.stderr
     assert "FD (classifier features)" in result.stdout and "VQ floor" in result.stdout
+    assert "temperature 0.5" in result.stdout
     assert_clean_failure(pgm("eval", str(image_runs / "pgm"), "--fid", "--classifier", str(image_runs / "nothing")),
                          "nothing")
 

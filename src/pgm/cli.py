@@ -237,9 +237,9 @@ def _eval_images(args, config, model, data, device) -> int:
         scores = evaluate_images(model, data.tokenizer, data, config.data, extractor,
                                  num_samples=args.num_samples or 1000, steps=steps, sampler=args.sampler or "halton",
                                  guidance=args.guidance, guidance_schedule=args.guidance_schedule, seed=args.seed,
-                                 batch_size=args.sample_batch_size)
+                                 batch_size=args.sample_batch_size, temperature=args.temperature)
         print(f"{metric} {scores['fd']:.3f}, IS {scores['is']:.2f}: {scores['num_samples']} samples ({steps} steps, "
-              f"{args.sampler or 'halton'}, guidance {args.guidance:g}) vs {scores['real_images']} real validation "
+              f"{args.sampler or 'halton'}, guidance {args.guidance:g}, temperature {args.temperature:g}) vs {scores['real_images']} real validation "
               f"images; sampling {scores['images_per_s']:.1f} images/s")
         print(f"VQ floor: {metric} {scores['vq_floor_fd']:.3f}, IS {scores['vq_floor_is']:.2f} for the VQ "
               f"reconstructions of the same validation images")
@@ -402,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "local file (pip install torch-fidelity)")
     evaluate.add_argument("--guidance", type=float, default=0.0, help="images: classifier-free guidance weight")
     evaluate.add_argument("--guidance-schedule", choices=("linear", "constant"), default="linear")
+    evaluate.add_argument("--temperature", type=float, default=1.0, help="images: sampling temperature")
     evaluate.set_defaults(handler=cmd_eval)
 
     report = commands.add_parser("report", help="PGM vs MDLM vs AR: perplexities, sample quality and speed")

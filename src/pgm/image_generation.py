@@ -92,7 +92,8 @@ def decode_in_batches(tokenizer, codes: torch.Tensor, batch_size: int = 256) -> 
 
 @torch.no_grad()
 def evaluate_images(model, tokenizer, data, data_config, extractor, *, num_samples: int, steps: int, sampler: str,
-                    guidance: float, guidance_schedule: str, seed: int, batch_size: int = 64) -> dict:
+                    guidance: float, guidance_schedule: str, seed: int, batch_size: int = 64,
+                    temperature: float = 1.0) -> dict:
     """FD and IS under `extractor`'s features (the in-repo classifier, or Inception) of
     `num_samples` generated images, labelled like the first validation images, against every
     real validation image; and the same for the VQ reconstructions of those validation images:
@@ -109,7 +110,8 @@ def evaluate_images(model, tokenizer, data, data_config, extractor, *, num_sampl
     labels = data.val.labels_of(range(count)).tolist()
     started = time.perf_counter()
     _, images = sample_images(model, tokenizer, labels, steps=steps, sampler=sampler, guidance=guidance,
-                              guidance_schedule=guidance_schedule, temperature=1.0, seed=seed, batch_size=batch_size)
+                              guidance_schedule=guidance_schedule, temperature=temperature, seed=seed,
+                              batch_size=batch_size)
     seconds = time.perf_counter() - started
     tokens, _ = data.val[list(range(count))]
     generated = fd_classifier(extractor, real, images)
