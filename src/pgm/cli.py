@@ -239,8 +239,8 @@ def _eval_images(args, config, model, data, device) -> int:
                                  guidance=args.guidance, guidance_schedule=args.guidance_schedule, seed=args.seed,
                                  batch_size=args.sample_batch_size, temperature=args.temperature)
         print(f"{metric} {scores['fd']:.3f}, IS {scores['is']:.2f}: {scores['num_samples']} samples ({steps} steps, "
-              f"{args.sampler or 'halton'}, guidance {args.guidance:g}, temperature {args.temperature:g}) vs {scores['real_images']} real validation "
-              f"images; sampling {scores['images_per_s']:.1f} images/s")
+              f"{args.sampler or 'halton'}, guidance {args.guidance:g}, temperature {args.temperature:g}) vs "
+              f"{scores['real_images']} real validation images; sampling {scores['images_per_s']:.1f} images/s")
         print(f"VQ floor: {metric} {scores['vq_floor_fd']:.3f}, IS {scores['vq_floor_is']:.2f} for the VQ "
               f"reconstructions of the same validation images")
     return 0
