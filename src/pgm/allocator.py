@@ -1,12 +1,12 @@
 """Keep freed CPU memory in the process instead of handing it back to the operating system.
 
 With glibc's default malloc settings, large tensors freed by one step of a CPU forward pass
-go back to the kernel (munmap, or trimming the top of the heap) and the next step's tensors of
-the same size fault every page in again. Sampling the PGM of the text benchmark's
+go back to the kernel (munmap, or trimming the top of the heap), and the next step's tensors,
+a little larger as a sampler's clean set or KV cache grows, fault every page in again. Sampling the PGM of the text benchmark's
 configuration of record took about 540,000 minor page faults and 1.5 s of system time per
-batch of 8; with freed memory kept, 3 faults and 5.5-5.6 instead of 6.5-7.0 s per batch. The price is
-that the process keeps its peak memory (as with jemalloc or tcmalloc, which PyTorch's tuning
-guide recommends on CPUs for the same reason).
+batch of 8 (6.5-7.0 s per batch); with freed memory kept, 3 faults and 5.5-5.6 s. The price
+is that the process keeps its peak memory (as with jemalloc or tcmalloc, which PyTorch's
+tuning guide recommends on CPUs for the same reason).
 
 `pgm` commands call `keep_freed_memory()` at start; scripts that use the library can too.
 """
