@@ -140,6 +140,49 @@ def test_two_processes_match_one_process_with_the_same_global_batch(reference_ru
     assert worst < 1e-3, worst
 
 
+LEAVE_THE_GROUP = """
+import os
+import sys
+import torch
+from pgm.train import setup_distributed
+
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def one_step():
+    network = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    network(torch.randn(2, 4)).sum().backward()
+    loss = torch.ones(())
+    torch.distributed.all_reduce(loss)
+
+
+before = threads()
+setup_distributed("cpu")
+during = threads()
+one_step()
+torch.distributed.destroy_process_group()
+with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"]), "w") as counts:
+    counts.write(f"{before} {during} {threads()}")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_leaving_the_process_group_joins_its_worker_threads(tmp_path):
+    # Worker threads that outlive destroy_process_group can abort the process at exit (1 run in 12 did).
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_THE_GROUP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rank in range(2):
+        before, during, after = map(int, (tmp_path / f"rank{rank}").read_text().split())
+        assert during > before, "gloo should have started worker threads"
+        assert after == before
+
+
 def test_gradient_accumulation_matches_a_full_batch(reference_run, tmp_path):
     run_dir = tmp_path / "accumulated"
     train(tiny_config(micro_batch_size=4, max_steps=10), run_dir, log=lambda *a: None)

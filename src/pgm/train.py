@@ -62,6 +62,10 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
             device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        # torch.distributed.nn binds group.WORLD into default arguments when it is first imported, and DDP imports
+        # it. Imported after the group exists, it would keep the group alive past destroy_process_group: gloo's
+        # worker threads then outlive the interpreter, and one releasing a tensor at exit aborts the process.
+        import torch.distributed.nn as _  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info, device
 
