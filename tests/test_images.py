@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pgm.models import MaskGITConfig, PartitionConfig, build_model
+from pgm.models.layers import Conditioning
 from pgm.sampling import SamplingOptions
 from pgm.sampling.common import StepCounts, arccos_bounds
 from pgm.sampling.image import generate_codes, halton_order, radical_inverse, region_mask
@@ -81,10 +82,14 @@ class GuidanceSpy(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.batches = []
 
+    def condition(self, labels, batch_size):
+        return Conditioning(labels.reshape(-1).expand(batch_size))  # its 'adaLN input' is the label itself
+
     def predict(self, clean_tokens, clean_positions, query_positions, lengths=None, cond=None, check_inputs=True):
-        self.batches.append(cond.tolist())
+        labels = cond.vector if isinstance(cond, Conditioning) else cond
+        self.batches.append(labels.tolist())
         logits = torch.zeros(*query_positions.shape, 8)
-        for row, label in enumerate(cond.tolist()):
+        for row, label in enumerate(labels.tolist()):
             logits[row, :, 5 if label == 3 else label] = 1.0
             logits[row, :, 6] = 0.8  # a token both branches like a little
         return logits
@@ -147,6 +152,31 @@ def test_efficient_and_reference_pgm_image_sampling_agree(sampler):
     assert torch.equal(*outs)
     assert int(outs[0].max()) < CODEBOOK  # never the mask or the BOS
     assert torch.equal(outs[0][known_cells], known_codes[known_cells])
+
+
+@pytest.mark.parametrize("kind", ["pgm", "maskgit"])
+def test_class_modulations_are_computed_once_per_sampling_call(kind, monkeypatch):
+    model = image_pgm() if kind == "pgm" else tiny_maskgit()
+    modulation_layers = [module for name, module in model.named_modules()  # one per block, one in the output
+                         if name.endswith("adaLN_modulation") or name == "last_norm.mlp"
+                         or (name.startswith("transformer.layers.") and name.endswith(".mlp"))]
+    calls = []
+    for module in modulation_layers:
+        module.register_forward_hook(lambda module, args, out: calls.append(module))
+    labels, steps = torch.tensor([0, 2, 1]), 6
+
+    def sample():
+        calls.clear()
+        return generate_codes(model, labels, steps=steps, guidance=2.0, generator=torch.Generator().manual_seed(3))
+
+    cached = sample()
+    # Once for the labels (step 0, where the ramped guidance is 0) and once for labels + null labels.
+    assert len(modulation_layers) == (5 if kind == "pgm" else 3)
+    assert len(calls) == 2 * len(modulation_layers)
+    monkeypatch.setattr(model, "condition", lambda labels, batch_size: labels)  # recompute at every step
+    recomputed = sample()
+    assert len(calls) == steps * len(modulation_layers)
+    assert torch.equal(cached, recomputed)
 
 
 @pytest.mark.parametrize("sampler", ["halton", "confidence"])

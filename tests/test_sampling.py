@@ -156,6 +156,9 @@ class QuerySpy:
     def parameters(self):
         return self.model.parameters()
 
+    def condition(self, *args):
+        return self.model.condition(*args)
+
     def predict(self, *args, **kwargs):
         self.queries.append(args[2].clone())
         return self.model.predict(*args, **kwargs)

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .layers import Conditioning
+
 
 def check_ids(name: str, ids: torch.Tensor, upper: int, *, what: str = "token id") -> None:
     """`ids` must be an integer [B, N] tensor with values in [0, upper)."""
@@ -63,7 +65,14 @@ class TimeConditionedModel(PretrainedModel):
     config: object
     sigma_map: nn.Module
 
-    def conditioning(self, cond: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+    def condition(self, cond: torch.Tensor | None, batch_size: int) -> Conditioning:
+        """`cond` as a `Conditioning`: passed as `cond` at every sampling step, its modulations are
+        computed once."""
+        return Conditioning(self.conditioning(cond, batch_size))
+
+    def conditioning(self, cond: torch.Tensor | Conditioning | None, batch_size: int) -> torch.Tensor | Conditioning:
+        if isinstance(cond, Conditioning):
+            return cond
         if getattr(self.config, "num_classes", 0):
             # Class-conditional: the class embedding itself is the adaLN input (no SiLU), as in
             # the authors' image model; label num_classes is the null class of guidance.

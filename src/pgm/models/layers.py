@@ -27,6 +27,25 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) ->
     return torch.addcmul(x, gate, branch)
 
 
+class Conditioning:
+    """An adaLN input whose modulations are computed once per module and then reused: sampling
+    loops pass the same conditioning (class labels, or no noise level) at every step."""
+
+    def __init__(self, vector: torch.Tensor):
+        self.vector = vector
+        self._modulations: dict[nn.Module, torch.Tensor] = {}
+
+    def modulation(self, module: nn.Module) -> torch.Tensor:
+        if module not in self._modulations:
+            self._modulations[module] = module(self.vector)
+        return self._modulations[module]
+
+
+def modulations(module: nn.Module, cond: torch.Tensor | Conditioning) -> torch.Tensor:
+    """module(cond): an adaLN modulation, reused when `cond` is a `Conditioning`."""
+    return cond.modulation(module) if isinstance(cond, Conditioning) else module(cond)
+
+
 # 0.5 * (1 + tanh(z)) = sigmoid(2 z), with z = sqrt(2 / pi) * (x + 0.044715 x^3).
 _GELU_LINEAR = 2 * math.sqrt(2 / math.pi)
 _GELU_CUBIC = _GELU_LINEAR * 0.044715
@@ -210,7 +229,8 @@ class SelfAttentionBlock(nn.Module):
                 start: int = 0) -> torch.Tensor:
         # x [B, L, H]; cond [B or 1, C]; rope cos/sin [B or 1, 1, L, d]; mask [B, 1, L, L] or None.
         # With `cache`, x holds positions start..start+L, attending causally to everything cached.
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(cond)[:, None].chunk(6, dim=-1)
+        modulation = modulations(self.adaLN_modulation, cond)[:, None]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=-1)
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_a, scale_a))
         batch, length, width = qkv.shape
         head_dim = width // (3 * self.num_heads)
@@ -252,7 +272,8 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], cond: torch.Tensor,
                 query_rope, mask: torch.Tensor | None) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(cond)[:, None].chunk(6, dim=-1)
+        modulation = modulations(self.adaLN_modulation, cond)[:, None]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=-1)
         q = split_heads(self.attn_q(modulate(self.q_norm1(x), shift_a, scale_a)), self.num_heads)
         attn = attend(apply_rotary(q, query_rope), *keys_values, mask)
         x = gated_residual(x, gate_a, F.dropout(self.attn_out(attn), self.dropout, self.training))
@@ -270,7 +291,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = zero_init_(nn.Linear(cond_dim, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(cond)[:, None].chunk(2, dim=-1)
+        shift, scale = modulations(self.adaLN_modulation, cond)[:, None].chunk(2, dim=-1)
         x = modulate(self.norm_final(x), shift, scale)
         rows = x.numel() // x.shape[-1]
         if (rows <= 128 and self.linear.out_features >= 32768 and x.device.type == "cpu" and x.dtype == torch.float32

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig, check_attention_shape, require
 from .base import PretrainedModel, check_ids
-from .layers import merge_heads, modulate, split_heads, zero_init_
+from .layers import Conditioning, merge_heads, modulate, modulations, split_heads, zero_init_
 
 RMS_EPS = 1e-5
 FFN_MULTIPLE = 256
@@ -142,7 +142,7 @@ class MaskGITBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         # x [B, L, H]; cond [B, H]; the modulations broadcast over the sequence.
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.mlp(cond)[:, None].chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulations(self.mlp, cond)[:, None].chunk(6, dim=-1)
         x = x + gate1 * self.attn(modulate(self.ln1(x), shift1, scale1))
         return x + gate2 * self.ff(modulate(self.ln2(x), shift2, scale2))
 
@@ -156,7 +156,7 @@ class AdaptiveFinalNorm(nn.Module):
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.mlp(cond)[:, None].chunk(2, dim=-1)
+        shift, scale = modulations(self.mlp, cond)[:, None].chunk(2, dim=-1)
         return modulate(self.norm_final(x), shift, scale)
 
 
@@ -203,7 +203,7 @@ class MaskGITTransformer(PretrainedModel):
         if check_inputs:
             self._check_inputs(codes, labels)
         batch, length = codes.shape
-        cond = self.cls_emb(labels)  # [B, H]
+        cond = labels if isinstance(labels, Conditioning) else self.cls_emb(labels)  # [B, H]
         x = self.tok_emb(codes) + self.pos_emb.weight  # [B, N, H]
         if self.config.registers:
             # Registers go after the grid and carry no position.
@@ -211,6 +211,11 @@ class MaskGITTransformer(PretrainedModel):
         for layer in self.transformer.layers:
             x = layer(x, cond)
         return self.head(self.last_norm(x[:, :length], cond))
+
+    def condition(self, labels: torch.Tensor, batch_size: int) -> Conditioning:
+        """Labels ([B] or one for all) as a `Conditioning`: passed as `labels` at every sampling
+        step, their modulations are computed once."""
+        return Conditioning(self.cls_emb(labels.reshape(-1).expand(batch_size)))
 
     def _check_inputs(self, codes: torch.Tensor, labels: torch.Tensor) -> None:
         check_ids("codes", codes, self.config.vocab_size, what="code")

@@ -107,6 +107,12 @@ def sample_pgm(model, *, num_samples: int | None = None, length: int | None = No
         check_labels(cond, batch, num_classes)
         cond = torch.as_tensor(cond, device=device).long().reshape(-1).expand(batch).contiguous()
     guidance_weight(guidance, 0, steps, guidance_schedule)  # validates the schedule's name
+    # Conditioning that is the same at every step (class labels, or no noise level) has its adaLN
+    # modulations computed once.
+    fixed_cond = None if getattr(config, "time_conditioning", False) else model.condition(cond, batch)
+    guided_cond = None
+    if guidance:
+        guided_cond = model.condition(torch.cat([cond, torch.full_like(cond, num_classes)]), 2 * batch)
     schedule = LogLinearSchedule()
     suppress = (config.mask_token_id,) if suppress is None else tuple(suppress)
 
@@ -142,9 +148,8 @@ def sample_pgm(model, *, num_samples: int | None = None, length: int | None = No
             return network(slot_tokens, slot_positions, num_clean, lengths, queries, step_cond)
         def twice(t):
             return None if t is None else torch.cat([t, t])
-        null = torch.full_like(step_cond, num_classes)
         both = network(twice(slot_tokens), twice(slot_positions), num_clean, twice(lengths), twice(queries),
-                       torch.cat([step_cond, null]))
+                       guided_cond)
         return guided_logits(*both.chunk(2), weight)
 
     if fixed_order or order in QUEUED_ORDERS:
@@ -169,8 +174,8 @@ def sample_pgm(model, *, num_samples: int | None = None, length: int | None = No
         if width == 0:
             continue
         calls += 1
-        step_cond = cond
-        if getattr(config, "time_conditioning", False):
+        step_cond = fixed_cond
+        if fixed_cond is None:
             step_cond = schedule.sigma(torch.full((batch,), 1 - step / steps, device=device))
         step_options = options
         if step == 0 and first_step_temperature_scale != 1:
