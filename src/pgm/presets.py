@@ -105,7 +105,10 @@ def _image_model(kind: str, tiny: bool) -> RunConfig:
         train = TrainConfig(batch_size=16, max_steps=6, lr=2e-3, warmup_steps=2, ema=0.0, eval_every=0, eval_rows=16,
                             save_every=0, log_every=1, progress=False)
     else:
-        train = TrainConfig(batch_size=64, max_steps=800, lr=1e-3, warmup_steps=50, schedule="cosine", ema=0.999,
+        # No EMA: at these 800 steps averaged weights (0.999, a window of about 90 steps) sampled
+        # worse for the PGM (FD 75.5 instead of 70.1, 5000 samples) and no better for MaskGIT (63.3
+        # vs 63.0). Trained 3200 steps, MaskGIT gains from it (39.8 vs 42.1), the PGM still not.
+        train = TrainConfig(batch_size=64, max_steps=800, lr=1e-3, warmup_steps=50, schedule="cosine", ema=0.0,
                             eval_every=200, eval_rows=1024, save_every=200, log_every=10, weight_decay=0.0)
     return RunConfig(model=model, data=_image_data(vq, 256 if tiny else 0), train=train)
 
