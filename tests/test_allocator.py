@@ -28,9 +28,11 @@ def page_faults(mode: str, sizes: str) -> tuple[str, int]:
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
-@pytest.mark.parametrize("sizes, default_faults_at_least", [("small", 1000), ("large", 100_000)])
-def test_kept_memory_serves_growing_tensors_without_page_faults(sizes, default_faults_at_least):
+# Kept, the large tensor faults 0, 128 or 386 pages depending on the heap's layout; by default ~170,000.
+@pytest.mark.parametrize("sizes, kept_faults_below, default_faults_at_least", [("small", 50, 1000),
+                                                                              ("large", 1000, 100_000)])
+def test_kept_memory_serves_growing_tensors_without_page_faults(sizes, kept_faults_below, default_faults_at_least):
     kept, faults = page_faults("keep", sizes)
-    assert kept == "True" and faults < 50
+    assert kept == "True" and faults < kept_faults_below
     default_kept, default_faults = page_faults("default", sizes)
     assert default_kept == "False" and default_faults > default_faults_at_least  # what the setting removes
