@@ -32,3 +32,61 @@ def tiny_mdlm(**overrides) -> MaskedDiffusionTransformer:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(1234)
+
+
+def tiny_config(**train_overrides):
+    """The text-tiny preset (20 steps of a 0.13M PGM on 40 documents of the built-in corpus)."""
+    from pgm.presets import preset
+
+    overrides = [f"{k}={v}" for k, v in {"log_every": 1, **train_overrides}.items()]
+    return preset("text-tiny").with_overrides(overrides)
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory):
+    """A text-tiny run, trained once for the whole session; tests must not change it."""
+    from pgm.train import train
+
+    run_dir = tmp_path_factory.mktemp("text") / "tiny"
+    train(tiny_config(), run_dir, log=lambda *a: None)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def image_runs(tmp_path_factory):
+    """vq/ (vq-tiny), and pgm/ and maskgit/ (image-pgm-tiny, maskgit-tiny) on its codes, trained
+    through the command line; skipped without Fashion-MNIST."""
+    import subprocess
+    import sys
+
+    from pgm.data.corpus import DataError
+    from pgm.data.images import load_fashion_mnist
+
+    try:
+        load_fashion_mnist("test")
+    except DataError as error:
+        pytest.skip(str(error))
+    root = tmp_path_factory.mktemp("images")
+    vq = root / "vq"
+    for name, out, extra in (("vq-tiny", vq, []), ("image-pgm-tiny", root / "pgm", [f"data.tokenizer=vq:{vq}"]),
+                             ("maskgit-tiny", root / "maskgit", [f"data.tokenizer=vq:{vq}"])):
+        result = subprocess.run([sys.executable, "-m", "pgm", "train", "--preset", name, "--out", str(out), *extra],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.fixture
+def pgm_main(monkeypatch, capsys):
+    """Run `pgm ARGS` in this process; (exit code, stdout, stderr)."""
+    from pgm import cli
+
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: False)  # leave this process's malloc alone
+    monkeypatch.delenv("PGM_DEBUG", raising=False)
+
+    def run(*args):
+        code = cli.main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -5,19 +5,14 @@ import sys
 
 import pytest
 
-from pgm.train import train
-from test_train import tiny_config
-
 
 def pgm(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "pgm", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("cli") / "tiny"
-    train(tiny_config(), run_dir, log=lambda *a: None)
-    return run_dir
+@pytest.fixture
+def tiny_run(text_run):
+    return text_run
 
 
 def assert_clean_failure(result, *fragments):
@@ -50,7 +45,7 @@ def test_eval_prints_perplexity_with_its_error_and_the_unigram_baseline(tiny_run
     (("train", "--preset", "text-tiny", "train.lr=fast"), ("train.lr must be a number", "'fast'")),
     (("train", "--preset", "text-tiny", "model.hidden_size=33"), ("not divisible",)),
     (("train", "--preset", "text-tiny", "data.source=/no/such/corpus"), ("no such data file or folder",)),
-    (("sample", "/"), ("neither a pretrained nor a run directory",)),
+    (("sample", "/"), ("is not a pretrained or run directory",)),
     (("eval", "/no/such/run"), ("does not exist",)),
 ])
 def test_mistakes_end_in_one_sentence_and_exit_code_2(args, fragments, tmp_path):

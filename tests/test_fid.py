@@ -15,7 +15,6 @@ from pgm.data.corpus import DataError
 from pgm.data.images import fit_size, load_fashion_mnist
 from pgm.eval.fid import (ClassifierConfig, FeatureClassifier, FeatureStatistics, InceptionFeatures, clean_resize,
                           fd_classifier, frechet_distance, inception_score, train_classifier)
-from pgm.hub import save_pretrained
 
 
 def correlated_features(count, dim, seed, shift=0.0):
@@ -135,7 +134,7 @@ def test_classifier_learns_fashion_mnist_and_round_trips(tmp_path):
     assert features.shape == (8, 64) and logits.shape == (8, 10)
     assert torch.equal(model(torch.as_tensor(test_images[:8]).float() / 127.5 - 1), logits)
 
-    save_pretrained(model, tmp_path)
+    model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["model"]
     assert saved["kind"] == "classifier"
     restored = FeatureClassifier(ClassifierConfig.from_dict(saved))

@@ -12,7 +12,6 @@ from conftest import tiny_pgm
 from pgm.data.tokenizers import train_bpe
 from pgm.eval import generative_perplexity, load_evaluator, unigram_entropy
 from pgm.eval.generative import same_tokenizer
-from pgm.hub import save_pretrained
 from pgm.models import CausalConfig, CausalTransformer
 from pgm.objectives import AutoregressiveObjective
 
@@ -39,7 +38,7 @@ def ar_evaluator_dir(directory, tokenizer, *, length=24, train_on=None, steps=0)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    save_pretrained(model.eval(), directory, tokenizer=tokenizer)
+    model.eval().save_pretrained(directory, tokenizer=tokenizer)
     return directory
 
 
@@ -118,7 +117,7 @@ def test_a_hugging_face_causal_lm_scores_like_our_own(tokenizer, tmp_path):
 def test_missing_evaluators_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_evaluator(str(tmp_path / "nothing"))
-    save_pretrained(tiny_pgm(), tmp_path / "pgm")
+    tiny_pgm().save_pretrained(tmp_path / "pgm")
     with pytest.raises(ValueError, match="needs an autoregressive one"):
         load_evaluator(str(tmp_path / "pgm"))
 

@@ -213,7 +213,7 @@ def test_halton_sampler_decodes_in_halton_order():
 
 
 def test_image_objectives_score_what_they_should():
-    from pgm.objectives.image import ImagePartitionObjective, MaskGITObjective, arccos_share
+    from pgm.objectives import ImagePartitionObjective, MaskGITObjective, arccos_share
 
     assert float(arccos_share(torch.tensor(0.0))) == 1.0 and float(arccos_share(torch.tensor(1.0))) == 0.0
     model = image_pgm()
@@ -236,26 +236,6 @@ def test_image_objectives_score_what_they_should():
 # The image pipeline from the command line: VQ -> PGM and MaskGIT on its codes -> PNG and FD
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def image_runs(tmp_path_factory):
-    from pgm.data.corpus import DataError
-    from pgm.data.images import load_fashion_mnist
-
-    try:
-        load_fashion_mnist("test")
-    except DataError as error:
-        pytest.skip(str(error))
-    from test_cli import pgm
-
-    root = tmp_path_factory.mktemp("images")
-    vq = root / "vq"
-    for preset, out, extra in (("vq-tiny", vq, []), ("image-pgm-tiny", root / "pgm", [f"data.tokenizer=vq:{vq}"]),
-                               ("maskgit-tiny", root / "maskgit", [f"data.tokenizer=vq:{vq}"])):
-        result = pgm("train", "--preset", preset, "--out", str(out), *extra)
-        assert result.returncode == 0, result.stderr
-    return root
-
-
 def test_image_runs_share_one_cached_encoding(image_runs):
     import numpy as np
 
@@ -273,12 +253,12 @@ def test_sample_writes_a_png_grid_and_inpaints(image_runs):
 
     out = image_runs / "grid.png"
     result = pgm("sample", str(image_runs / "pgm"), "--classes", "0", "sneaker", "none", "--guidance", "2",
-                 "--steps", "8", "--out", str(out))
+                 "--steps", "8", "--num-samples", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "6 images (T-shirt/top, Sneaker, none)" in result.stdout
     with Image.open(out) as picture:  # 2 rows of 3 images of 32 px, 2 px apart, upscaled 2x
         assert picture.size == (2 * (3 * 34 + 2), 2 * (2 * 34 + 2))
-    result = pgm("sample", str(image_runs / "maskgit"), "--known", "top", "--num-samples", "3", "--sampler",
+    result = pgm("sample", str(image_runs / "maskgit"), "--known", "top", "--images", "3", "--sampler",
                  "confidence", "--steps", "4", "--out", str(image_runs / "inpainted.png"))
     assert result.returncode == 0, result.stderr
     assert_clean_failure(pgm("sample", str(image_runs / "pgm"), "--classes", "11"), "unknown class '11'")

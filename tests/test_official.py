@@ -19,9 +19,9 @@ import torch
 
 import reference_forward
 from conftest import redraw_zero_initialised
-from pgm.hub import convert_official, from_pretrained, load_pretrained_dir, save_pretrained
+from pgm.hub import from_pretrained, load_pretrained_dir
 from pgm.models import MaskedDiffusionConfig, MaskedDiffusionTransformer, PartitionConfig, PartitionTransformer
-from pgm.official import CheckpointImportError, official_parameter_order, read_official_text_checkpoint
+from pgm.importers import CheckpointImportError, official_parameter_order, read_official_text_checkpoint
 from test_data import write_tiktoken_file
 
 
@@ -305,7 +305,7 @@ def test_mdlm_checkpoints_import_too(tmp_path):
 def test_save_and_load_round_trip_bit_exactly(released, tmp_path):
     path, _, _, _ = released
     model, _ = read_official_text_checkpoint(path)
-    save_pretrained(model, tmp_path / "ours")
+    model.save_pretrained(tmp_path / "ours")
     again, source = load_pretrained_dir(tmp_path / "ours")
     assert source.name == "model.safetensors" and again.config == model.config
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):

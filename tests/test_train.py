@@ -14,16 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_config
+
 import pgm.runs
-from pgm.presets import preset
 from pgm.hub import load_pretrained_dir
 from pgm.runs import latest_checkpoint, read_run_config
 from pgm.train import train
-
-
-def tiny_config(**train_overrides):
-    overrides = [f"{k}={v}" for k, v in {"log_every": 1, **train_overrides}.items()]
-    return preset("text-tiny").with_overrides(overrides)
 
 
 def losses(run_dir: Path, key: str | None = None) -> list[tuple[int, float]]:
@@ -32,12 +28,10 @@ def losses(run_dir: Path, key: str | None = None) -> list[tuple[int, float]]:
     return [(r["step"], r.get("loss", r.get("val_nll"))) for r in records if key is None or key in r]
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
+@pytest.fixture
+def reference_run(text_run):
     """An uninterrupted text-tiny run of 20 steps."""
-    run_dir = tmp_path_factory.mktemp("runs") / "reference"
-    train(tiny_config(), run_dir, log=lambda *a: None)
-    return run_dir
+    return text_run
 
 
 def test_a_run_directory_holds_everything(reference_run):
@@ -65,7 +59,7 @@ def test_keep_checkpoints_prunes_old_ones(tmp_path):
 
 def test_resume_after_a_crash_in_the_middle_of_a_save_replays_every_step(reference_run, tmp_path, monkeypatch):
     run_dir = tmp_path / "crashed"
-    real_save = pgm.runs.save_file
+    real_save = pgm.runs.save_weights
     calls = {"n": 0}
 
     class Killed(BaseException):
@@ -78,10 +72,10 @@ def test_resume_after_a_crash_in_the_middle_of_a_save_replays_every_step(referen
             raise Killed
         real_save(tensors, path)
 
-    monkeypatch.setattr(pgm.runs, "save_file", dying_save)
+    monkeypatch.setattr(pgm.runs, "save_weights", dying_save)
     with pytest.raises(Killed):
         train(tiny_config(), run_dir, log=lambda *a: None)
-    monkeypatch.setattr(pgm.runs, "save_file", real_save)
+    monkeypatch.setattr(pgm.runs, "save_weights", real_save)
     leftovers = [p.name for p in (run_dir / "checkpoints").iterdir()]
     assert "step_0000010" in leftovers and any(name.startswith(".tmp-") for name in leftovers)
     assert latest_checkpoint(run_dir).name == "step_0000010"

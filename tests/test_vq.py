@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from pgm.config import ConfigError
-from pgm.models.vq import VQConfig, VQModel, code_statistics, load_llamagen_vq
+from pgm.eval.images import code_statistics
+from pgm.importers import load_llamagen_vq
+from pgm.models.vq import VQConfig, VQModel
 
 SMALL = dict(in_channels=1, image_size=32, channels=32, channel_multipliers=[1, 2, 2], encoder_res_blocks=1,
              decoder_res_blocks=1, z_channels=16, codebook_size=64, codebook_dim=8, norm_groups=8,

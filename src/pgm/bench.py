@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from .devices import autocast, describe_precision, resolve_device, synchronize
+from .formats import write_json
 from .models import CausalConfig, MaskedDiffusionConfig, PartitionConfig, build_model
 from .sampling import SamplingOptions, sample_autoregressive, sample_mdlm, sample_pgm
 
@@ -100,18 +101,19 @@ def matmul_throughput(device: torch.device, hidden: int = 256, repeats: int = 20
         a, w = torch.randn(rows, inner, device=device), torch.randn(outer, inner, device=device)
         for _ in range(3):
             torch.nn.functional.linear(a, w)
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         for _ in range(repeats):
             torch.nn.functional.linear(a, w)
-        _synchronize(device)
+        synchronize(device)
         best = max(best, 2 * rows * inner * outer * repeats / (time.perf_counter() - started))
     return best
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def machine(device: torch.device) -> dict:
+    """What a benchmark report says about where it ran."""
+    return {"device": str(device), "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "dtype": describe_precision(device)}
 
 
 def uniform_counts(remaining: int, steps: int) -> list[int]:
@@ -126,10 +128,10 @@ def time_sampler(run, device, repeats: int, warmup: int) -> tuple[float, dict]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         run(stats)
-        _synchronize(device)
+        synchronize(device)
         timings.append(time.perf_counter() - started)
     return sorted(timings)[len(timings) // 2], stats
 
@@ -148,12 +150,10 @@ def peak_memory_mb(device: torch.device) -> float | None:
 def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: Shape = Shape(),
                    repeats: int = 3, warmup: int = 1, device="cpu", models=("pgm", "mdlm", "mdlm-full", "ar"),
                    log=print) -> dict:
-    device = torch.device(device)
+    device = resolve_device(device)
     peak = matmul_throughput(device, shape.hidden)
     log(f"matmul throughput {peak / 1e9:.1f} GFLOP/s on {device}")
     rows = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
     options = SamplingOptions()
     for length in lengths:
         built = {kind: build(kind, shape, length).to(device) for kind in set(models)}
@@ -169,7 +169,7 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
                 def run(stats, kind=kind, model=model):
                     generator = torch.Generator(device=device).manual_seed(0)
                     common = dict(known_tokens=known, known_mask=known_mask, options=options, generator=generator)
-                    with autocast:
+                    with autocast(device):
                         if kind == "pgm":
                             sample_pgm(model, steps=steps, stats=stats, **common)
                         elif kind == "mdlm":
@@ -202,9 +202,7 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
             reference = next((r for r in rows if r["model"] == "mdlm" and r["length"] == row["length"]), None)
         row["ratio_to_mdlm"] = row["tokens_per_s"] / reference["tokens_per_s"] if reference else None
         row["work_ratio_to_mdlm"] = reference["gflops_per_batch"] / row["gflops_per_batch"] if reference else None
-    return {"device": str(device), "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
-            "matmul_gflops": peak / 1e9, "shape": dataclasses.asdict(shape), "results": rows}
+    return {**machine(device), "matmul_gflops": peak / 1e9, "shape": dataclasses.asdict(shape), "results": rows}
 
 
 def format_sampling_table(report: dict) -> str:
@@ -250,7 +248,7 @@ def plot_sampling(report: dict, path: Path) -> None:
 def write_report(report: dict, out_dir: Path, name: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(report, indent=2))
+    write_json(path, report)
     return path
 
 
@@ -260,7 +258,7 @@ def bench_training(presets=("text-small", "mdlm-small", "ar-small"), *, steps: i
     from .objectives import objective_for
     from .presets import preset
 
-    device = torch.device(device)
+    device = resolve_device(device)
     rows = []
     for name in presets:
         config = preset(name)
@@ -273,16 +271,15 @@ def bench_training(presets=("text-small", "mdlm-small", "ar-small"), *, steps: i
         tokens = torch.randint(0, config.model.vocab_size - 1, (batch, length), device=device)
         generator = torch.Generator(device=device).manual_seed(0)
         timings = []
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         for step in range(warmup + steps):
-            _synchronize(device)
+            synchronize(device)
             started = time.perf_counter()
-            with autocast:
+            with autocast(device):
                 loss = objective.loss(model, tokens, generator=generator).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            _synchronize(device)
+            synchronize(device)
             if step >= warmup:
                 timings.append(time.perf_counter() - started)
         seconds = sorted(timings)[len(timings) // 2]
@@ -292,9 +289,7 @@ def bench_training(presets=("text-small", "mdlm-small", "ar-small"), *, steps: i
         log(f"  {name:<12} {rows[-1]['tokens_per_s']:>8.0f} tok/s")
     for row in rows:
         row["ratio_to_first"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
-    return {"device": str(device), "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
-            "steps": steps, "results": rows}
+    return {**machine(device), "steps": steps, "results": rows}
 
 
 def format_training_table(report: dict) -> str:
@@ -320,9 +315,7 @@ def bench_images(presets=("fmnist-pgm", "fmnist-maskgit"), *, steps_list=(32,), 
     from .presets import preset
     from .sampling.image import generate_codes
 
-    device = torch.device(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    device = resolve_device(device)
     rows = []
     for name in presets:
         config = preset(name).model
@@ -333,7 +326,7 @@ def bench_images(presets=("fmnist-pgm", "fmnist-maskgit"), *, steps_list=(32,), 
 
             def run(stats, model=model, labels=labels, guidance=guidance, steps=steps):
                 generator = torch.Generator(device=device).manual_seed(0)
-                with autocast:
+                with autocast(device):
                     generate_codes(model, labels, steps=steps, sampler=sampler, guidance=guidance,
                                    generator=generator, stats=stats)
 
@@ -350,9 +343,7 @@ def bench_images(presets=("fmnist-pgm", "fmnist-maskgit"), *, steps_list=(32,), 
                          and r["guidance"] == row["guidance"] and r["steps"] == row["steps"]), None)
         row["ratio_to_maskgit"] = row["images_per_s"] / baseline["images_per_s"] if baseline else None
         row["work_ratio_to_maskgit"] = baseline["gflops_per_image"] / row["gflops_per_image"] if baseline else None
-    return {"device": str(device), "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
-            "results": rows}
+    return {**machine(device), "results": rows}
 
 
 def image_flops(config, steps: int, sampler: str, guidance: float) -> float:

@@ -8,6 +8,7 @@ code 2. Set PGM_DEBUG=1 to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -21,11 +22,15 @@ from .allocator import keep_freed_memory
 
 def _load_config_file(path: str) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        values = json.loads(Path(path).read_text())
     except OSError:
         raise ValueError(f"cannot read the config file {path}") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"the config file {path} must hold a JSON object with model, data and train sections, "
+                         f"not a {type(values).__name__}")
+    return values
 
 
 def cmd_train(args) -> int:
@@ -58,207 +63,143 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _request(args) -> dict:
+    """The generation arguments given on the command line (the pipeline supplies the defaults)."""
+    from .pipeline import GenerationRequest
+
+    return {field.name: getattr(args, field.name) for field in dataclasses.fields(GenerationRequest)
+            if hasattr(args, field.name)}
+
+
 def cmd_sample(args) -> int:
-    import torch
+    from .pipeline import load
 
-    from .data import load_tokenizer
-    from .generation import decode_samples, generate_tokens, known_from_text
-    from .hub import load_pretrained_dir
-    from .sampling import SamplingOptions
-
-    run_dir = Path(args.run_dir)
-    model, _ = load_pretrained_dir(run_dir, args.weights)
-    if model.config.kind == "vq":
-        raise ValueError(f"{run_dir} is a VQ autoencoder: it reconstructs images; sample from a PGM or MaskGIT run "
-                         "trained on its codes")
-    from .models import is_image_model
-
-    if is_image_model(model.config):
-        return _sample_images(args, run_dir, model)
-    if not (run_dir / "tokenizer").is_dir():
-        raise ValueError(f"{run_dir} has no tokenizer/ directory, so its samples cannot be turned into text")
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
-    args.num_samples = args.num_samples or 4
-    known_tokens, known_mask = known_from_text(tokenizer, num_samples=args.num_samples, length=args.length,
-                                               max_length=model.config.length, prompts=args.prompt or (),
-                                               templates=args.infill or ())
-    length = known_tokens.shape[1]
-    steps = args.steps or min(length, 128)
-    options = SamplingOptions(temperature=args.temperature, top_p=args.top_p, float64=not args.float32)
-    generator = torch.Generator().manual_seed(args.seed)
-    started = time.perf_counter()
-    tokens = generate_tokens(model, known_tokens=known_tokens, known_mask=known_mask, steps=steps,
-                             sampler=args.sampler, order=args.order, options=options, generator=generator)
-    seconds = time.perf_counter() - started
-    texts = decode_samples(tokens, tokenizer, known_mask, stop_at_eos=args.stop_at_eos, mark_generated=args.mark)
-    for number, text in enumerate(texts, 1):
+    pipe = load(args.source, device=args.device, weights=args.weights, vq=args.vq, gpt2_file=args.gpt2_file)
+    if pipe.modality == "text" and args.out is not None:
+        raise ValueError("--out writes an image grid; text samples are printed")
+    samples = pipe.sample(**_request(args))
+    if pipe.modality == "image":
+        return _print_images(args, pipe, samples)
+    for number, text in enumerate(samples.outputs, 1):
         print(f"=== sample {number} ===\n{text}\n")
-    generated = int((~known_mask).sum())
-    print(f"{args.num_samples} x {length} positions, {generated} generated in {steps} steps: {seconds:.2f} s "
-          f"({generated / seconds:.0f} generated tokens/s)", file=sys.stderr)
+    rows, length = samples.tokens.shape
+    print(f"{rows} x {length} positions, {samples.generated} generated in {samples.steps} steps: "
+          f"{samples.seconds:.2f} s ({samples.generated / samples.seconds:.0f} generated tokens/s)", file=sys.stderr)
     return 0
 
 
-def _sample_images(args, run_dir: Path, model) -> int:
+def _print_images(args, pipe, samples) -> int:
     import torch
 
-    from .data import load_prepared
-    from .image_generation import known_from_validation, parse_classes, sample_images, save_grid
+    from .image_generation import save_grid
 
-    data = load_prepared(run_dir)
-    if args.known and args.classes:
-        raise ValueError("--known completes validation images with their own labels; drop --classes")
-    classes = parse_classes(args.classes, data.meta.get("classes", []), model.config.num_classes)
-    count = args.num_samples or (2 * len(classes) if not args.known else len(classes))
-    if count < 1:
-        raise ValueError(f"--num-samples must be positive, got {count}")
-    labels = [classes[i % len(classes)] for i in range(count)]
-    steps = args.steps or 32
-    known = {}
-    if args.known:
-        codes, cells, labels = known_from_validation(data, count, args.known)
-        known = dict(known_codes=codes, known_cells=cells)
-    started = time.perf_counter()
-    _, images = sample_images(model, data.tokenizer, labels, steps=steps, sampler=args.sampler or "halton",
-                              guidance=args.guidance, guidance_schedule=args.guidance_schedule,
-                              temperature=args.temperature, seed=args.seed, **known)
-    seconds = time.perf_counter() - started
-    out = Path(args.out or run_dir / "samples.png")
-    columns = len(classes) if not args.known else min(count, 10)
-    if args.known:  # originals (through the VQ) above their completions
-        originals = data.tokenizer.decode(known["known_codes"]).cpu()
-        images = torch.cat([torch.cat([originals[i:i + columns], images[i:i + columns]]) for i in range(0, count, columns)])
+    source = Path(args.source)
+    out = Path(args.out) if args.out else (source if source.is_dir() else Path(".")) / "samples.png"
+    count, copies = len(samples.outputs), samples.settings["num_samples"]
+    images = samples.images
+    if samples.originals is not None:  # each row of originals (through the VQ) above its completions
+        columns = min(count, 10)
+        images = torch.cat([torch.cat([samples.originals[i:i + columns], images[i:i + columns]])
+                            for i in range(0, count, columns)])
+    else:  # one column per class, its samples below each other
+        columns = count // copies
+        images = images[sorted(range(count), key=lambda i: (i % copies, i // copies))]
     save_grid(images, out, columns=columns)
-    names = data.meta.get("classes", [])
-    shown = ", ".join(names[c] if c < len(names) else "none" for c in dict.fromkeys(labels))
-    print(f"wrote {out}: {count} images ({shown}); {steps} steps of {args.sampler or 'halton'}, guidance "
-          f"{args.guidance:g} ({args.guidance_schedule}), {seconds:.2f} s ({count / seconds:.1f} images/s)")
+    names = pipe.class_names
+    shown = ", ".join(names[c] if c < len(names) else ("none" if c == pipe.config.num_classes else str(c))
+                      for c in dict.fromkeys(samples.labels))
+    settings = samples.settings
+    print(f"wrote {out}: {count} images ({shown}); {samples.steps} steps of {settings['sampler']}, guidance "
+          f"{settings['guidance']:g} ({settings['guidance_schedule']}), {samples.seconds:.2f} s "
+          f"({count / samples.seconds:.1f} images/s)")
     return 0
+
+
+SAMPLE_FLAGS = ("num_samples", "steps", "sampler", "sample_batch_size")
+IMAGE_FLAGS = ("guidance", "guidance_schedule", "temperature", "classifier")
+
+
+def _eval_flags_in_use(args, modality: str) -> None:
+    """Refuse the eval flags that would have no effect on this run, naming what they apply to."""
+    measures_samples = bool(args.evaluator) if modality == "text" else bool(args.fid or args.inception)
+    applies = {"text": SAMPLE_FLAGS, "image": SAMPLE_FLAGS + IMAGE_FLAGS, "vq": ("classifier",)}[modality]
+    for name in SAMPLE_FLAGS + IMAGE_FLAGS:
+        if getattr(args, name) is not None and not (measures_samples and name in applies):
+            what = ("the samples of --evaluator (text) or --fid (images)" if name in SAMPLE_FLAGS else
+                    "--fid or --inception" if name == "classifier" else "image models evaluated with --fid")
+            raise ValueError(f"--{name.replace('_', '-')} has no effect here: it applies to {what}")
+    if modality != "text" and args.evaluator:
+        raise ValueError("--evaluator scores text samples; image models are evaluated with --fid")
+    if modality == "text" and (args.fid or args.inception):
+        raise ValueError("--fid and --inception evaluate image models; this is a text model")
+
+
+def _given(args, **names) -> dict:
+    """{parameter: value} of the flags given on the command line (flag name -> parameter name)."""
+    return {parameter: getattr(args, flag) for parameter, flag in names.items() if getattr(args, flag) is not None}
 
 
 def cmd_eval(args) -> int:
-    import contextlib
+    from .pipeline import load
 
-    import torch
-
-    from .data import load_prepared
-    from .eval import generative_perplexity, load_evaluator, validation_elbo
-    from .hub import load_pretrained_dir
-    from .objectives import objective_for
-    from .runs import read_run_config
-
-    run_dir = Path(args.run_dir)
-    config = read_run_config(run_dir)
-    model, checkpoint = load_pretrained_dir(run_dir, args.weights)
-    data = load_prepared(run_dir)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
-    weights = args.weights
-    if weights == "ema" and checkpoint.is_dir() and not (checkpoint / "ema.safetensors").is_file():
-        weights = "raw (the run kept no EMA)"
-    print(f"run {run_dir} ({config.model.kind}, {checkpoint.name}, {weights} weights)")
-    from .models import is_image_model
-
-    if config.model.kind == "vq" or is_image_model(config.model):
-        return _eval_images(args, config, model, data, device)
-    if args.passes > 0:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-        indices = range(min(args.rows, len(data.val))) if args.rows else None
-        exact = config.model.kind == "ar"
-        result = validation_elbo(model, objective_for(model), data.val, indices=indices, batch_size=args.batch_size,
-                                 passes=1 if exact else args.passes, seed=args.seed, device=device, autocast=autocast,
-                                 bos_always_clean=config.train.bos_always_clean)
-        if exact:
-            print(f"validation: {result.tokens} tokens (exact likelihood)")
-            print(f"NLL        {result.nll:.4f} nats/token")
-            print(f"perplexity {result.perplexity:.2f}")
-        else:
-            print(f"validation: {result.tokens} tokens x {result.passes} Monte-Carlo passes")
-            print(f"ELBO       {result.nll:.4f} +- {result.stderr:.4f} nats/token")
-            print(f"perplexity {result.perplexity:.2f} +- {result.perplexity_stderr:.2f}  "
-                  f"(an upper bound: exp of the ELBO)")
-        print(f"unigram perplexity of the corpus: {math.exp(data.meta['unigram_val_nll']):.2f}")
-    if args.evaluator:
-        evaluator = load_evaluator(args.evaluator, device=device)
-        steps = args.steps or min(config.model.length - 1, 128)
-        num_samples = args.num_samples or 64
-        generated = generative_perplexity(model, data.tokenizer, evaluator, num_samples=num_samples, steps=steps,
-                                          batch_size=args.sample_batch_size, sampler=args.sampler, seed=args.seed)
-        print(f"generative perplexity {generated.perplexity:.2f} under {evaluator.name} "
-              f"({num_samples} samples, {steps} steps, {generated.evaluator_tokens} evaluator tokens)")
+    pipe = load(args.run_dir, device=args.device, weights=args.weights)
+    _eval_flags_in_use(args, pipe.modality)
+    card = pipe.model.origin.card
+    kept = "" if card.get("weights") == args.weights else ": the run kept no average"
+    print(f"run {args.run_dir} ({pipe.config.kind}, {Path(pipe.source).name}, {card.get('weights')} weights{kept})")
+    if args.passes != 0:  # 0 skips it; a negative number is refused
+        _print_validation(pipe, pipe.validation(passes=args.passes, rows=args.rows, batch_size=args.batch_size,
+                                                seed=args.seed))
+    sampling = _given(args, num_samples="num_samples", steps="steps", sampler="sampler", batch_size="sample_batch_size")
+    if pipe.modality == "vq":
+        scores = pipe.reconstruction(fid=args.fid, inception=args.inception, **_given(args, classifier="classifier"))
+        print(f"codebook: {100 * scores['usage']:.1f}% of {scores['codebook_size']} codes used on the validation "
+              f"images, code perplexity {scores['code_perplexity']:.1f}")
+        if "fd" in scores:
+            print(f"{scores['metric']} of the reconstructions of the {scores['images']} validation images: "
+                  f"{scores['fd']:.3f}")
+    elif pipe.modality == "image" and (args.fid or args.inception):
+        scores = pipe.image_quality(inception=args.inception, seed=args.seed, **sampling,
+                                    **_given(args, classifier="classifier", guidance="guidance",
+                                             guidance_schedule="guidance_schedule", temperature="temperature"))
+        metric = scores["metric"]
+        print(f"{metric} {scores['fd']:.3f}, IS {scores['is']:.2f}: {scores['num_samples']} samples "
+              f"({scores['steps']} steps, {scores['sampler']}, guidance {scores['guidance']:g}, temperature "
+              f"{scores['temperature']:g}) vs {scores['real_images']} real validation images; sampling "
+              f"{scores['images_per_s']:.1f} images/s")
+        print(f"VQ floor: {metric} {scores['vq_floor_fd']:.3f}, IS {scores['vq_floor_is']:.2f} for the VQ "
+              "reconstructions of the same validation images")
+    elif pipe.modality == "text" and args.evaluator:
+        generated = pipe.generative_perplexity(args.evaluator, seed=args.seed, **sampling)
+        print(f"generative perplexity {generated.perplexity:.2f} under {args.evaluator} ({generated.num_samples} "
+              f"samples, {generated.steps} steps, {generated.evaluator_tokens} evaluator tokens)")
         print(f"sample entropy {generated.entropy:.3f} nats; sampling {generated.tokens_per_s:.0f} generated tokens/s")
     return 0
 
 
-def _eval_images(args, config, model, data, device) -> int:
-    import torch
+def _print_validation(pipe, result) -> None:
+    from .eval.images import psnr
+    from .runs import validation_metric
 
-    from .eval import validation_elbo
-    from .objectives import objective_for
-    from .objectives.image import psnr
-
-    vq = config.model.kind == "vq"
-    if args.passes > 0:
-        indices = range(min(args.rows, len(data.val))) if args.rows else None
-        passes = 1 if vq else args.passes
-        result = validation_elbo(model, objective_for(model), data.val, indices=indices, batch_size=args.batch_size,
-                                 passes=passes, seed=args.seed, device=device,
-                                 bos_always_clean=config.train.bos_always_clean)
-        if vq:
-            print(f"validation: {len(indices or data.val)} images; MSE {result.nll:.5f} per pixel on [-1, 1], "
-                  f"PSNR {psnr(result.nll):.2f} dB")
-        else:
-            spread = f" +- {result.stderr:.4f}" if passes > 1 else ""
-            print(f"validation: {result.tokens} codes x {passes} passes; cross-entropy {result.nll:.4f}{spread} "
-                  f"nats/code")
-    if vq:
-        from .data.image_tokens import VQTokenizer, split_images
-        from .models.vq import code_statistics
-
-        images, _, _ = split_images(config.data, train_split=False)
-        codes = torch.as_tensor(VQTokenizer(model).encode(images)[:, 1:])
-        usage, perplexity = code_statistics(codes, config.model.codebook_size)
-        print(f"codebook: {100 * usage:.1f}% of {config.model.codebook_size} codes used on the validation images, "
-              f"code perplexity {perplexity:.1f}")
-    if args.fid or args.inception:
-        extractor, metric = _feature_extractor(args, device)
-        if vq:
-            from .data.images import to_unit_range
-            from .eval.fid import fd_classifier
-            from .image_generation import decode_in_batches
-
-            scores = fd_classifier(extractor, to_unit_range(images), decode_in_batches(VQTokenizer(model), codes))
-            print(f"{metric} of the reconstructions of the {len(images)} validation images: "
-                  f"{scores['fd_classifier']:.3f}")
-            return 0
-        from .image_generation import evaluate_images
-
-        steps = args.steps or 32
-        scores = evaluate_images(model, data.tokenizer, data, config.data, extractor,
-                                 num_samples=args.num_samples or 1000, steps=steps, sampler=args.sampler or "halton",
-                                 guidance=args.guidance, guidance_schedule=args.guidance_schedule, seed=args.seed,
-                                 batch_size=args.sample_batch_size, temperature=args.temperature)
-        print(f"{metric} {scores['fd']:.3f}, IS {scores['is']:.2f}: {scores['num_samples']} samples ({steps} steps, "
-              f"{args.sampler or 'halton'}, guidance {args.guidance:g}, temperature {args.temperature:g}) vs "
-              f"{scores['real_images']} real validation images; sampling {scores['images_per_s']:.1f} images/s")
-        print(f"VQ floor: {metric} {scores['vq_floor_fd']:.3f}, IS {scores['vq_floor_is']:.2f} for the VQ "
-              f"reconstructions of the same validation images")
-    return 0
-
-
-def _feature_extractor(args, device):
-    """(the network whose features the Frechet distance compares, the metric's name)."""
-    if args.inception:
-        from .eval.fid import InceptionFeatures
-
-        return InceptionFeatures(args.inception).to(device), "FID (Inception-v3)"
-    from .hub import load_pretrained_dir
-
-    classifier, _ = load_pretrained_dir(Path(args.classifier))
-    if classifier.config.kind != "classifier":
-        raise ValueError(f"{args.classifier} holds a {classifier.config.kind} model, not the feature classifier "
-                         "(train one with pgm fid-classifier)")
-    return classifier.to(device), "FD (classifier features)"
+    kind = pipe.config.kind
+    if kind == "vq":
+        print(f"validation: {result.tokens // pipe.config.length} images; MSE {result.nll:.5f} per pixel on [-1, 1], "
+              f"PSNR {psnr(result.nll):.2f} dB")
+    elif pipe.modality == "image":
+        spread = f" +- {result.stderr:.4f}" if result.passes > 1 else ""
+        name, unit = validation_metric(pipe.config)
+        print(f"validation: {result.tokens} codes x {result.passes} passes; {name} {result.nll:.4f}{spread} {unit}")
+    elif kind == "ar":
+        print(f"validation: {result.tokens} tokens (exact likelihood)")
+        print(f"NLL        {result.nll:.4f} nats/token")
+        print(f"perplexity {result.perplexity:.2f}")
+    else:
+        print(f"validation: {result.tokens} tokens x {result.passes} Monte-Carlo passes")
+        print(f"ELBO       {result.nll:.4f} +- {result.stderr:.4f} nats/token")
+        print(f"perplexity {result.perplexity:.2f} +- {result.perplexity_stderr:.2f}  "
+              "(an upper bound: exp of the ELBO)")
+    if pipe.modality == "text":
+        print(f"unigram perplexity of the corpus: {math.exp(pipe.data.meta['unigram_val_nll']):.2f}")
 
 
 def cmd_fid_classifier(args) -> int:
@@ -271,8 +212,9 @@ def cmd_fid_classifier(args) -> int:
                                        test_labels, epochs=args.epochs, seed=args.seed)
     out = Path(args.out)
     model.save_pretrained(out)
-    print(f"wrote {out}: test accuracy {100 * accuracy:.2f}% on the 10,000 Fashion-MNIST test images; its features "
-          f"give `pgm eval RUN --fid` its FD (classifier features), which is not comparable to Inception FID")
+    print(f"wrote {out}: test accuracy {100 * accuracy:.2f}% on the {len(test_images):,} Fashion-MNIST test images "
+          f"({len(train_images):,} trained on); its features give `pgm eval RUN --fid` its FD (classifier "
+          "features), which is not comparable to Inception FID")
     return 0
 
 
@@ -307,27 +249,43 @@ def cmd_convert(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
+    if args.presets is not None and args.what == "sampling":
+        raise ValueError("--presets chooses the models of bench training and bench images; bench sampling builds "
+                         "its models from --hidden, --heads and the block counts")
+    if args.sampler is not None and args.what != "images":
+        raise ValueError("--sampler applies to bench images")
     out_dir = Path(args.out_dir)
+    common = dict(repeats=args.repeats, device=args.device, **_given(args, presets="presets"))
     if args.what == "images":
-        report = bench.bench_images(steps_list=args.steps or [32], batch=args.batch_size or 32, repeats=args.repeats,
-                                    warmup=args.warmup, device=args.device, sampler=args.sampler)
+        report = bench.bench_images(warmup=args.warmup, **common,
+                                    **_given(args, steps_list="steps", batch="batch_size", sampler="sampler"))
         print(bench.format_images_table(report))
         path = bench.write_report(report, out_dir, "images")
     elif args.what == "sampling":
         shape = bench.Shape(hidden=args.hidden, heads=args.heads, pgm_encoder=args.pgm_blocks[0],
                             pgm_decoder=args.pgm_blocks[1], baseline_blocks=args.baseline_blocks, vocab=args.vocab)
-        report = bench.bench_sampling(lengths=args.lengths, steps_list=args.steps or [64], batch=args.batch_size or 8,
-                                      shape=shape, repeats=args.repeats, warmup=args.warmup, device=args.device,
-                                      models=args.models)
+        report = bench.bench_sampling(lengths=args.lengths, shape=shape, warmup=args.warmup, models=args.models,
+                                      **common, **_given(args, steps_list="steps", batch="batch_size"))
         print(bench.format_sampling_table(report))
         path = bench.write_report(report, out_dir, "sampling")
         bench.plot_sampling(report, out_dir / "sampling.png")
     else:
-        report = bench.bench_training(args.presets, steps=args.repeats, device=args.device)
+        common["steps"] = common.pop("repeats")
+        report = bench.bench_training(**common)
         print(bench.format_training_table(report))
         path = bench.write_report(report, out_dir, "training")
     print(f"wrote {path}")
     return 0
+
+
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per argument of `pgm.pipeline.GenerationRequest`, named after it, with its help.
+    Flags not given are left out, so the pipeline's defaults are the command line's."""
+    from .pipeline import GenerationRequest
+
+    for field in dataclasses.fields(GenerationRequest):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=argparse.SUPPRESS,
+                            help=field.metadata["help"], **field.metadata["cli"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,39 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="settings such as model.hidden_size=256 train.lr=1e-3 (or lr=1e-3 when unambiguous)")
     train.set_defaults(handler=cmd_train)
 
-    sample = commands.add_parser("sample", help="generate text from a trained run")
-    sample.add_argument("run_dir")
-    sample.add_argument("--num-samples", type=int, help="default: 4 texts; 2 images per class")
-    sample.add_argument("--length", type=int, help="tokens per sample (default: the model's length)")
-    sample.add_argument("--steps", type=int, help="decoding steps (default: min(length, 128))")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--top-p", type=float, default=1.0)
-    sample.add_argument("--prompt", action="append", help="text to continue (repeat for different rows)")
-    sample.add_argument("--infill", action="append", metavar="TEMPLATE",
-                        help="text with gaps of N tokens written {{N}} (repeat for different rows)")
-    sample.add_argument("--order", default="random",
-                        help="pgm decoding order: random, left-to-right, confidence, margin, entropy")
-    sample.add_argument("--stop-at-eos", action="store_true", help="end each sample at its first generated EOS")
-    sample.add_argument("--mark", action="store_true", help="wrap generated spans in [[ ]]")
-    sample.add_argument("--sampler", help="pgm: uniform (default), binomial, reference; mdlm: ancestral, "
-                                          "ancestral-nocache, ancestral-full (logits at every position, as the "
-                                          "paper's MDLM); ar: kv-cache, no-cache; images: halton (default), "
-                                          "confidence")
-    sample.add_argument("--classes", nargs="+", metavar="CLASS",
-                        help="images: class numbers or names, cycled over the samples (none = unconditional)")
-    sample.add_argument("--guidance", type=float, default=0.0, help="images: classifier-free guidance weight w")
-    sample.add_argument("--guidance-schedule", choices=("linear", "constant"), default="linear",
-                        help="images: ramp w up from 0 over the steps (the authors') or keep it constant")
-    sample.add_argument("--known", choices=("top", "bottom", "left", "right", "border", "center"),
-                        help="images: complete the run's first validation images from this region of them "
-                             "(border: inpaint the centre; center: outpaint the border)")
-    sample.add_argument("--out", help="images: the PNG grid to write (default RUN/samples.png)")
+    sample = commands.add_parser("sample", help="generate text or images from a run, a pretrained directory or a "
+                                                "checkpoint")
+    sample.add_argument("source", help="a run or pretrained directory, an authors' checkpoint, or a Hub id")
+    add_request_arguments(sample)
+    sample.add_argument("--out", help="images: the PNG grid to write (default SOURCE/samples.png)")
     sample.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    sample.add_argument("--float32", action="store_true", help="draw in float32 instead of float64")
+    sample.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    sample.add_argument("--vq", help="images: the VQ tokenizer to decode with (a VQ run or pretrained directory), "
+                                     "instead of the model's own")
+    sample.add_argument("--gpt2-file", help="a local gpt2.tiktoken, for checkpoints that name GPT-2's tokenizer")
     sample.set_defaults(handler=cmd_sample)
 
-    evaluate = commands.add_parser("eval", help="validation perplexity of a trained run")
+    evaluate = commands.add_parser("eval", help="validation perplexity of a trained run, sample quality")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--passes", type=int, default=4,
                           help="Monte-Carlo passes over the validation rows (0: skip; AR is exact in one)")
@@ -384,25 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--evaluator", help="also the generative perplexity of samples, scored by an AR run "
+    evaluate.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    evaluate.add_argument("--evaluator", help="text: also the generative perplexity of samples, scored by an AR run "
                                               "(a directory) or a Hugging Face causal LM (hf:gpt2-large)")
     evaluate.add_argument("--num-samples", type=int,
-                          help="generative perplexity: samples to draw (default 64); images (--fid): images to "
-                               "generate (default 1000)")
-    evaluate.add_argument("--steps", type=int, help="generative perplexity: decoding steps (default min(L-1, 128))")
-    evaluate.add_argument("--sampler", help="generative perplexity: the sampler (as in pgm sample)")
-    evaluate.add_argument("--sample-batch-size", type=int, default=32)
+                          help="samples to draw: text (--evaluator) default 64, images (--fid) default 1000")
+    evaluate.add_argument("--steps", type=int, help="decoding steps of the samples (default: text min(L-1, 128), "
+                                                    "images 32)")
+    evaluate.add_argument("--sampler", help="the samples' sampler (as in pgm sample)")
+    evaluate.add_argument("--sample-batch-size", type=int, help="samples drawn at a time (default 32)")
     evaluate.add_argument("--fid", action="store_true",
                           help="images: FD and IS under the in-repo classifier's features (not Inception FID)")
-    evaluate.add_argument("--classifier", default="runs/fid-classifier",
-                          help="images: the feature classifier (train it with pgm fid-classifier)")
+    evaluate.add_argument("--classifier", help="images: the feature classifier (default runs/fid-classifier, "
+                                               "where pgm fid-classifier writes it)")
     evaluate.add_argument("--inception", metavar="WEIGHTS",
                           help="images: the standard FID instead, with torch-fidelity's Inception-v3 weights from this "
                                "local file (pip install torch-fidelity)")
-    evaluate.add_argument("--guidance", type=float, default=0.0, help="images: classifier-free guidance weight")
-    evaluate.add_argument("--guidance-schedule", choices=("linear", "constant"), default="linear")
-    evaluate.add_argument("--temperature", type=float, default=1.0, help="images: sampling temperature")
+    evaluate.add_argument("--guidance", type=float, help="images: classifier-free guidance weight (default 0)")
+    evaluate.add_argument("--guidance-schedule", choices=("linear", "constant"), help="images: default linear")
+    evaluate.add_argument("--temperature", type=float, help="images: sampling temperature (default 1)")
     evaluate.set_defaults(handler=cmd_eval)
 
     report = commands.add_parser("report", help="PGM vs MDLM vs AR: perplexities, sample quality and speed")
@@ -445,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lengths", type=int, nargs="+", default=[256], help="sampling: sequence lengths")
     bench.add_argument("--steps", type=int, nargs="+", help="sampling: step counts (default 64); images: 32")
     bench.add_argument("--batch-size", type=int, help="sampling: default 8; images: 32 (batch 1 is timed too)")
-    bench.add_argument("--sampler", default="halton", choices=("halton", "confidence"), help="images: the sampler")
+    bench.add_argument("--sampler", choices=("halton", "confidence"), help="images: the sampler (default halton)")
     bench.add_argument("--models", nargs="+", default=["pgm", "mdlm", "mdlm-full", "ar"],
                        choices=("pgm", "mdlm", "mdlm-full", "ar"),
                        help="mdlm: logits only where tokens are revealed; mdlm-full: logits everywhere")
@@ -454,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--pgm-blocks", type=int, nargs=2, default=[4, 4], metavar=("ENCODER", "DECODER"))
     bench.add_argument("--baseline-blocks", type=int, default=8)
     bench.add_argument("--vocab", type=int, default=50258)
-    bench.add_argument("--presets", nargs="+", default=["text-small", "mdlm-small", "ar-small"],
-                       help="training: presets to compare")
+    bench.add_argument("--presets", nargs="+", help="training and images: the presets to compare (default: "
+                       "text-small mdlm-small ar-small; images: fmnist-pgm fmnist-maskgit)")
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions (training: optimizer steps)")
     bench.add_argument("--warmup", type=int, default=1, help="sampling: untimed runs before the timed ones")
     bench.add_argument("--device", default="cpu")

@@ -66,6 +66,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
+        if not isinstance(values, dict):
+            raise ConfigError(f"settings must be a JSON object of field: value pairs, got a {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -74,7 +76,6 @@ class Config:
 
     def replace(self, **changes):
         return type(self).from_dict({**self.to_dict(), **changes})
-
 
     @classmethod
     def parse_value(cls, name: str, text: str) -> Any:
@@ -117,31 +118,11 @@ class ModelConfig(Config):
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
-        return super().from_dict({k: v for k, v in values.items() if k != "kind"})
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if k != "kind"}
+        return super().from_dict(values)
 
 
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
-
-
-def check_attention_shape(config) -> None:
-    """Hidden size, heads (an even head dimension) and dropout: what every transformer config shares."""
-    require(config.hidden_size >= 2, f"hidden_size must be at least 2, got {config.hidden_size}")
-    require(config.num_heads >= 1, f"num_heads must be positive, got {config.num_heads}")
-    require(config.hidden_size % config.num_heads == 0,
-            f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
-    require((config.hidden_size // config.num_heads) % 2 == 0,
-            f"the head dimension hidden_size/num_heads = {config.hidden_size // config.num_heads} must be even")
-    require(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
-
-
-def check_transformer_shape(config) -> None:
-    """The relations every token transformer of the DiT family (PGM, MDLM, AR) shares."""
-    require(config.vocab_size >= 2, f"vocab_size must be at least 2, got {config.vocab_size}")
-    require(config.length >= 1, f"length must be positive, got {config.length}")
-    check_attention_shape(config)
-    require(config.mlp_ratio >= 1, f"mlp_ratio must be positive, got {config.mlp_ratio}")
-    require(config.cond_dim >= 1, f"cond_dim must be positive, got {config.cond_dim}")
-    require(0 <= config.mask_token_id < config.vocab_size,
-            f"mask_token_id {config.mask_token_id} is outside the vocabulary of size {config.vocab_size}")

@@ -1,12 +1,12 @@
-"""Text generation from a trained model and its tokenizer: prompts, infilling templates,
-decoding orders, EOS-aware output.
+"""Text generation pieces: prompts and infilling templates turned into known tokens, the text
+samplers of each model kind, and decoding the tokens back to text.
 
 An infilling template is text with gaps written `{{N}}`, N tokens each:
 
     "The old man {{12}} the sea. {{30}}"
 
 Text outside the gaps is kept; the gaps are generated (by a diffusion model: an AR model can
-only continue a prefix).
+only continue a prefix). Anything else between double braces is a mistake and is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .sampling import SamplingOptions, sample_autoregressive, sample_mdlm, sample_pgm
+from .sampling import SamplingOptions, iterate_autoregressive, iterate_mdlm, iterate_pgm
 from .sampling.pgm import ORDERS
 
 SAMPLERS = {
@@ -23,79 +23,118 @@ SAMPLERS = {
     "mdlm": ("ancestral", "ancestral-nocache", "ancestral-full"),
     "ar": ("kv-cache", "no-cache"),
 }
-GAP = re.compile(r"\{\{(\d+)\}\}")
+# A gap, or anything that looks like an attempt at one: `{{` ... `}}`, a lone `{{` or a lone `}}`.
+_BRACES = re.compile(r"\{\{(.*?)\}\}|\{\{|\}\}")
+
+
+def parse_template(template: str) -> list[str | int]:
+    """The pieces of an infilling template: known text (str) and gap sizes (int), in order.
+    Refuses a malformed gap (`{{x}}`, `{{-2}}`, `{{0}}`, an unclosed `{{4}`) and a template with
+    no gap at all, each in one sentence."""
+    if not isinstance(template, str):
+        raise ValueError(f"an infilling template is a string, got {type(template).__name__}")
+    pieces: list[str | int] = []
+    cursor = 0
+    for match in _BRACES.finditer(template):
+        inside = match.group(1)
+        if inside is None:
+            raise ValueError(f"unmatched {match.group(0)!r} at character {match.start()} of the template "
+                             f"{template!r}: write gaps as {{{{N}}}}")
+        if not inside.strip().isdecimal() or int(inside) < 1:
+            raise ValueError(f"the gap {match.group(0)!r} in the template {template!r} is not a positive number "
+                             f"of tokens: write gaps as {{{{N}}}}, e.g. {{{{8}}}}")
+        if match.start() > cursor:
+            pieces.append(template[cursor:match.start()])
+        pieces.append(int(inside))
+        cursor = match.end()
+    if cursor < len(template):
+        pieces.append(template[cursor:])
+    if not any(isinstance(piece, int) for piece in pieces):
+        raise ValueError(f"the infilling template {template!r} has no gap {{{{N}}}}: add one, or use a prompt to "
+                         "continue the text")
+    return pieces
 
 
 def template_tokens(tokenizer, template: str) -> tuple[list[int], list[bool]]:
-    """(ids, known flags) of an infilling template, without the BOS."""
-    ids, known, cursor = [], [], 0
-    for match in GAP.finditer(template):
-        text = template[cursor:match.start()]
-        if text:
-            piece = tokenizer.encode_batch([text])[0]
-            ids += piece
-            known += [True] * len(piece)
-        size = int(match.group(1))
-        if size < 1:
-            raise ValueError(f"a gap must hold at least one token: {match.group(0)}")
-        ids += [0] * size
-        known += [False] * size
-        cursor = match.end()
-    tail = template[cursor:]
-    if tail:
-        piece = tokenizer.encode_batch([tail])[0]
-        ids += piece
-        known += [True] * len(piece)
+    """(ids, known flags) of an infilling template, without the BOS; gaps hold id 0."""
+    ids, known = [], []
+    for piece in parse_template(template):
+        if isinstance(piece, int):
+            ids += [0] * piece
+            known += [False] * piece
+        else:
+            encoded = tokenizer.encode_batch([piece])[0]
+            ids += encoded
+            known += [True] * len(encoded)
     return ids, known
 
 
-def known_from_text(tokenizer, *, num_samples: int, length: int | None, max_length: int, prompts=(),
-                    templates=()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Known tokens and mask [num_samples, length]: a BOS at position 0, then row i's prompt (or
-    infilling template), cycling through those given. Positions after them are generated. The
-    length defaults to the model's with prompts, and to the template's own with templates."""
+def known_from_text(tokenizer, *, length: int | None, max_length: int, prompts=(), templates=(),
+                    copies: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Known tokens and mask [rows, length]: a BOS at position 0, then a prompt (or infilling
+    template); each prompt or template gets `copies` consecutive rows, or with none given,
+    `copies` rows hold only the BOS. Positions after them are generated. The length defaults
+    to the model's with prompts, and to the template's own with templates."""
     if prompts and templates:
         raise ValueError("give prompts or infilling templates, not both")
     rows = [(tokenizer.encode_batch([p])[0], None) for p in prompts] + [template_tokens(tokenizer, t) for t in templates]
     rows = [(ids, flags if flags is not None else [True] * len(ids)) for ids, flags in rows] or [([], [])]
     needed = 1 + max(len(ids) for ids, _ in rows)
+    what = "template" if templates else "prompt"
+    if needed > max_length:
+        raise ValueError(f"the {what} takes {needed - 1} tokens + BOS, more than the model's {max_length} positions")
     if length is None:
         length = needed if templates else max_length
-    if needed > length or length > max_length:
-        raise ValueError(f"the prompt or template takes {needed - 1} tokens + BOS, which does not fit in "
-                         f"{min(length, max_length)} positions (the model's length is {max_length})")
-    known_tokens = torch.zeros(num_samples, length, dtype=torch.long)
-    known_mask = torch.zeros(num_samples, length, dtype=torch.bool)
+    if length < 2 or length > max_length:
+        raise ValueError(f"length must lie in [2, {max_length}] (the BOS and at least one token, at most the "
+                         f"model's length), got {length}")
+    if needed > length:
+        raise ValueError(f"the {what} takes {needed - 1} tokens + BOS, which does not fit in {length} positions "
+                         f"(the model's length is {max_length})")
+    if prompts and needed == length:
+        raise ValueError(f"the prompt fills all {length} positions, leaving nothing to generate: raise the length")
+    known_tokens = torch.zeros(len(rows) * copies, length, dtype=torch.long)
+    known_mask = torch.zeros(len(rows) * copies, length, dtype=torch.bool)
     known_tokens[:, 0], known_mask[:, 0] = tokenizer.bos_id, True
-    for row in range(num_samples):
-        ids, flags = rows[row % len(rows)]
-        known_tokens[row, 1:1 + len(ids)] = torch.tensor(ids, dtype=torch.long)
-        known_mask[row, 1:1 + len(ids)] = torch.tensor(flags, dtype=torch.bool)
+    for index, (ids, flags) in enumerate(rows):
+        block = slice(index * copies, (index + 1) * copies)
+        known_tokens[block, 1:1 + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        known_mask[block, 1:1 + len(ids)] = torch.tensor(flags, dtype=torch.bool)
     return known_tokens, known_mask
 
 
-def generate_tokens(model, *, known_tokens: torch.Tensor, known_mask: torch.Tensor, steps: int,
-                    sampler: str | None = None, order: str = "random", options: SamplingOptions = SamplingOptions(),
-                    generator: torch.Generator | None = None, stats: dict | None = None) -> torch.Tensor:
-    kind = model.config.kind
+def check_text_sampler(kind: str, sampler: str | None, order: str) -> str:
+    """The sampler to use for a model kind (its default when None), checked with the order."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"a {kind} model does not generate text")
     sampler = sampler or SAMPLERS[kind][0]
     if sampler not in SAMPLERS[kind]:
         raise ValueError(f"a {kind} model samples with {', '.join(SAMPLERS[kind])}, not {sampler!r}")
-    if order != "random" and kind != "pgm":
-        raise ValueError(f"decoding orders other than random are for PGM models, not {kind}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order != "random" and kind != "pgm":
+        raise ValueError(f"decoding orders other than random are for PGM models, not {kind}")
+    return sampler
+
+
+def iterate_text(model, *, known_tokens: torch.Tensor, known_mask: torch.Tensor, steps: int | None,
+                 sampler: str | None = None, order: str = "random", options: SamplingOptions = SamplingOptions(),
+                 generator: torch.Generator | None = None, stats: dict | None = None):
+    """The sampling loop of `model`'s kind with `sampler` (see SAMPLERS): a generator of
+    `StepUpdate`s that returns the tokens. `steps` is ignored by AR (one token per step)."""
+    kind = model.config.kind
+    sampler = check_text_sampler(kind, sampler, order)
     device = next(model.parameters()).device
     common = dict(known_tokens=known_tokens.to(device), known_mask=known_mask.to(device), options=options,
                   generator=generator, stats=stats)
     if kind == "pgm":
         if sampler == "reference":
-            return sample_pgm(model, steps=steps, order=order, view="reference", **common)
-        return sample_pgm(model, steps=steps, counts=sampler, order=order, **common)
+            return iterate_pgm(model, steps=steps, order=order, view="reference", **common)
+        return iterate_pgm(model, steps=steps, counts=sampler, order=order, **common)
     if kind == "ar":
-        return sample_autoregressive(model, use_cache=sampler == "kv-cache", **common)
-    return sample_mdlm(model, steps=steps, cache=sampler != "ancestral-nocache",
-                       logits_everywhere=sampler == "ancestral-full", **common)
+        return iterate_autoregressive(model, use_cache=sampler == "kv-cache", **common)
+    return iterate_mdlm(model, steps=steps, cache=sampler != "ancestral-nocache",
+                        logits_everywhere=sampler == "ancestral-full", **common)
 
 
 def decode_samples(tokens: torch.Tensor, tokenizer, known_mask: torch.Tensor | None = None, *,

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .config import ConfigError
 from .data import DataConfig
 from .models import CausalConfig, MaskedDiffusionConfig, MaskGITConfig, PartitionConfig, VQConfig
@@ -137,6 +139,15 @@ PRESETS = {
                                              decoder_blocks=6, pre_query_mode="learn+freqs+logsumexp"),
     "mdlm-lm1b": lambda: _paper("mdlm", "lm1b", hidden_size=768, num_heads=12, blocks=12),
 }
+
+
+def vq_preset_for(directory: str) -> str | None:
+    """The VQ preset whose default run directory (runs/NAME) is `directory`, if there is one: the
+    command to train the VQ tokenizer an image preset names."""
+    name = Path(directory).name
+    if name in PRESETS and Path(directory) == Path("runs") / name and PRESETS[name]().model.kind == "vq":
+        return name
+    return None
 
 
 def preset(name: str) -> RunConfig:

@@ -13,12 +13,12 @@ command reproduces the comparison from nothing.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from .eval.generative import generative_perplexity, load_evaluator
-from .runs import CONFIG_FILE, read_run_config
+from .eval.generative import load_evaluator
+from .formats import CONFIG_FILE, write_atomic, write_json
+from .pipeline import load
 
 STEPS = (16, 32, 64, 128, 256)
 
@@ -45,19 +45,9 @@ def ensure_run(item: str, out_dir: Path, tokens: int | None, log=print) -> Path:
 
 def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int = 64, batch_size: int = 32,
                 passes: int = 4, seed: int = 0, device="cpu", log=print) -> dict:
-    from .data import load_prepared
-    from .eval import validation_elbo
-    from .hub import load_pretrained_dir
-    from .objectives import objective_for
-
-    config = read_run_config(run_dir)
-    model, checkpoint = load_pretrained_dir(run_dir)
-    model.to(device)
-    data = load_prepared(run_dir)
-    state = json.loads((checkpoint / "state.json").read_text())
-    kind, length = config.model.kind, config.model.length
-    val = validation_elbo(model, objective_for(model), data.val, passes=1 if kind == "ar" else passes, seed=seed,
-                          device=device, bos_always_clean=config.train.bos_always_clean)
+    pipe = load(run_dir, device=device)
+    kind, length = pipe.config.kind, pipe.config.length
+    val = pipe.validation(passes=passes, seed=seed)
     log(f"{run_dir}: validation perplexity {val.perplexity:.2f}")
     positions = length - 1
     if kind == "ar":
@@ -68,22 +58,22 @@ def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int 
         plan = {steps: steps for steps in steps_list}
     samples = []
     for steps, asked in sorted(plan.items()):
-        result = generative_perplexity(model, data.tokenizer, evaluator, num_samples=num_samples, steps=steps,
-                                       batch_size=batch_size, seed=seed)
+        options = dict(num_samples=num_samples, steps=None if kind == "ar" else steps, batch_size=batch_size,
+                       seed=seed)
+        result = pipe.generative_perplexity(evaluator, **options)
         row = {"steps": steps, "asked_steps": asked, "gen_ppl": result.perplexity, "entropy": result.entropy,
                "tokens_per_s": result.tokens_per_s, "evaluator_tokens": result.evaluator_tokens,
                "sampling_seconds": result.sampling_seconds}
         if kind == "mdlm":  # the paper's MDLM computes logits at every position: same samples, more work
-            full = generative_perplexity(model, data.tokenizer, evaluator, num_samples=num_samples, steps=steps,
-                                         batch_size=batch_size, seed=seed, sampler="ancestral-full")
+            full = pipe.generative_perplexity(evaluator, sampler="ancestral-full", **options)
             row["tokens_per_s_logits_everywhere"] = full.tokens_per_s
             row["gen_ppl_logits_everywhere"] = full.perplexity  # equal up to float rounding of the logits
         samples.append(row)
         log(f"  {kind} {steps:>4} steps: generative perplexity {result.perplexity:8.2f}, entropy "
             f"{result.entropy:.3f}, {result.tokens_per_s:7.1f} tok/s")
-    return {"name": run_dir.name, "path": str(run_dir), "kind": kind, "parameters": model.num_parameters(),
-            "checkpoint": checkpoint.name,
-            "tokens_seen": state["step"] * config.train.batch_size * length, "length": length,
+    card = pipe.model.origin.card
+    return {"name": run_dir.name, "path": str(run_dir), "kind": kind, "parameters": pipe.model.num_parameters(),
+            "checkpoint": Path(pipe.source).name, "tokens_seen": card["tokens_seen"], "length": length,
             "val_ppl": val.perplexity, "val_ppl_stderr": val.perplexity_stderr if kind != "ar" else 0.0,
             "val_exact": kind == "ar", "samples": samples}
 
@@ -221,8 +211,8 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
 
 def write_report(report: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / "report.json", report)
     plots = plot_report(report, out_dir)
     path = out_dir / "report.md"
-    path.write_text(format_markdown(report, plots))
+    write_atomic(path, format_markdown(report, plots).encode())
     return path

@@ -6,33 +6,32 @@
     RUN/checkpoints/step_0001200/      model.safetensors, ema.safetensors, optimizer.pt, state.json
     RUN/metrics.jsonl, RUN/loss.png    what happened
 
-Checkpoints are written into a hidden temporary directory and renamed into place, so a
-checkpoint directory either is complete or does not exist; a crash mid-save leaves only a
-temporary directory that the next start removes.
+Checkpoints are written into a hidden temporary directory and renamed into place
+(`pgm.formats.replaced_directory`), so a checkpoint directory either is complete or does not
+exist; a crash mid-save leaves only a temporary directory that the next start removes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .config import Config, ConfigError
+from .config import ConfigError
 from .data import DataConfig
+from .formats import (DATA_DIR, load_weights, read_config_file, remove_partial, replaced_directory, save_weights,
+                      write_atomic)
 from .models import ModelConfig, config_from_dict
 from .train_config import TrainConfig
 
-CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+METRICS_FILE = "metrics.jsonl"
 
 
 class RunError(ValueError):
@@ -52,6 +51,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        if not isinstance(values, dict):
+            raise ConfigError("a run configuration is a JSON object with model, data and train sections, "
+                              f"not a {type(values).__name__}")
         unknown = sorted(set(values) - set(cls.SECTIONS))
         if unknown:
             raise ConfigError(f"unknown configuration section(s): {', '.join(unknown)}")
@@ -99,30 +101,8 @@ class RunConfig:
         return owners[0], key
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def read_config_file(directory: Path, missing: str = "not a run directory") -> dict:
-    """The parsed config.json of `directory`, or one sentence saying why there is none."""
-    path = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise RunError(f"{directory} does not exist")
-    if not path.is_file():
-        raise RunError(f"{directory} is {missing} (it has no {CONFIG_FILE})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise RunError(f"{path} is not valid JSON") from None
-
-
 def read_run_config(run_dir: Path) -> RunConfig:
-    return RunConfig.from_dict(read_config_file(run_dir))
+    return RunConfig.from_dict(read_config_file(run_dir, "a run directory"))
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -140,47 +120,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    root = run_dir / CHECKPOINTS
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith(".tmp-"):
-                shutil.rmtree(path, ignore_errors=True)
+    remove_partial(run_dir / CHECKPOINTS)
 
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict | None, optimizer_state: dict,
                     state: dict, keep: int) -> Path:
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    temporary = root / f".tmp-step_{step:07d}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    save_file(_contiguous(model_state), str(temporary / "model.safetensors"))
-    if ema_state is not None:
-        save_file(_contiguous(ema_state), str(temporary / "ema.safetensors"))
-    torch.save(optimizer_state, temporary / "optimizer.pt")
-    (temporary / "state.json").write_text(json.dumps(state, indent=2))
-    for file in temporary.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(temporary, final)
+    """Write checkpoints/step_N (complete or not at all) and keep only the last `keep`."""
+    final = run_dir / CHECKPOINTS / f"step_{step:07d}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_directory(final) as temporary:
+        save_weights(model_state, temporary / "model.safetensors")
+        if ema_state is not None:
+            save_weights(ema_state, temporary / "ema.safetensors")
+        torch.save(optimizer_state, temporary / "optimizer.pt")
+        (temporary / "state.json").write_text(json.dumps(state, indent=2))
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _contiguous(state: dict) -> dict:
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise RunError(f"{path} is truncated or corrupt ({error}); delete its checkpoint directory "
-                       "to fall back to the previous one") from None
 
 
 def load_checkpoint(checkpoint: Path, optimizer: bool = True) -> dict:
@@ -196,5 +152,69 @@ def load_checkpoint(checkpoint: Path, optimizer: bool = True) -> dict:
     return out
 
 
-__all__ = ["RunConfig", "RunError", "Config", "read_run_config", "latest_checkpoint", "save_checkpoint",
-           "load_checkpoint", "write_atomic"]
+class MetricsLog:
+    """RUN/metrics.jsonl: one JSON record per line, each with the step it describes."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Forget what a crashed run logged after its last checkpoint (a torn last line included)."""
+        if self.enabled and self.path.is_file():
+            kept = [record for record in self.records() if record["step"] <= step]
+            write_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept).encode())
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        """The records, without a line that a killed process left half-written (or that a
+        running one is writing now)."""
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+        return records
+
+
+def run_card(run_dir: Path, checkpoint: Path, weights: str) -> dict:
+    """What a model card says about the model of `checkpoint`: its data, the tokens it has seen,
+    its last validation number and where its weights came from."""
+    config = read_run_config(run_dir)
+    state = json.loads((checkpoint / "state.json").read_text())
+    step = state["step"]
+    data = config.data
+    described = ("source", "tokenizer") + (("image_size",) if data.is_image else ("packing",))
+    card = {"data": {name: getattr(data, name) for name in described},
+            "tokens_seen": step * config.train.batch_size * config.model.length,
+            "weights": weights, "source": str(checkpoint)}
+    meta_path = run_dir / DATA_DIR / "meta.json"
+    classes = json.loads(meta_path.read_text()).get("classes") if meta_path.is_file() else None
+    if classes:
+        card["classes"] = classes
+    validated = [r for r in MetricsLog(run_dir / METRICS_FILE).records() if "val_nll" in r and r["step"] <= step]
+    if validated:
+        name, unit = validation_metric(config.model)
+        card["validation"] = {f"{name} {unit}": round(validated[-1]["val_nll"], 5), "step": validated[-1]["step"]}
+    return card
+
+
+def validation_metric(model_config) -> tuple[str, str]:
+    """(name, unit) of what a run's validation number (`val_nll` in its metrics) measures."""
+    if model_config.kind == "vq":
+        return "MSE", "per pixel on [-1, 1]"
+    if model_config.kind == "maskgit" or getattr(model_config, "num_classes", 0):
+        return "cross-entropy", "nats/code"
+    return ("NLL" if model_config.kind == "ar" else "ELBO"), "nats/token"
+
+
+__all__ = ["RunConfig", "RunError", "MetricsLog", "read_run_config", "latest_checkpoint", "save_checkpoint",
+           "load_checkpoint", "run_card"]

@@ -5,6 +5,10 @@ Reproducibility is by construction: the rows of step s come from a permutation s
 (seed, step) and drawn for the whole global batch, and dropout from a seed of (seed, step,
 rank). Resuming from a checkpoint therefore replays exactly the steps an uninterrupted run
 would have taken, and N processes compute what one process computes for the same global batch.
+
+`train` runs a `Trainer` through its named steps: open the run directory, prepare the data,
+build the model and its optimizer, resume from the last checkpoint, then optimisation steps
+with periodic validation and checkpoints.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -21,13 +26,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import DATA_DIR, PreparedData, load_prepared, prepare_data
+from .data import PreparedData, load_prepared, prepare_data
+from .devices import autocast, describe_precision, resolve_device
+from .eval.images import psnr
 from .eval.perplexity import seed_for, validation_elbo
+from .formats import CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, remove_partial, replaced_atomically, write_json
 from .models import build_model, is_image_model
 from .objectives import objective_for
-from .objectives.image import psnr
-from .runs import (CONFIG_FILE, RunConfig, RunError, latest_checkpoint, load_checkpoint, read_run_config,
-                   remove_partial_checkpoints, save_checkpoint, write_atomic)
+from .presets import vq_preset_for
+from .runs import (METRICS_FILE, MetricsLog, RunConfig, RunError, latest_checkpoint, load_checkpoint, read_run_config,
+                   remove_partial_checkpoints, save_checkpoint, validation_metric)
+from .vq_tokenizer import vq_tokenizer_for_data
 
 RESUMABLE_FIELDS = {"max_steps", "eval_every", "eval_rows", "save_every", "keep_checkpoints", "log_every", "progress",
                     "device"}
@@ -52,12 +61,8 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     info = Distributed(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = resolve_device(device_name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RunError("train.device asks for CUDA but no GPU is available")
         if device.index is None:
             device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
@@ -160,27 +165,6 @@ def resolve_config(config: RunConfig, data: PreparedData) -> RunConfig:
     return dataclasses.replace(config, model=model)
 
 
-class MetricsLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def truncate_after(self, step: int) -> None:
-        """Forget what a crashed run logged after its last checkpoint."""
-        if self.enabled and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            write_atomic(self.path, "".join(line + "\n" for line in kept).encode())
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def records(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
-
-
 def plot_losses(records: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -200,14 +184,14 @@ def plot_losses(records: list[dict], path: Path, title: str) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    figure.savefig(temporary, dpi=100)
+    with replaced_atomically(path) as temporary:
+        figure.savefig(temporary, dpi=100)
     plt.close(figure)
-    os.replace(temporary, path)
 
 
-def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool, info: Distributed, log) -> RunConfig:
-    """Create or reopen the run directory; return the configuration to train with."""
+def open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
+    """Check the run directory against what was asked; return the configuration to train with
+    (a resumed run keeps its saved recipe; only RESUMABLE_FIELDS may change)."""
     if resume:
         saved = read_run_config(run_dir)
         changed = [f"{section}.{k}" for section in RunConfig.SECTIONS
@@ -231,180 +215,255 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, log=print) 
     if not info.main:
         log = lambda *args, **kwargs: None  # noqa: E731 - one voice per run
     try:
-        config = _prepare_run_dir(config, run_dir, resume, info, log)
-        return _train(config, run_dir, info, device, log)
+        trainer = Trainer(open_run_dir(config, run_dir, resume), run_dir, info, device, log)
+        trainer.prepare_data()
+        trainer.build()
+        trainer.resume()
+        trainer.run()
+        return run_dir
     finally:
         if info.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(config: RunConfig, run_dir: Path, info: Distributed, device: torch.device, log) -> Path:
-    tc = config.train
-    if info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(run_dir)
-        recipe = {"data": config.data.to_dict(), "length": config.model.length}
-        meta_path = run_dir / DATA_DIR / "meta.json"
-        if not meta_path.is_file() or json.loads(meta_path.read_text()).get("recipe") != recipe:
-            prepare_data(config.data, config.model.length, run_dir, log=log)
-    info.barrier()
-    data = load_prepared(run_dir)
-    config = resolve_config(config, data)
-    if info.main:
-        write_atomic(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2).encode())
+class Trainer:
+    """One training run, in the steps `train` takes them."""
 
-    per_process, remainder = divmod(tc.batch_size, info.world_size)
-    micro = tc.micro_batch_size or per_process
-    if remainder or per_process % micro:
-        raise RunError(f"batch_size {tc.batch_size} must split evenly into {info.world_size} process(es) "
-                       f"x micro-batches of {micro}")
-    accumulation = per_process // micro
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    def __init__(self, config: RunConfig, run_dir: Path, info: Distributed, device: torch.device, log):
+        self.config, self.run_dir, self.info, self.device, self.log = config, run_dir, info, device, log
+        self.step = 0
+        self.metrics = MetricsLog(run_dir / METRICS_FILE, info.main)
 
-    torch.manual_seed(tc.seed)
-    model = build_model(config.model).to(device)
-    objective = objective_for(model, complement=tc.complement, label_dropout=tc.label_dropout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                  weight_decay=tc.weight_decay, foreach=True)
-    ema = EMA(model, tc.ema) if tc.ema > 0 else None
-    metrics = MetricsLog(run_dir / "metrics.jsonl", info.main)
+    # --- set-up -------------------------------------------------------------------------------
 
-    step = 0
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None:
-        loaded = load_checkpoint(checkpoint)
-        model.load_state_dict(loaded["model"])
-        optimizer.load_state_dict(loaded["optimizer"])
-        step = loaded["state"]["step"]
-        if ema is not None and loaded["ema"] is not None:
-            ema.load(loaded["ema"], loaded["state"].get("ema_updates", step))
-        log(f"resuming {run_dir} from step {step}")
-    metrics.truncate_after(step)
-    if step >= tc.max_steps:
-        log(f"{run_dir} has already trained {step} of {tc.max_steps} steps")
-        return run_dir
+    def prepare_data(self) -> None:
+        """Tokenize and pack the data into the run directory (once per recipe), then fill in the
+        configuration what the data decides and save it."""
+        config, run_dir = self.config, self.run_dir
+        if self.info.main:
+            existed = {path: path.exists() for path in (run_dir, run_dir / TOKENIZER_DIR, run_dir / DATA_DIR)}
+            run_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial(run_dir)  # what a killed data step left (a hidden tokenizer directory)
+            remove_partial_checkpoints(run_dir)
+            recipe = {"data": config.data.to_dict(), "length": config.model.length}
+            meta_path = run_dir / DATA_DIR / "meta.json"
+            if not meta_path.is_file() or json.loads(meta_path.read_text()).get("recipe") != recipe:
+                try:
+                    prepare_data(config.data, config.model.length, run_dir, log=self.log,
+                                 image_encoder=self._image_encoder())
+                except BaseException:
+                    _remove_created(existed)
+                    raise
+        self.info.barrier()
+        self.data = load_prepared(run_dir)
+        self.config = resolve_config(config, self.data)
+        if self.info.main:
+            write_json(run_dir / CONFIG_FILE, self.config.to_dict())
 
-    parameters = model.num_parameters()
-    log(f"model: {config.model.kind}, {parameters / 1e6:.2f}M parameters; {info.world_size} process(es) on {device}"
-        f" ({'bf16 autocast' if bf16 else 'fp32'}); global batch {tc.batch_size} x {config.model.length} tokens"
-        f" = {accumulation} micro-batch(es) of {micro} per process")
-    network = model
-    if info.world_size > 1:
-        network = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                            else None)
-    schedule = RowSchedule(len(data.train), tc.seed)
-    length = config.model.length
-    eval_indices = _evaluation_rows(len(data.val), tc.eval_rows)
+    def _image_encoder(self):
+        data = self.config.data
+        if not data.tokenizer.startswith("vq:"):
+            return None
+        directory = data.tokenizer[3:]
+        preset = vq_preset_for(directory) or "fmnist-vq"
+        return vq_tokenizer_for_data(data, f"; train it first with `pgm train --preset {preset} --out {directory}`")
 
-    def save():
-        if info.main:
-            state = {"step": step, "ema_updates": ema.updates if ema else 0, "parameters": parameters}
+    def build(self) -> None:
+        """The model (seeded), its objective, the optimizer, the weight average and the batch split."""
+        tc, info = self.config.train, self.info
+        per_process, remainder = divmod(tc.batch_size, info.world_size)
+        self.micro = tc.micro_batch_size or per_process
+        if remainder or per_process % self.micro:
+            raise RunError(f"batch_size {tc.batch_size} must split evenly into {info.world_size} process(es) "
+                           f"x micro-batches of {self.micro}")
+        self.per_process, self.accumulation = per_process, per_process // self.micro
+        torch.manual_seed(tc.seed)
+        self.model = build_model(self.config.model).to(self.device)
+        self.objective = objective_for(self.model, complement=tc.complement, label_dropout=tc.label_dropout)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                           weight_decay=tc.weight_decay, foreach=True)
+        self.ema = EMA(self.model, tc.ema) if tc.ema > 0 else None
+        self.network = self.model
+        if info.world_size > 1:
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.rows = RowSchedule(len(self.data.train), tc.seed)
+        self.eval_indices = _evaluation_rows(len(self.data.val), tc.eval_rows)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.config.train.precision)
+
+    def resume(self) -> None:
+        """Continue from the latest complete checkpoint, if there is one, and forget what a crashed
+        run logged after it."""
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is not None:
+            loaded = load_checkpoint(checkpoint)
+            self.model.load_state_dict(loaded["model"])
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            self.step = loaded["state"]["step"]
+            if self.ema is not None and loaded["ema"] is not None:
+                self.ema.load(loaded["ema"], loaded["state"].get("ema_updates", self.step))
+            self.log(f"resuming {self.run_dir} from step {self.step}")
+        self.metrics.truncate_after(self.step)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def optimisation_step(self) -> tuple[float, float, float]:
+        """One optimizer step over the global batch of the current step, in micro-batches;
+        returns (loss averaged over the processes, gradient norm, learning rate)."""
+        tc, info, step = self.config.train, self.info, self.step
+        lr = tc.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        rows = self.rows.rows(step, tc.batch_size)
+        noise = self.objective.draw_noise(tc.batch_size, self.config.model.length,
+                                          generator=torch.Generator().manual_seed(seed_for(tc.seed, step)))
+        torch.manual_seed(seed_for(tc.seed, step, info.rank, 1))  # dropout
+        step_loss = torch.zeros((), device=self.device)
+        for m in range(self.accumulation):
+            start = info.rank * self.per_process + m * self.micro
+            part = rows[start:start + self.micro]
+            tokens, valid = self.data.train[part]
+            labels = self.data.train.labels_of(part)
+            labeled = {} if labels is None else {"labels": labels.to(self.device)}
+            tokens = tokens.to(self.device, non_blocking=True)
+            valid = None if valid is None else valid.to(self.device)
+            sync = m == self.accumulation - 1 or info.world_size == 1
+            with (contextlib.nullcontext() if sync else self.network.no_sync()), self.autocast():
+                out = self.objective.loss(self.network, tokens, valid=valid, always_clean=self._always_clean(tokens),
+                                          noise=None if noise is None else noise[start:start + self.micro].to(
+                                              self.device), **labeled)
+                (out.loss / self.accumulation).backward()
+            step_loss += out.loss.detach() / self.accumulation
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        if info.world_size > 1:
+            dist.all_reduce(step_loss)
+            step_loss /= info.world_size
+        return float(step_loss), float(grad_norm), lr
+
+    def _always_clean(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        if not self.config.train.bos_always_clean:
+            return None
+        always_clean = torch.zeros_like(tokens, dtype=torch.bool)
+        always_clean[:, 0] = True
+        return always_clean
+
+    def validate(self) -> float:
+        """The validation ELBO (or loss) of the averaged weights on the evaluation rows, logged."""
+        tc = self.config.train
+        with self.ema.applied(self.model) if self.ema else contextlib.nullcontext():
+            result = validation_elbo(self.model, self.objective, self.data.val, indices=self.eval_indices,
+                                     batch_size=tc.batch_size, micro_batch_size=self.micro, seed=tc.seed,
+                                     device=self.device, autocast=self.autocast,
+                                     bos_always_clean=tc.bos_always_clean, rank=self.info.rank,
+                                     world_size=self.info.world_size)
+        self.metrics.write({"step": self.step, "val_nll": result.nll, "val_ppl": result.perplexity})
+        return result.nll
+
+    def save(self) -> None:
+        """A checkpoint of this step (from the main process), and the loss plot."""
+        if self.info.main:
+            model, ema = self.model, self.ema
+            state = {"step": self.step, "ema_updates": ema.updates if ema else 0,
+                     "parameters": model.num_parameters()}
             averaged = model.savable_state(ema.state_dict(model)) if ema else None
-            save_checkpoint(run_dir, step, model.savable_state(), averaged, optimizer.state_dict(), state,
-                            tc.keep_checkpoints)
-        info.barrier()
+            save_checkpoint(self.run_dir, self.step, model.savable_state(), averaged, self.optimizer.state_dict(),
+                            state, self.config.train.keep_checkpoints)
+            plot_losses(self.metrics.records(), self.run_dir / "loss.png",
+                        f"{self.config.model.kind}: {self.run_dir.name}")
+        self.info.barrier()
 
-    def evaluate():
-        with ema.applied(model) if ema else contextlib.nullcontext():
-            result = validation_elbo(model, objective, data.val, indices=eval_indices, batch_size=tc.batch_size,
-                                     micro_batch_size=micro, seed=tc.seed, device=device, autocast=autocast(),
-                                     bos_always_clean=tc.bos_always_clean, rank=info.rank,
-                                     world_size=info.world_size)
-        metrics.write({"step": step, "val_nll": result.nll, "val_ppl": result.perplexity})
-        return result
+    def run(self) -> None:
+        """Optimisation steps until max_steps, with the periodic log, validation and checkpoint;
+        an interrupt saves the step it reached."""
+        tc, config = self.config.train, self.config
+        if self.step >= tc.max_steps:
+            self.log(f"{self.run_dir} has already trained {self.step} of {tc.max_steps} steps")
+            return
+        self.log(f"model: {config.model.kind}, {self.model.num_parameters() / 1e6:.2f}M parameters; "
+                 f"{self.info.world_size} process(es) on {self.device} "
+                 f"({describe_precision(self.device, tc.precision)}); global batch {tc.batch_size} x "
+                 f"{config.model.length} tokens = {self.accumulation} micro-batch(es) of {self.micro} per process")
+        progress = None
+        if self.info.main and tc.progress:
+            from tqdm import tqdm
 
-    progress = None
-    if info.main and tc.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=tc.max_steps, initial=step, unit="step", dynamic_ncols=True)
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    last_val = None
-    model.train()
-    try:
-        while step < tc.max_steps:
-            lr = tc.learning_rate(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            rows = schedule.rows(step, tc.batch_size)
-            noise = objective.draw_noise(tc.batch_size, length, generator=torch.Generator().manual_seed(
-                seed_for(tc.seed, step)))
-            torch.manual_seed(seed_for(tc.seed, step, info.rank, 1))  # dropout
-            step_loss = torch.zeros((), device=device)
-            for m in range(accumulation):
-                start = info.rank * per_process + m * micro
-                tokens, valid = data.train[rows[start:start + micro]]
-                labels = data.train.labels_of(rows[start:start + micro])
-                labeled = {} if labels is None else {"labels": labels.to(device)}
-                tokens = tokens.to(device, non_blocking=True)
-                valid = None if valid is None else valid.to(device)
-                always_clean = None
-                if tc.bos_always_clean:
-                    always_clean = torch.zeros_like(tokens, dtype=torch.bool)
-                    always_clean[:, 0] = True
-                sync = m == accumulation - 1 or info.world_size == 1
-                with (contextlib.nullcontext() if sync else network.no_sync()), autocast():
-                    out = objective.loss(network, tokens, valid=valid, always_clean=always_clean,
-                                         noise=None if noise is None else noise[start:start + micro].to(device),
-                                         **labeled)
-                    (out.loss / accumulation).backward()
-                step_loss += out.loss.detach() / accumulation
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip else math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            if info.world_size > 1:
-                dist.all_reduce(step_loss)
-                step_loss /= info.world_size
-            window_loss += float(step_loss)
-            window_tokens += tc.batch_size * length
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                elapsed = time.perf_counter() - window_start
-                steps_in_window = (step - 1) % tc.log_every + 1
-                record = {"step": step, "loss": window_loss / steps_in_window, "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens_per_s": window_tokens / elapsed}
-                metrics.write(record)
+            progress = tqdm(total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        window = LossWindow()
+        last_val = None
+        self.model.train()
+        try:
+            while self.step < tc.max_steps:
+                loss, grad_norm, lr = self.optimisation_step()
+                window.add(loss, tc.batch_size * config.model.length)
+                final = self.step == tc.max_steps
+                if self.step % tc.log_every == 0 or final:
+                    record = {"step": self.step, **window.flush(), "lr": lr, "grad_norm": grad_norm}
+                    self.metrics.write(record)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                             **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
                 if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                         **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
-                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                    progress.update(1)
+                if (tc.eval_every and self.step % tc.eval_every == 0) or final:
+                    last_val = self.validate()
+                    if progress is None:
+                        self.log(f"step {self.step}: {describe_validation(config.model, last_val)}")
+                if (tc.save_every and self.step % tc.save_every == 0) or final:
+                    self.save()
+        except KeyboardInterrupt:
             if progress is not None:
-                progress.update(1)
-            final = step == tc.max_steps
-            if (tc.eval_every and step % tc.eval_every == 0) or final:
-                last_val = evaluate().nll
-                if progress is None:
-                    log(f"step {step}: {_describe_validation(config.model, last_val)}")
-            if (tc.save_every and step % tc.save_every == 0) or final:
-                save()
-                if info.main:
-                    plot_losses(metrics.records(), run_dir / "loss.png", f"{config.model.kind}: {run_dir.name}")
-    except KeyboardInterrupt:
+                progress.close()
+            latest = latest_checkpoint(self.run_dir)
+            if self.info.world_size == 1 and self.step > 0 and (latest is None
+                                                                 or not latest.name.endswith(f"{self.step:07d}")):
+                self.save()
+                self.log(f"interrupted: saved step {self.step}; continue with `pgm train --out {self.run_dir} "
+                         "--resume`")
+            raise
         if progress is not None:
             progress.close()
-        if info.world_size == 1 and step > 0 and (latest_checkpoint(run_dir) is None
-                                                  or not latest_checkpoint(run_dir).name.endswith(f"{step:07d}")):
-            save()
-            log(f"interrupted: saved step {step}; continue with `pgm train --out {run_dir} --resume`")
-        raise
-    if progress is not None:
-        progress.close()
-    log(f"done: {step} steps; {_describe_validation(config.model, last_val)}; run saved in {run_dir}")
-    return run_dir
+        self.log(f"done: {self.step} steps; {describe_validation(config.model, last_val)}; run saved in "
+                 f"{self.run_dir}")
 
 
-def _describe_validation(model_config, nll: float) -> str:
-    kind = model_config.kind
-    if kind == "ar":
-        return f"validation NLL {nll:.4f} nats/token (perplexity {math.exp(nll):.1f})"
-    if kind == "vq":
-        return f"validation MSE {nll:.5f} per pixel on [-1, 1] (PSNR {psnr(nll):.2f} dB)"
-    if is_image_model(model_config):
-        return f"validation cross-entropy {nll:.4f} nats/token"
-    return f"validation ELBO {nll:.4f} nats/token (perplexity <= {math.exp(nll):.1f})"
+class LossWindow:
+    """The mean training loss and the tokens/s since the last logged step."""
+
+    def __init__(self):
+        self.loss, self.steps, self.tokens, self.started = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.tokens += tokens
+
+    def flush(self) -> dict:
+        record = {"loss": self.loss / self.steps, "tokens_per_s": self.tokens / (time.perf_counter() - self.started)}
+        self.__init__()
+        return record
+
+
+def _remove_created(existed: dict[Path, bool]) -> None:
+    """Undo a failed data step: remove the directories it created (the run directory itself if it
+    was new), so that no empty or half-prepared run is left behind."""
+    for path, was_there in existed.items():
+        if not was_there and path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def describe_validation(model_config, nll: float) -> str:
+    name, unit = validation_metric(model_config)
+    extra = {"ar": f" (perplexity {math.exp(nll):.1f})", "vq": f" (PSNR {psnr(nll):.2f} dB)",
+             "ELBO": f" (perplexity <= {math.exp(nll):.1f})"}
+    return (f"validation {name} {nll:.{5 if name == 'MSE' else 4}f} {unit}"
+            + extra.get(model_config.kind, extra.get(name, "")))
 
 
 def _evaluation_rows(num_rows: int, wanted: int) -> list[int]:

@@ -11,12 +11,11 @@ from typing import Literal
 import numpy as np
 
 from ..config import Config, ConfigError, require
+from ..formats import DATA_DIR, TOKENIZER_DIR, replaced_directory, write_json
 from .corpus import BUILTIN, DataError, chunk_documents, load_documents, split_documents
+from .image_tokens import PixelTokenizer, VQCodes, prepare_image_data
 from .packing import TokenRows, pad_rows, wrap_rows, write_rows
 from .tokenizers import Tokenizer, build_tokenizer, load_tokenizer
-
-TOKENIZER_DIR = "tokenizer"
-DATA_DIR = "data"
 
 
 @dataclasses.dataclass
@@ -63,14 +62,14 @@ class PreparedData:
     meta: dict
 
 
-def prepare_data(config: DataConfig, length: int, directory: Path, log=print) -> PreparedData:
-    """Read, split, tokenize and pack the data into `directory` (tokenizer/ and data/)."""
+def prepare_data(config: DataConfig, length: int, directory: Path, log=print, image_encoder=None) -> PreparedData:
+    """Read, split, tokenize and pack the data into `directory` (tokenizer/ and data/).
+    `image_encoder`: the VQ tokenizer that encodes images for `data.tokenizer=vq:DIR` (see
+    `prepare_image_data`)."""
     if config.is_image:
-        from .image_tokens import prepare_image_data
-
-        meta = prepare_image_data(config, directory, log)
+        meta = prepare_image_data(config, directory, image_encoder, log)
         meta["recipe"] = {"data": config.to_dict(), "length": length}
-        (directory / DATA_DIR / "meta.json").write_text(json.dumps(meta, indent=2))
+        write_json(directory / DATA_DIR / "meta.json", meta)
         return load_prepared(directory)
     if length < 3:
         raise ConfigError(f"rows of length {length} leave no room between BOS and EOS")
@@ -87,7 +86,12 @@ def prepare_data(config: DataConfig, length: int, directory: Path, log=print) ->
     log(f"data: {len(train_docs)} training and {len(val_docs)} validation documents "
         f"({sum(map(len, train_docs)) / 1e6:.1f}M / {sum(map(len, val_docs)) / 1e6:.2f}M characters)")
     tokenizer = build_tokenizer(config.tokenizer, train_docs, config.vocab_size, config.gpt2_file or None)
-    tokenizer.save(directory / TOKENIZER_DIR)
+    if config.tokenizer == "bpe" and tokenizer.vocab_size < config.vocab_size:
+        raise DataError(f"the training text yields a BPE of only {tokenizer.vocab_size} tokens, fewer than "
+                        f"data.vocab_size={config.vocab_size}: set data.vocab_size={tokenizer.vocab_size} or less, "
+                        "or use more text")
+    with replaced_directory(directory / TOKENIZER_DIR) as temporary:
+        tokenizer.save(temporary)
     data_dir = directory / DATA_DIR
     data_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -105,7 +109,7 @@ def prepare_data(config: DataConfig, length: int, directory: Path, log=print) ->
     meta = {"recipe": {"data": config.to_dict(), "length": length},
             "train_rows": counts["train"], "val_rows": counts["val"], "length": length,
             "unigram_val_nll": unigram_nll(train, val, tokenizer.model_vocab_size)}
-    (data_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    write_json(data_dir / "meta.json", meta)
     log(f"data: {counts['train']} training rows and {counts['val']} validation rows of {length} tokens; "
         f"unigram perplexity {math.exp(meta['unigram_val_nll']):.1f}")
     return PreparedData(tokenizer, train, val, meta)
@@ -135,5 +139,5 @@ def unigram_nll(train: TokenRows, val: TokenRows, vocab_size: int) -> float:
     return float(-log_probs[modeled_tokens(val)].mean())
 
 
-__all__ = ["DataConfig", "DataError", "PreparedData", "prepare_data", "load_prepared", "Tokenizer", "TokenRows",
-           "load_tokenizer", "unigram_nll"]
+__all__ = ["DataConfig", "DataError", "PreparedData", "PixelTokenizer", "VQCodes", "prepare_data", "load_prepared",
+           "Tokenizer", "TokenRows", "load_tokenizer", "unigram_nll"]

@@ -13,21 +13,19 @@ run that uses them (a PGM and a MaskGIT run share one encoding).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from ..formats import DATA_DIR, TOKENIZER_CONFIG, TOKENIZER_DIR, replaced_atomically, replaced_directory, write_json
 from .corpus import DataError
-from .images import load_images, to_unit_range
+from .images import load_images
 from .packing import dtype_for
-from ..runs import write_atomic
 
-TOKENIZER_CONFIG = "tokenizer_config.json"
 CACHE_DIR = "token-cache"
 
 
@@ -47,88 +45,69 @@ class PixelTokenizer:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / TOKENIZER_CONFIG).write_text(json.dumps(
-            {"type": self.kind, "channels": self.channels, "image_size": self.image_size}, indent=2))
+        write_json(directory / TOKENIZER_CONFIG, {"type": self.kind, "channels": self.channels,
+                                                  "image_size": self.image_size})
 
 
-class VQTokenizer:
-    """A trained VQ autoencoder: images -> `[BOS, codes]` rows and codes -> images."""
+@dataclasses.dataclass
+class VQCodes:
+    """Rows of VQ codes: `[BOS, c_0 .. c_{N-1}]` with codes 0..K-1, the mask id K and the BOS K+1,
+    over a `grid_size` x `grid_size` grid of an image of `channels` x `image_size`^2 pixels.
+
+    This is the layout only: the VQ network that makes and decodes the codes is not data (see
+    `pgm.vq_tokenizer`, which loads it from the same directory)."""
+
+    codebook_size: int
+    grid_size: int
+    channels: int
+    image_size: int
 
     kind = "vq"
 
-    def __init__(self, model):
-        self.model = model.eval()
-        config = model.config
-        self.codebook_size = config.codebook_size
-        self.mask_id, self.bos_id = config.codebook_size, config.codebook_size + 1
-        self.model_vocab_size = config.codebook_size + 2
-        self.grid_size, self.num_tokens = config.grid_size, config.num_tokens
-        self.channels, self.image_size = config.in_channels, config.image_size
-        self.row_length = 1 + self.num_tokens
+    @property
+    def mask_id(self) -> int:
+        return self.codebook_size
 
-    @torch.no_grad()
-    def encode(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """uint8 [N, C, H, W] -> rows [N, 1 + grid^2] (BOS first)."""
-        device = next(self.model.parameters()).device
-        rows = np.empty((len(images), self.row_length), dtype=np.int64)
-        rows[:, 0] = self.bos_id
-        for start in range(0, len(images), batch_size):
-            batch = to_unit_range(images[start:start + batch_size]).to(device)
-            rows[start:start + len(batch), 1:] = self.model.encode(batch).cpu().numpy()
-        return rows
+    @property
+    def bos_id(self) -> int:
+        return self.codebook_size + 1
 
-    @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes [B, grid^2] -> images [B, C, H, W] in [-1, 1] (clamped)."""
-        device = next(self.model.parameters()).device
-        return self.model.decode_codes(codes.to(device)).clamp(-1, 1)
+    @property
+    def model_vocab_size(self) -> int:
+        return self.codebook_size + 2
 
-    def save(self, directory: Path) -> None:
-        from ..hub import save_pretrained
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size ** 2
 
-        save_pretrained(self.model, directory)
-        (directory / TOKENIZER_CONFIG).write_text(json.dumps({"type": self.kind}, indent=2))
+    @property
+    def row_length(self) -> int:
+        return 1 + self.num_tokens
+
+    def layout(self) -> dict:
+        return {"type": self.kind, "codebook_size": self.codebook_size, "grid_size": self.grid_size,
+                "channels": self.channels, "image_size": self.image_size}
 
 
 def load_image_tokenizer(directory: Path, config: dict):
+    """The pixel tokenizer, or the layout of a VQ tokenizer's codes, saved in `directory`."""
     if config["type"] == "pixels":
         return PixelTokenizer(config["channels"], config["image_size"])
-    from ..hub import load_pretrained_dir
-
-    model, _ = load_pretrained_dir(directory)
-    return VQTokenizer(model)
-
-
-def build_image_tokenizer(spec: str, channels: int, image_size: int):
-    if spec == "pixels":
-        return PixelTokenizer(channels, image_size)
-    if not spec.startswith("vq:"):
-        raise DataError(f"image data needs the tokenizer 'pixels' or 'vq:VQ_RUN_DIR', not {spec!r}")
-    from ..hub import load_pretrained_dir
-    from ..runs import RunError
-
-    path = Path(spec[3:])
-    try:
-        model, source = load_pretrained_dir(path)
-    except RunError as error:
-        raise DataError(f"the VQ tokenizer {path} cannot be loaded ({error}); train it first with "
-                        f"`pgm train --preset fmnist-vq --out {path}`") from None
-    if model.config.kind != "vq":
-        raise DataError(f"{path} holds a {model.config.kind} model, not a VQ autoencoder")
-    if (model.config.in_channels, model.config.image_size) != (channels, image_size):
-        raise DataError(f"the VQ model in {path} reads {model.config.in_channels}x{model.config.image_size}px images "
-                        f"but the data is {channels}x{image_size}px")
-    tokenizer = VQTokenizer(model)
-    tokenizer.source = source  # the weights' path: part of the cache key
-    return tokenizer
+    missing = [key for key in ("codebook_size", "grid_size", "channels", "image_size") if key not in config]
+    if missing:
+        raise DataError(f"{directory / TOKENIZER_CONFIG} does not describe its VQ codes (no {', '.join(missing)}); "
+                        "it was written by an older partition-gm: prepare the run's data again")
+    return VQCodes(config["codebook_size"], config["grid_size"], config["channels"], config["image_size"])
 
 
 def write_image_rows(rows: np.ndarray, labels: np.ndarray, path: Path, vocab_size: int) -> None:
-    """rows [N, L] -> `path` (raw array) + `path.json` + `path.labels.npy`, as TokenRows reads them."""
-    rows.astype(dtype_for(vocab_size)).tofile(path)
-    Path(f"{path}.json").write_text(json.dumps({"rows": len(rows), "length": rows.shape[1],
-                                                "dtype": dtype_for(vocab_size).name}))
-    np.save(f"{path}.labels.npy", labels.astype(np.int64))
+    """rows [N, L] -> `path` (raw array) + `path.json` + `path.labels.npy`, as TokenRows reads them.
+    Each file is written atomically, the rows last: rows that are there are complete."""
+    write_json(f"{path}.json", {"rows": len(rows), "length": rows.shape[1], "dtype": dtype_for(vocab_size).name})
+    with replaced_atomically(f"{path}.labels.npy") as temporary:
+        np.save(temporary, labels.astype(np.int64))
+    with replaced_atomically(path) as temporary:
+        rows.astype(dtype_for(vocab_size)).tofile(temporary)
 
 
 def split_images(config, train_split: bool):
@@ -158,8 +137,8 @@ def split_images(config, train_split: bool):
     return images[order], labels[order], classes
 
 
-def _cache_key(config, tokenizer) -> str:
-    weights = Path(tokenizer.source).resolve()
+def _cache_key(config, weights: Path) -> str:
+    weights = Path(weights).resolve()
     recipe = {"data": {k: v for k, v in config.to_dict().items() if k != "tokenizer"},
               "weights": [str(weights), weights.stat().st_mtime_ns]}
     source = Path(config.source)
@@ -169,40 +148,41 @@ def _cache_key(config, tokenizer) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_image_data(config, directory: Path, log=print) -> dict:
-    """Tokenize both splits into `directory`/data (through the VQ cache) and save the tokenizer;
-    returns the meta dictionary."""
-    from . import DATA_DIR, TOKENIZER_DIR
+def prepare_image_data(config, directory: Path, encoder=None, log=print) -> dict:
+    """Tokenize both splits into `directory`/data and save the tokenizer; returns the meta dictionary.
 
-    tokenizer = build_image_tokenizer(config.tokenizer, config.channels, config.image_size)
+    `encoder` turns uint8 images into rows: the pixel tokenizer (built here) for
+    `tokenizer=pixels`; for `vq:DIR` the caller passes the VQ tokenizer (a network, which data
+    does not build), and its rows are cached inside DIR, keyed by the recipe and the weights, so
+    that every run on the same codes shares one encoding."""
+    if config.tokenizer == "pixels":
+        encoder = PixelTokenizer(config.channels, config.image_size)
+    elif encoder is None or getattr(encoder, "kind", "") != "vq":
+        raise DataError(f"data.tokenizer={config.tokenizer} needs its VQ tokenizer to encode the images")
     data_dir = directory / DATA_DIR
     data_dir.mkdir(parents=True, exist_ok=True)
     cache = None
-    if isinstance(tokenizer, VQTokenizer):
-        cache = Path(config.tokenizer[3:]) / CACHE_DIR / _cache_key(config, tokenizer)
+    if encoder.kind == "vq":
+        cache = Path(config.tokenizer[3:]) / CACHE_DIR / _cache_key(config, encoder.source)
     counts, classes = {}, []
     for name, train_split in (("train", True), ("val", False)):
-        cached = cache / f"{name}.bin" if cache else None
-        if cached is None or not cached.is_file():
+        target = (cache if cache is not None else data_dir) / f"{name}.bin"
+        if cache is None or not target.is_file():
             images, labels, classes = split_images(config, train_split)
-            log(f"data: tokenizing {len(images)} {name} images ({tokenizer.kind})")
-            rows = tokenizer.encode(images)
-            target = cached if cached is not None else data_dir / f"{name}.bin"
+            log(f"data: tokenizing {len(images)} {name} images ({encoder.kind})")
+            rows = encoder.encode(images)
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(target.parent / "classes.json", json.dumps(classes).encode())
-            temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            write_image_rows(rows, labels, temporary, tokenizer.model_vocab_size)
-            for suffix in (".json", ".labels.npy"):  # the companions first, the rows last: rows mean complete
-                os.replace(f"{temporary}{suffix}", f"{target}{suffix}")
-            os.replace(temporary, target)
-        if cached is not None:
+            write_json(target.parent / "classes.json", classes)
+            write_image_rows(rows, labels, target, encoder.model_vocab_size)
+        if cache is not None:
             for suffix in ("", ".json", ".labels.npy"):
-                shutil.copyfile(f"{cached}{suffix}", data_dir / f"{name}.bin{suffix}")
+                shutil.copyfile(f"{target}{suffix}", data_dir / f"{name}.bin{suffix}")
             classes = json.loads((cache / "classes.json").read_text())
         counts[name] = int(np.load(data_dir / f"{name}.bin.labels.npy").shape[0])
-    tokenizer.save(directory / TOKENIZER_DIR)
+    with replaced_directory(directory / TOKENIZER_DIR) as temporary:
+        encoder.save(temporary)
     meta = {"modality": "image", "train_rows": counts["train"], "val_rows": counts["val"],
-            "length": tokenizer.row_length, "classes": classes}
-    log(f"data: {counts['train']} training and {counts['val']} validation images, rows of {tokenizer.row_length} "
+            "length": encoder.row_length, "classes": classes}
+    log(f"data: {counts['train']} training and {counts['val']} validation images, rows of {encoder.row_length} "
         f"tokens, {len(classes)} classes")
     return meta

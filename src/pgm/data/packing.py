@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..formats import write_json
+
 
 def dtype_for(vocab_size: int) -> np.dtype:
     if vocab_size <= 256:
@@ -59,7 +61,7 @@ def write_rows(rows: Iterable, path: Path, length: int, vocab_size: int, padded:
                 buffer.clear()
         if buffer:
             handle.write(np.asarray(buffer, dtype=dtype).tobytes())
-    Path(f"{path}.json").write_text(json.dumps({"rows": count, "length": length, "dtype": dtype.name}))
+    write_json(f"{path}.json", {"rows": count, "length": length, "dtype": dtype.name})
     if padded:
         np.save(f"{path}.lengths.npy", np.asarray(lengths, dtype=np.int32))
     return count

@@ -13,11 +13,11 @@ import os
 import shutil
 from pathlib import Path
 
+from ..formats import TOKENIZER_CONFIG, write_json
 from .corpus import DataError
+from .image_tokens import load_image_tokenizer
 
-CONFIG_FILE = "tokenizer_config.json"
 GPT2_FILE = "gpt2.tiktoken"
-GPT2_EOT = 50256
 # GPT-2's pre-tokenisation pattern, as tiktoken defines it for the "gpt2"/"r50k_base" encodings.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
@@ -50,7 +50,7 @@ class Tokenizer:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self._config(), indent=2))
+        write_json(directory / TOKENIZER_CONFIG, self._config())
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -170,14 +170,6 @@ class GPT2Tokenizer(Tokenizer):
         if self.file is not None:
             shutil.copyfile(self.file, directory / GPT2_FILE)
 
-    @staticmethod
-    def save_reference(directory: Path) -> None:
-        """Record GPT-2's tokenizer without its BPE file; loading then looks for the file offline
-        ($PGM_GPT2_TIKTOKEN, openai-whisper) or downloads it through tiktoken."""
-        directory.mkdir(parents=True, exist_ok=True)
-        ids = {"vocab_size": 50257, "bos_id": GPT2_EOT, "eos_id": GPT2_EOT, "pad_id": GPT2_EOT, "mask_id": 50257}
-        (directory / CONFIG_FILE).write_text(json.dumps({"type": "gpt2", **ids}, indent=2))
-
 
 def build_tokenizer(kind: str, train_documents: list[str], vocab_size: int, gpt2_file: str | None) -> Tokenizer:
     if kind == "bpe":
@@ -189,15 +181,22 @@ def build_tokenizer(kind: str, train_documents: list[str], vocab_size: int, gpt2
     raise DataError(f"unknown tokenizer {kind!r}: use bpe, gpt2 or hf:NAME")
 
 
-def load_tokenizer(directory: Path) -> Tokenizer:
-    config_path = directory / CONFIG_FILE
+def named_tokenizer(name: str, gpt2_file: str | None = None) -> Tokenizer:
+    """A tokenizer known by name, as the authors' checkpoints record theirs: GPT-2's ("gpt2",
+    "gpt2-large", ...: the same BPE, found offline or downloaded) or a Hugging Face one."""
+    return GPT2Tokenizer(gpt2_file) if name.startswith("gpt2") else pretrained_tokenizer(name)
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer saved in `directory`: a text tokenizer, the pixel tokenizer, or the layout of a
+    VQ tokenizer's codes (`VQCodes`; its network is loaded by `pgm.vq_tokenizer`)."""
+    directory = Path(directory)
+    config_path = directory / TOKENIZER_CONFIG
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError):
-        raise DataError(f"{directory} holds no readable tokenizer ({CONFIG_FILE})") from None
+        raise DataError(f"{directory} holds no readable tokenizer ({TOKENIZER_CONFIG})") from None
     if config["type"] in ("pixels", "vq"):
-        from .image_tokens import load_image_tokenizer
-
         return load_image_tokenizer(directory, config)
     if config["type"] == "gpt2":
         local = directory / GPT2_FILE

@@ -287,3 +287,21 @@ class InceptionFeatures(nn.Module):
         return features, logits
 
     features = forward  # the interface of FeatureClassifier, so classifier_statistics takes either
+
+
+DEFAULT_CLASSIFIER = "runs/fid-classifier"  # where `pgm fid-classifier` writes it
+
+
+def load_feature_extractor(*, classifier: str | Path = DEFAULT_CLASSIFIER, inception: str | Path | None = None,
+                           device="cpu") -> tuple[nn.Module, str]:
+    """(the network whose features the Frechet distance compares, the metric's name): Inception-v3
+    from its weights file (the standard FID), else the in-repo classifier saved in `classifier`."""
+    if inception is not None:
+        return InceptionFeatures(str(inception)).to(device), "FID (Inception-v3)"
+    from ..hub import from_pretrained
+
+    model = from_pretrained(classifier)
+    if model.config.kind != "classifier":
+        raise ValueError(f"{classifier} holds a {model.config.kind} model, not the feature classifier "
+                         "(train one with pgm fid-classifier)")
+    return model.to(device), "FD (classifier features)"

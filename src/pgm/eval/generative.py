@@ -15,6 +15,7 @@ is scored in consecutive windows, each restarting after the BOS.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -24,7 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..sampling import SamplingOptions
+from ..data import load_tokenizer
+from ..devices import synchronize
+from ..formats import TOKENIZER_DIR
+from ..generation import iterate_text
+from ..hub import load_pretrained_dir
+from ..objectives import token_nll
+from ..sampling import SamplingOptions, run_to_end
 
 
 @dataclasses.dataclass
@@ -132,9 +139,6 @@ class RunEvaluator(Evaluator):
     """One of our autoregressive runs or pretrained directories."""
 
     def __init__(self, directory: str | Path, *, device="cpu", batch_size: int = 32, weights: str = "ema"):
-        from ..data import load_tokenizer
-        from ..hub import TOKENIZER_DIR, load_pretrained_dir
-
         directory = Path(directory)
         model, _ = load_pretrained_dir(directory, weights)
         if model.config.kind != "ar":
@@ -151,8 +155,6 @@ class RunEvaluator(Evaluator):
         return self.model(inputs, check_inputs=False)
 
     def _nll(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        from ..objectives.text import token_nll
-
         return token_nll(logits, targets, self.model.config.mask_token_id)
 
 
@@ -205,10 +207,9 @@ def load_evaluator(spec: str, *, device="cpu", batch_size: int | None = None) ->
 def generative_perplexity(model, tokenizer, evaluator: Evaluator, *, num_samples: int, steps: int,
                           batch_size: int = 32, sampler: str | None = None, order: str = "random",
                           options: SamplingOptions = SamplingOptions(float64=True), seed: int = 0,
-                          length: int | None = None) -> GenerativeResult:
-    """Draw `num_samples` unconditional samples (after a BOS) and score them with `evaluator`."""
-    from ..generation import generate_tokens
-
+                          length: int | None = None, autocast=contextlib.nullcontext) -> GenerativeResult:
+    """Draw `num_samples` unconditional samples (after a BOS) and score them with `evaluator`.
+    `autocast` makes the context manager the sampling runs under."""
     length = length or model.config.length
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -219,13 +220,12 @@ def generative_perplexity(model, tokenizer, evaluator: Evaluator, *, num_samples
         known[:, 0] = tokenizer.bos_id
         known_mask = torch.zeros_like(known, dtype=torch.bool)
         known_mask[:, 0] = True
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
-        tokens = generate_tokens(model, known_tokens=known, known_mask=known_mask, steps=steps, sampler=sampler,
-                                 order=order, options=options, generator=generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        with autocast():
+            tokens = run_to_end(iterate_text(model, known_tokens=known, known_mask=known_mask, steps=steps,
+                                             sampler=sampler, order=order, options=options, generator=generator))
+        synchronize(device)
         seconds += time.perf_counter() - started
         samples.append(tokens.cpu())
     samples = torch.cat(samples)

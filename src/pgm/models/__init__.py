@@ -20,6 +20,8 @@ MODEL_CLASSES = {
 
 def config_from_dict(values: dict) -> ModelConfig:
     """Rebuild a model config from its JSON form, which names its `kind`."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a model configuration is a JSON object naming its kind, not a {type(values).__name__}")
     kind = values.get("kind")
     if kind not in MODEL_CLASSES:
         raise ConfigError(f"unknown model kind {kind!r}; known kinds: {', '.join(MODEL_CLASSES)}")

@@ -1,11 +1,18 @@
-"""What every token model shares: input checks and the adaLN conditioning vector."""
+"""What every model shares: input checks, the shape fields of the token transformers, saving as
+a pretrained directory, and the adaLN conditioning vector."""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..config import ModelConfig, require
+from ..formats import (CONFIG_FILE, MODEL_CARD, TOKENIZER_DIR, WEIGHTS_FILE, Origin, copy_directory, model_card,
+                       replaced_directory, save_weights, write_atomic, write_json)
 from .layers import Conditioning
 
 
@@ -22,26 +29,78 @@ def check_ids(name: str, ids: torch.Tensor, upper: int, *, what: str = "token id
             raise ValueError(f"{name} holds the {what} {bad}, outside [0, {upper})")
 
 
+def check_attention_shape(config) -> None:
+    """Hidden size, heads (an even head dimension) and dropout: what every transformer config shares."""
+    require(config.hidden_size >= 2, f"hidden_size must be at least 2, got {config.hidden_size}")
+    require(config.num_heads >= 1, f"num_heads must be positive, got {config.num_heads}")
+    require(config.hidden_size % config.num_heads == 0,
+            f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
+    require((config.hidden_size // config.num_heads) % 2 == 0,
+            f"the head dimension hidden_size/num_heads = {config.hidden_size // config.num_heads} must be even")
+    require(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
+
+
+@dataclasses.dataclass
+class TokenTransformerConfig(ModelConfig):
+    """The shape every token transformer of the DiT family (PGM, MDLM, AR) shares; the defaults
+    are the paper's OpenWebText models. `mask_token_id` defaults to the last id."""
+
+    vocab_size: int = 50258
+    length: int = 1024
+    hidden_size: int = 768
+    num_heads: int = 12
+    mlp_ratio: int = 4
+    cond_dim: int = 128
+    dropout: float = 0.1
+    time_conditioning: bool = False
+    mask_token_id: int | None = None
+
+    def validate(self) -> None:
+        if self.mask_token_id is None:
+            self.mask_token_id = self.vocab_size - 1
+        require(self.vocab_size >= 2, f"vocab_size must be at least 2, got {self.vocab_size}")
+        require(self.length >= 1, f"length must be positive, got {self.length}")
+        check_attention_shape(self)
+        require(self.mlp_ratio >= 1, f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        require(self.cond_dim >= 1, f"cond_dim must be positive, got {self.cond_dim}")
+        require(0 <= self.mask_token_id < self.vocab_size,
+                f"mask_token_id {self.mask_token_id} is outside the vocabulary of size {self.vocab_size}")
+
+
 class PretrainedModel(nn.Module):
-    """What every model class shares: a JSON-able `config`, save/load as a pretrained directory."""
+    """What every model class shares: a JSON-able `config`, and saving as a pretrained directory.
+
+    `origin` says where a loaded model came from (set by `pgm.from_pretrained`), so that saving
+    it again keeps its tokenizer and what its model card knows of its training."""
 
     config: object
+    origin: Origin | None = None
 
-    def save_pretrained(self, directory, tokenizer=None):
-        """Write config.json + model.safetensors (+ tokenizer/) into `directory`."""
-        from ..hub import save_pretrained
-
-        return save_pretrained(self, directory, tokenizer)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, **options):
-        """Load a pretrained or run directory, an authors' checkpoint, or a Hub id (see pgm.hub)."""
-        from ..hub import from_pretrained
-
-        model = from_pretrained(name_or_path, **options)
-        if not isinstance(model, cls):
-            raise ValueError(f"{name_or_path} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
+    def save_pretrained(self, directory: str | Path, tokenizer=None, *, keep_tokenizer: bool = True) -> Path:
+        """Write config.json, model.safetensors, the model card README.md and tokenizer/ into
+        `directory`: `tokenizer` when given, else the tokenizer this model was loaded with (none
+        with `keep_tokenizer=False`). Every file, and the tokenizer directory, is replaced atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        origin = self.origin or Origin(source="")
+        values = {"model": self.config.to_dict()}
+        target = directory / TOKENIZER_DIR
+        if tokenizer is not None:
+            with replaced_directory(target) as temporary:
+                tokenizer.save(temporary)
+        elif not keep_tokenizer:
+            pass
+        elif origin.tokenizer_dir is not None and origin.tokenizer_dir.resolve() != target.resolve():
+            copy_directory(origin.tokenizer_dir, target)
+        elif origin.tokenizer_name:
+            values["tokenizer"] = origin.tokenizer_name
+        if origin.card:
+            values["card"] = origin.card
+        save_weights(self.savable_state(), directory / WEIGHTS_FILE)
+        write_json(directory / CONFIG_FILE, values)
+        write_atomic(directory / MODEL_CARD,
+                     model_card(self.config.to_dict(), self.num_parameters(), origin.card).encode())
+        return directory
 
     def savable_state(self, state: dict | None = None) -> dict:
         """`state` (default: this model's state_dict) without the aliases of tied weights (MaskGIT's

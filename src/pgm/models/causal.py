@@ -12,37 +12,25 @@ from typing import ClassVar
 
 import torch
 
-from ..config import ModelConfig, check_transformer_shape, require
-from .base import check_ids
+from ..config import require
+from .base import TokenTransformerConfig, check_ids
 from .dit import SelfAttentionStack
 from .layers import LayerCache
 
 
 @dataclasses.dataclass
-class CausalConfig(ModelConfig):
+class CausalConfig(TokenTransformerConfig):
     """Shape of a `CausalTransformer`. `mask_token_id` is unused by the model (it never sees a
     mask) but kept so the vocabulary matches the diffusion models' and is never sampled."""
 
     kind: ClassVar[str] = "ar"
 
-    vocab_size: int = 50258
-    length: int = 1024
-    hidden_size: int = 768
-    num_heads: int = 12
     blocks: int = 12
-    mlp_ratio: int = 4
-    cond_dim: int = 128
-    dropout: float = 0.1
-    mask_token_id: int | None = None
-
-    @property
-    def time_conditioning(self) -> bool:
-        return False
 
     def validate(self) -> None:
-        if self.mask_token_id is None:
-            self.mask_token_id = self.vocab_size - 1
-        check_transformer_shape(self)
+        super().validate()
+        require(not self.time_conditioning, "the autoregressive baseline has no noise level: time_conditioning "
+                                            "must be false")
         require(self.blocks >= 1, f"blocks must be positive, got {self.blocks}")
 
 

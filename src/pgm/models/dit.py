@@ -8,32 +8,21 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import TimeConditionedModel, check_ids
-from ..config import ModelConfig, check_transformer_shape, require
+from ..config import require
+from .base import TimeConditionedModel, TokenTransformerConfig, check_ids
 from .layers import FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding
 
 
 @dataclasses.dataclass
-class MaskedDiffusionConfig(ModelConfig):
-    """Shape and options of a `MaskedDiffusionTransformer`. `mask_token_id` defaults to the last id."""
+class MaskedDiffusionConfig(TokenTransformerConfig):
+    """Shape and options of a `MaskedDiffusionTransformer`."""
 
     kind: ClassVar[str] = "mdlm"
 
-    vocab_size: int = 50258
-    length: int = 1024
-    hidden_size: int = 768
-    num_heads: int = 12
     blocks: int = 12
-    mlp_ratio: int = 4
-    cond_dim: int = 128
-    dropout: float = 0.1
-    time_conditioning: bool = False
-    mask_token_id: int | None = None
 
     def validate(self) -> None:
-        if self.mask_token_id is None:
-            self.mask_token_id = self.vocab_size - 1
-        check_transformer_shape(self)
+        super().validate()
         require(self.blocks >= 1, f"blocks must be positive, got {self.blocks}")
 
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, check_attention_shape, require
-from .base import PretrainedModel, check_ids
+from ..config import ModelConfig, require
+from .base import PretrainedModel, check_attention_shape, check_ids
 from .layers import Conditioning, merge_heads, modulate, modulations, split_heads, zero_init_
 
 RMS_EPS = 1e-5

@@ -22,8 +22,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from .base import TimeConditionedModel, check_ids, check_labels
-from ..config import ModelConfig, check_transformer_shape, require
+from ..config import require
+from .base import TimeConditionedModel, TokenTransformerConfig, check_ids, check_labels
 from .layers import (ClassEmbedding, CrossAttentionBlock, FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder,
                      TokenEmbedding, apply_rotary, attend, sinusoid, split_heads)
 
@@ -31,25 +31,16 @@ PreQueryMode = Literal["learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+
 
 
 @dataclasses.dataclass
-class PartitionConfig(ModelConfig):
-    """Shape and options of a `PartitionTransformer`. `mask_token_id` defaults to the last id."""
+class PartitionConfig(TokenTransformerConfig):
+    """Shape and options of a `PartitionTransformer`."""
 
     kind: ClassVar[str] = "pgm"
 
-    vocab_size: int = 50258
-    length: int = 1024
-    hidden_size: int = 768
-    num_heads: int = 12
     encoder_blocks: int = 8
     decoder_blocks: int = 8
-    mlp_ratio: int = 4
-    cond_dim: int = 128
-    dropout: float = 0.1
     pre_query_mode: PreQueryMode = "learn+freqs"
     query_processor: Literal["linear", "mlp4"] = "linear"
     query_norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    time_conditioning: bool = False
-    mask_token_id: int | None = None
     num_classes: int = 0  # > 0: class-conditional (adaLN from a class embedding; label num_classes = no class)
     registers: int = 0  # 2: one learned register per group, as the authors' image model
 
@@ -59,9 +50,7 @@ class PartitionConfig(ModelConfig):
         return self.length + self.registers
 
     def validate(self) -> None:
-        if self.mask_token_id is None:
-            self.mask_token_id = self.vocab_size - 1
-        check_transformer_shape(self)
+        super().validate()
         require(self.registers in (0, 2), f"registers must be 0 or 2 (one per group), got {self.registers}")
         require(self.num_classes >= 0, f"num_classes must be non-negative, got {self.num_classes}")
         require(not (self.num_classes and self.time_conditioning),

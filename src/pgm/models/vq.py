@@ -1,5 +1,5 @@
 """A VQ image tokenizer with LlamaGen's module tree and parameter names, so that LlamaGen's
-released VQ checkpoints (VQ-8: `vq_ds8_c2i.pt`) load into it strictly.
+released VQ checkpoints (VQ-8: `vq_ds8_c2i.pt`) load into it strictly (`pgm.importers.llamagen`).
 
     image [B, C, H, W] in [-1, 1]
       ─encoder─> [B, z_channels, h, w] ─quant_conv─> [B, codebook_dim, h, w]
@@ -14,8 +14,6 @@ the middle blocks. The decoder output is not clamped: callers clamp to [-1, 1].
 from __future__ import annotations
 
 import dataclasses
-import pickle
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -375,66 +373,3 @@ class VQModel(PretrainedModel):
     def codebook_usage(self) -> float:
         """Fraction of codebook entries among the most recent `codebook_usage_window` training codes."""
         return self.quantize.usage()
-
-
-def code_statistics(codes: torch.Tensor, codebook_size: int) -> tuple[float, float]:
-    """(fraction of the codebook used, perplexity exp(entropy) of the code histogram) of `codes` (any shape)."""
-    flat = codes.reshape(-1)
-    if flat.numel() == 0:
-        raise ValueError("code_statistics needs at least one code")
-    check_ids("codes", flat[None], codebook_size, what="code id")
-    counts = torch.bincount(flat.long(), minlength=codebook_size).double()
-    probabilities = counts[counts > 0] / flat.numel()
-    entropy = -(probabilities * probabilities.log()).sum()
-    return probabilities.numel() / codebook_size, float(entropy.exp())
-
-
-def first_clause(text: str) -> str:
-    """The first line of `text` up to its first full stop, to quote inside one sentence."""
-    return text.strip().splitlines()[0].split(". ")[0].rstrip(".") if text.strip() else "no details"
-
-
-def describe(value) -> str:
-    """A state_dict value's shape as text, or its type when it is not a tensor."""
-    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def load_llamagen_vq(path: str | Path, config: VQConfig | None = None) -> VQModel:
-    """A `VQModel` (in eval mode) holding the weights of a LlamaGen VQ checkpoint: a file holding
-    {"model": state_dict, ...}. `config` defaults to VQ-8; the load is strict."""
-    config = VQConfig() if config is None else config
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # a missing or unreadable file keeps its own error
-        raise
-    except pickle.UnpicklingError as error:
-        # torch's message is several paragraphs; the cause follows this marker.
-        reason = str(error).split("WeightsUnpickler error: ")[-1]
-        raise ValueError(f"{path} is not a plain LlamaGen VQ checkpoint of tensors and containers "
-                         f"({first_clause(reason)})") from None
-    except Exception as error:  # torch.load fails on foreign files with many exception types
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {first_clause(str(error))})"
-                         ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} is not a LlamaGen VQ checkpoint: expected a dict with a 'model' state_dict, "
-                         f"found {found}")
-    state = checkpoint["model"]
-    # Built without storage or random initialisation: the strict load below fills every tensor.
-    with torch.device("meta"):
-        model = VQModel(config)
-    expected = model.state_dict()
-    problems = []
-    missing = [name for name in expected if name not in state]
-    unexpected = [name for name in state if name not in expected]
-    misshaped = [f"{name} (file {describe(state[name])}, model {describe(tensor)})"
-                 for name, tensor in expected.items() if name in state and describe(state[name]) != describe(tensor)]
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            problems.append(f"{len(names)} {label} key(s): {', '.join(names[:3])}{more}")
-    if problems:
-        raise ValueError(f"{path} does not fit this VQ configuration: {'; '.join(problems)}")
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)
-    return model.eval()

@@ -11,16 +11,12 @@ free guidance needs.
 from __future__ import annotations
 
 import dataclasses
-import math
+
 import torch
 import torch.nn.functional as F
 
-from .text import LossOutput, _finish, model_config, token_nll
-
-
-def arccos_share(t: torch.Tensor) -> torch.Tensor:
-    """Share of tokens hidden at time t in [0, 1]: 1 at t = 0, 0 at t = 1."""
-    return torch.arccos(t.clamp(0, 1)) / (math.pi / 2)
+from .losses import LossOutput, finish, model_config, token_nll
+from .schedules import arccos_share
 
 
 @dataclasses.dataclass
@@ -80,7 +76,7 @@ class ImagePartitionObjective(_ClassConditionalObjective):
         groups &= scored
         logits = model(tokens, groups, _conditioning_labels(model, _require(labels), noise.drop_label),
                        check_inputs=False)
-        return _finish(token_nll(logits, tokens, config.mask_token_id), scored)
+        return finish(token_nll(logits, tokens, config.mask_token_id), scored)
 
 
 @dataclasses.dataclass
@@ -100,7 +96,7 @@ class MaskGITObjective(_ClassConditionalObjective):
         inputs = torch.where(masked, config.mask_token_id, codes)
         logits = model(inputs, _conditioning_labels(model, _require(labels), noise.drop_label), check_inputs=False)
         nll = token_nll(logits, codes, config.mask_token_id)
-        return _finish(nll, masked)
+        return finish(nll, masked)
 
 
 @dataclasses.dataclass
@@ -120,16 +116,11 @@ class VQObjective:
                                                           config.image_size)
         out = model(images)
         squared = F.mse_loss(out.reconstruction.float(), images, reduction="none").flatten(1)
-        result = _finish(squared, torch.ones_like(squared, dtype=torch.bool))
+        result = finish(squared, torch.ones_like(squared, dtype=torch.bool))
         result.loss = result.loss + out.codebook_loss + out.commitment_loss  # the latter already scaled by beta
         return result
 
     elbo = loss
-
-
-def psnr(mse: float) -> float:
-    """Peak signal-to-noise ratio in dB of a mean squared error on the [-1, 1] scale (peak-to-peak 2)."""
-    return 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")
 
 
 def _require(labels):

@@ -1,8 +1,10 @@
-"""Noise schedules and time sampling for masked diffusion."""
+"""Noise schedules and time sampling: the log-linear schedule of the text models and the arccos
+schedule of the image models (their training and their samplers share it)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -52,3 +54,10 @@ def sample_times(batch_size: int, *, antithetic: bool = True, t_min: float = 1e-
     if antithetic:
         u = (u / batch_size + torch.arange(batch_size, device=u.device) / batch_size) % 1
     return (1 - t_min) * u + t_min
+
+
+def arccos_share(t: torch.Tensor) -> torch.Tensor:
+    """The arccos schedule: the share of an image's tokens hidden at time t in [0, 1],
+    arccos(t) / (pi / 2): 1 at t = 0, 0 at t = 1. Computed in t's dtype (the samplers pass
+    float64 so that their floors are exact)."""
+    return torch.arccos(t.clamp(0, 1)) / (math.pi / 2)

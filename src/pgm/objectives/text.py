@@ -15,53 +15,9 @@ import dataclasses
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
+from .losses import LossOutput, finish, model_config, modeled_positions, token_nll
 from .schedules import LogLinearSchedule, sample_times
-
-
-@dataclasses.dataclass
-class LossOutput:
-    """`loss` is what to backpropagate; `nll_sum / tokens` is the per-token ELBO (nats);
-    `row_nll` and `row_tokens` [B] break both down by row."""
-
-    loss: torch.Tensor
-    nll_sum: torch.Tensor
-    tokens: torch.Tensor
-    row_nll: torch.Tensor
-    row_tokens: torch.Tensor
-
-
-def model_config(model):
-    """The config of a model, also through a DistributedDataParallel wrapper."""
-    return getattr(model, "module", model).config
-
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor, suppressed_id: int) -> torch.Tensor:
-    """-log p(target) [B, L] in float32, with the `suppressed_id` logit removed from the softmax."""
-    if logits.dtype == torch.float32:
-        logits = logits.index_fill(-1, torch.tensor([suppressed_id], device=logits.device), float("-inf"))
-    else:
-        logits = logits.float().index_fill_(-1, torch.tensor([suppressed_id], device=logits.device), float("-inf"))
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return nll.view_as(targets)
-
-
-def _modeled(tokens: torch.Tensor, valid: torch.Tensor | None, always_clean: torch.Tensor | None) -> torch.Tensor:
-    """Tokens whose likelihood is modeled: valid (not padding) and not given (like BOS)."""
-    modeled = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.bool()
-    if always_clean is not None:
-        modeled = modeled & ~always_clean.bool()
-    return modeled
-
-
-def _finish(per_token: torch.Tensor, modeled: torch.Tensor, scale: float = 1.0) -> LossOutput:
-    row_nll = (per_token * modeled).sum(1) * scale
-    row_tokens = modeled.sum(1)
-    count = row_tokens.sum()
-    nll_sum = row_nll.sum()
-    return LossOutput(loss=nll_sum / count.clamp(min=1), nll_sum=nll_sum.detach(), tokens=count,
-                      row_nll=row_nll.detach(), row_tokens=row_tokens)
 
 
 @dataclasses.dataclass
@@ -136,14 +92,14 @@ class PartitionObjective(_DiffusionObjective):
         t, groups, nll = self._forward(model, tokens, always_clean, generator, noise)
         s = self.schedule.complement(t) if self.complement == "exact" else 1 - t
         weights = torch.where(groups, self.schedule.weight(t)[:, None], self.schedule.weight(s)[:, None])
-        return _finish(weights * nll, _modeled(tokens, valid, always_clean), scale=0.5)
+        return finish(weights * nll, modeled_positions(tokens, valid, always_clean), scale=0.5)
 
     def elbo(self, model, tokens: torch.Tensor, valid: torch.Tensor | None = None,
              always_clean: torch.Tensor | None = None, generator: torch.Generator | None = None,
              noise: Noise | None = None) -> LossOutput:
         t, groups, nll = self._forward(model, tokens, always_clean, generator, noise)
         per_token = torch.where(groups, self.schedule.weight(t)[:, None] * nll, 0.0)
-        return _finish(per_token, _modeled(tokens, valid, always_clean))
+        return finish(per_token, modeled_positions(tokens, valid, always_clean))
 
 
 @dataclasses.dataclass
@@ -158,7 +114,7 @@ class MaskedDiffusionObjective(_DiffusionObjective):
         cond = self.schedule.sigma(t) if model_config(model).time_conditioning else None
         nll = token_nll(model(noisy, cond, check_inputs=False), tokens, model_config(model).mask_token_id)
         per_token = torch.where(masked, self.schedule.weight(t)[:, None] * nll, 0.0)
-        return _finish(per_token, _modeled(tokens, valid, always_clean))
+        return finish(per_token, modeled_positions(tokens, valid, always_clean))
 
     elbo = loss
 
@@ -175,28 +131,7 @@ class AutoregressiveObjective:
              noise=None) -> LossOutput:
         logits = model(tokens[:, :-1], check_inputs=False)
         nll = token_nll(logits, tokens[:, 1:], model_config(model).mask_token_id)
-        modeled = _modeled(tokens, valid, always_clean)[:, 1:]
-        return _finish(nll, modeled)
+        modeled = modeled_positions(tokens, valid, always_clean)[:, 1:]
+        return finish(nll, modeled)
 
     elbo = loss
-
-
-def objective_for(model, *, complement: str = "exact", label_dropout: float = 0.1):
-    """The objective that trains `model`'s kind. `complement`: the text PGM's swapped-view time;
-    `label_dropout`: how often a class-conditional model trains without its label."""
-    from .image import ImagePartitionObjective, MaskGITObjective, VQObjective
-
-    config = model_config(model)
-    if config.kind == "pgm" and config.num_classes:
-        return ImagePartitionObjective(label_dropout=label_dropout)
-    if config.kind == "pgm":
-        return PartitionObjective(complement=complement)
-    if config.kind == "mdlm":
-        return MaskedDiffusionObjective()
-    if config.kind == "ar":
-        return AutoregressiveObjective()
-    if config.kind == "maskgit":
-        return MaskGITObjective(label_dropout=label_dropout)
-    if config.kind == "vq":
-        return VQObjective()
-    raise ValueError(f"no objective for model kind {config.kind!r}")

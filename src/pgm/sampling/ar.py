@@ -10,16 +10,23 @@ from __future__ import annotations
 import torch
 
 from .categorical import SamplingOptions, sample_categorical
-from .common import check_known, model_device, resolve_known
+from .common import StepUpdate, check_known, model_device, resolve_known, run_to_end
+
+
+def sample_autoregressive(model, **options) -> torch.Tensor:
+    """Generate [num_samples, length] ids: `iterate_autoregressive` run to its end (same options)."""
+    return run_to_end(iterate_autoregressive(model, **options))
 
 
 @torch.no_grad()
-def sample_autoregressive(model, *, num_samples: int | None = None, length: int | None = None,
-                          known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-                          options: SamplingOptions = SamplingOptions(), generator: torch.Generator | None = None,
-                          use_cache: bool = True, stats: dict | None = None) -> torch.Tensor:
-    """Generate [num_samples, length] ids one position at a time. `use_cache=False` re-runs the
-    whole prefix every step (the slow reference the cache is tested against)."""
+def iterate_autoregressive(model, *, num_samples: int | None = None, length: int | None = None,
+                           known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+                           options: SamplingOptions = SamplingOptions(), generator: torch.Generator | None = None,
+                           use_cache: bool = True, stats: dict | None = None):
+    """Generate [num_samples, length] ids one position at a time: a generator that yields a
+    `StepUpdate` after every position (rows whose token there was known commit nothing) and
+    returns the ids. `use_cache=False` re-runs the whole prefix every step (the slow reference
+    the cache is tested against)."""
     config = model.config
     known_tokens, known_mask = resolve_known(config, num_samples, length, known_tokens, known_mask,
                                              model_device(model))
@@ -33,6 +40,8 @@ def sample_autoregressive(model, *, num_samples: int | None = None, length: int 
     if common == 0:
         raise ValueError("autoregressive sampling needs at least one known token per row (a BOS or a prompt)")
     tokens = known_tokens.clone()
+    columns = torch.arange(length, device=tokens.device).expand(batch, -1)
+    generated = ~known_mask
     cache = model.new_cache(length) if use_cache else None
     calls = 0
     position = common  # the next position to fill
@@ -41,6 +50,8 @@ def sample_autoregressive(model, *, num_samples: int | None = None, length: int 
     while position < length:
         drawn = sample_categorical(logits, options, suppress=(config.mask_token_id,), generator=generator)
         tokens[:, position] = torch.where(known_mask[:, position], known_tokens[:, position], drawn)
+        yield StepUpdate(position - common, positions=columns[:, position:position + 1],
+                         tokens=tokens[:, position:position + 1], valid=generated[:, position:position + 1])
         position += 1
         if position == length:
             break

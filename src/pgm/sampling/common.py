@@ -1,12 +1,52 @@
-"""What the text samplers share: the known-token inputs and the per-step decoding counts."""
+"""What the samplers share: the known-token inputs, the per-step decoding counts, and the
+updates a sampling loop yields after each step."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
+from collections.abc import Generator
 
 import torch
 
-from ..objectives.schedules import LogLinearSchedule
+from ..objectives.schedules import LogLinearSchedule, arccos_share
+
+
+@dataclasses.dataclass
+class StepUpdate:
+    """What one sampling step committed, for whoever watches the loop (a progress display, a UI).
+
+    Either as columns: row b set `tokens[b, j]` at `positions[b, j]` for every j where `valid[b, j]`
+    (`valid` None: every j); or as a mask: row b set `state[b, p]` at every p where `mask[b, p]`.
+    The tensors are the sampler's own, not copies: read them before asking for the next step."""
+
+    step: int
+    positions: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    state: torch.Tensor | None = None
+
+    def committed(self) -> list[list[tuple[int, int]]]:
+        """(position, token) pairs per row, in position order."""
+        if self.mask is not None:
+            return [[(p, t) for p, t, m in zip(range(len(row)), row, kept) if m]
+                    for row, kept in zip(self.state.tolist(), self.mask.tolist())]
+        valid = self.valid.tolist() if self.valid is not None else None
+        rows = []
+        for b, (positions, tokens) in enumerate(zip(self.positions.tolist(), self.tokens.tolist())):
+            pairs = zip(positions, tokens) if valid is None else (pt for pt, v in zip(zip(positions, tokens), valid[b])
+                                                                   if v)
+            rows.append(sorted(pairs))
+        return rows
+
+
+def run_to_end(steps: Generator) -> torch.Tensor:
+    """Run a sampling loop (a generator of `StepUpdate`s) to its end and return its result."""
+    try:
+        while True:
+            next(steps)
+    except StopIteration as stop:
+        return stop.value
 
 
 def model_device(model) -> torch.device:
@@ -56,7 +96,7 @@ def arccos_bounds(total: torch.Tensor, steps: int) -> torch.Tensor:
     of R positions are decoded. Few tokens early, most at the end; at least one per step while any
     are left. Float64, so the floors are exact for the published test vectors."""
     fractions = torch.arange(steps + 1, dtype=torch.float64, device=total.device) / steps
-    shares = 1 - torch.arccos(fractions) / (math.pi / 2)
+    shares = 1 - arccos_share(fractions)  # decoded, not hidden
     total = total.to(torch.float64)
     bounds = torch.floor(total * shares.view(-1, *([1] * total.dim())))
     at_least = torch.arange(steps + 1, dtype=torch.float64, device=total.device).view(-1, *([1] * total.dim()))

@@ -32,9 +32,11 @@ from typing import Literal
 import torch
 
 from .categorical import SamplingOptions
-from .pgm import sample_pgm
+from .common import run_to_end
+from .pgm import iterate_pgm
 
 IMAGE_SAMPLERS = ("halton", "confidence")
+REGIONS = ("top", "bottom", "left", "right", "border", "center")  # what `region_mask` keeps
 
 
 def radical_inverse(index: int, base: int) -> float:
@@ -93,14 +95,21 @@ def region_mask(grid_size: int, region: str) -> torch.Tensor:
     return keep
 
 
+def generate_codes(model, labels: torch.Tensor, **options) -> torch.Tensor:
+    """VQ codes [B, grid^2]: `iterate_codes` run to its end (same options)."""
+    return run_to_end(iterate_codes(model, labels, **options))
+
+
 @torch.no_grad()
-def generate_codes(model, labels: torch.Tensor, *, steps: int = 32, sampler: str = "halton",
-                   guidance: float = 0.0, guidance_schedule: Literal["linear", "constant"] = "linear",
-                   options: SamplingOptions = SamplingOptions(), first_step_temperature_scale: float = 2.0,
-                   confidence_noise: float = 5.0, known_codes: torch.Tensor | None = None,
-                   known_cells: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                   view: str | None = None, stats: dict | None = None) -> torch.Tensor:
-    """VQ codes [B, grid^2] of one image per label (labels [B]; the null class = unconditional).
+def iterate_codes(model, labels: torch.Tensor, *, steps: int = 32, sampler: str = "halton",
+                  guidance: float = 0.0, guidance_schedule: Literal["linear", "constant"] = "linear",
+                  options: SamplingOptions = SamplingOptions(), first_step_temperature_scale: float = 2.0,
+                  confidence_noise: float = 5.0, known_codes: torch.Tensor | None = None,
+                  known_cells: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  view: str | None = None, stats: dict | None = None):
+    """VQ codes [B, grid^2] of one image per label (labels [B]; the null class = unconditional): a
+    generator that yields a `StepUpdate` after every step, its positions counted in grid cells
+    (row-major), and returns the codes.
 
     known_codes/known_cells [B, grid^2] fix some cells (inpainting and outpainting). `view`
     overrides the model's sampling view (the PGM's "reference" view is for tests).
@@ -137,9 +146,17 @@ def generate_codes(model, labels: torch.Tensor, *, steps: int = 32, sampler: str
         known_mask[:, offset:] = known_cells.to(device)
     order = "confidence" if sampler == "confidence" else torch.cat(
         [torch.arange(offset), halton_order(grid) + offset]).to(device)
-    tokens = sample_pgm(model, known_tokens=known_tokens, known_mask=known_mask, steps=steps, counts="arccos",
-                        order=order, options=options, generator=generator, cond=labels, guidance=guidance,
-                        guidance_schedule=guidance_schedule, first_step_temperature_scale=first_step_temperature_scale,
-                        confidence_noise=confidence_noise if sampler == "confidence" else 0.0,
-                        suppress=(codebook, codebook + 1) if offset else (codebook,), view=view, stats=stats)
-    return tokens[:, offset:]
+    updates = iterate_pgm(model, known_tokens=known_tokens, known_mask=known_mask, steps=steps, counts="arccos",
+                          order=order, options=options, generator=generator, cond=labels, guidance=guidance,
+                          guidance_schedule=guidance_schedule,
+                          first_step_temperature_scale=first_step_temperature_scale,
+                          confidence_noise=confidence_noise if sampler == "confidence" else 0.0,
+                          suppress=(codebook, codebook + 1) if offset else (codebook,), view=view, stats=stats)
+    while True:
+        try:
+            update = next(updates)
+        except StopIteration as stop:
+            return stop.value[:, offset:]
+        if offset:  # the PGM's position 0 is the BOS
+            update.positions = update.positions - offset
+        yield update

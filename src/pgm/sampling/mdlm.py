@@ -18,16 +18,23 @@ import torch
 
 from ..objectives.schedules import LogLinearSchedule
 from .categorical import SamplingOptions, sample_categorical
-from .common import check_known, model_device, resolve_known
+from .common import StepUpdate, check_known, model_device, resolve_known, run_to_end
+
+
+def sample_mdlm(model, **options) -> torch.Tensor:
+    """Generate [num_samples, length] ids: `iterate_mdlm` run to its end (same options)."""
+    return run_to_end(iterate_mdlm(model, **options))
 
 
 @torch.no_grad()
-def sample_mdlm(model, *, num_samples: int | None = None, length: int | None = None, steps: int,
-                known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-                options: SamplingOptions = SamplingOptions(), generator: torch.Generator | None = None,
-                cache: bool = True, logits_everywhere: bool = False, stats: dict | None = None) -> torch.Tensor:
-    """Generate [num_samples, length] ids in `steps` ancestral steps. `stats`, when given,
-    receives the number of network calls under "forward_calls"."""
+def iterate_mdlm(model, *, num_samples: int | None = None, length: int | None = None, steps: int,
+                 known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+                 options: SamplingOptions = SamplingOptions(), generator: torch.Generator | None = None,
+                 cache: bool = True, logits_everywhere: bool = False, stats: dict | None = None):
+    """Generate [num_samples, length] ids in `steps` ancestral steps: a generator that yields a
+    `StepUpdate` (the mask of the positions revealed) after every step that reveals something,
+    and returns the ids. `stats`, when given, receives the number of network calls under
+    "forward_calls"."""
     config = model.config
     known_tokens, known_mask = resolve_known(config, num_samples, length, known_tokens, known_mask,
                                              model_device(model))
@@ -57,6 +64,7 @@ def sample_mdlm(model, *, num_samples: int | None = None, length: int | None = N
         x[reveal] = sample_categorical(logits, options, suppress=(mask_id,), generator=generator)
         masked &= ~reveal
         encoded = None
+        yield StepUpdate(step, mask=reveal, state=x)
     if stats is not None:
         stats["forward_calls"] = calls
     return x

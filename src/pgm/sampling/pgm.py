@@ -38,7 +38,7 @@ import torch
 from ..models.base import check_labels
 from ..objectives.schedules import LogLinearSchedule
 from .categorical import SamplingOptions, sample_categorical, sample_scored
-from .common import StepCounts, check_known, model_device, resolve_known
+from .common import StepCounts, StepUpdate, check_known, model_device, resolve_known, run_to_end
 
 QUEUED_ORDERS = ("random", "left-to-right")
 SCORED_ORDERS = ("confidence", "margin", "entropy")
@@ -60,8 +60,13 @@ def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor, weight
     return (1 + weight) * conditional.float() - weight * unconditional.float()
 
 
+def sample_pgm(model, **options) -> torch.Tensor:
+    """Generate [num_samples, length] token ids: `iterate_pgm` run to its end (same options)."""
+    return run_to_end(iterate_pgm(model, **options))
+
+
 @torch.no_grad()
-def sample_pgm(model, *, num_samples: int | None = None, length: int | None = None, steps: int,
+def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = None, steps: int,
                known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
                counts: Literal["uniform", "arccos", "binomial"] = "uniform", order: str | torch.Tensor = "random",
                options: SamplingOptions = SamplingOptions(), generator: torch.Generator | None = None,
@@ -69,8 +74,10 @@ def sample_pgm(model, *, num_samples: int | None = None, length: int | None = No
                guidance_schedule: Literal["linear", "constant"] = "linear",
                first_step_temperature_scale: float = 1.0, confidence_noise: float = 0.0,
                suppress: tuple[int, ...] | None = None, view: str = "efficient",
-               stats: dict | None = None) -> torch.Tensor:
-    """Generate [num_samples, length] token ids in `steps` steps.
+               stats: dict | None = None):
+    """Generate [num_samples, length] token ids in `steps` steps: a generator that yields a
+    `StepUpdate` (the positions and tokens committed) after every step that decodes something,
+    and returns the tokens.
 
     known_tokens/known_mask [B, L] fix tokens at arbitrary positions (a prompt, a suffix, the
     text around a gap, the visible part of an image); those start in the clean set and only the
@@ -201,16 +208,19 @@ def sample_pgm(model, *, num_samples: int | None = None, length: int | None = No
                                         float("-inf"))
             best = scores.topk(width, dim=1).indices
             queries, drawn = candidates.gather(1, best), drawn.gather(1, best)
+        valid = None
         if equal:
             slots = num_clean + offsets.expand(batch, -1)
         else:
-            slots = torch.where(offsets < k[:, None], num_clean[:, None] + offsets, length)
+            valid = offsets < k[:, None]
+            slots = torch.where(valid, num_clean[:, None] + offsets, length)
         slot_tokens.scatter_(1, slots, drawn)
         slot_positions.scatter_(1, slots, queries)
         if not fixed_order and order in SCORED_ORDERS:
             unknown.scatter_(1, torch.where(slots < length, queries, length), False)
         num_clean = num_clean + k
         decoded += k
+        yield StepUpdate(step, positions=queries, tokens=drawn, valid=valid)
 
     if stats is not None:
         stats["forward_calls"] = calls

@@ -1,0 +1,183 @@
+"""The on-disk formats, at the bottom of the house: the names inside run and pretrained
+directories, atomic writes, reading a directory's config, safetensors weights, the model card.
+
+Everything that saves or loads goes through this module, and it imports nothing of the package.
+A file is written beside its final name and renamed over it only once it is complete and on
+disk, so a crash leaves the previous file (or none), never half of one; a directory is written
+the same way under a hidden temporary name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.json"  # {"model": {...}} (pretrained) or {"model", "data", "train"} (run)
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+DATA_DIR = "data"  # a run's encoded rows and meta.json
+MODEL_CARD = "README.md"
+
+
+class FormatError(ValueError):
+    """A directory or file that is missing, of another kind than expected, or damaged."""
+
+
+WEIGHTS = ("ema", "raw")  # a run's (or a checkpoint's) averaged or raw weights
+
+
+def check_weights(weights: str) -> None:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix, so writers that infer the format from
+    it still work). When the block ends normally the file is synced and renamed over `path`;
+    when it raises, the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield temporary
+        _fsync(temporary)
+        os.replace(temporary, path)
+    except Exception:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    with replaced_atomically(path) as temporary:
+        temporary.write_bytes(data)
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+@contextlib.contextmanager
+def replaced_directory(path: str | Path) -> Iterator[Path]:
+    """Like `replaced_atomically`, for a whole directory: it is filled under a hidden name
+    (`.tmp-NAME-PID`), its files synced, and renamed into place; an existing `path` is replaced.
+    A process killed mid-way leaves only the hidden directory, which `remove_partial` clears."""
+    path = Path(path)
+    temporary = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+        for file in temporary.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(temporary, path)
+    except Exception:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def remove_partial(directory: Path) -> None:
+    """Remove what an interrupted `replaced_directory` left inside `directory`."""
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if path.name.startswith(".tmp-") and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def copy_directory(source: Path, target: Path) -> None:
+    """Copy the directory `source` to `target` (replacing it) atomically."""
+    with replaced_directory(target) as temporary:
+        shutil.copytree(source, temporary, dirs_exist_ok=True)
+
+
+def read_config_file(directory: str | Path, what: str = "a run directory") -> dict:
+    """The parsed config.json of `directory` (a JSON object), or one sentence saying why there is none."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise FormatError(f"{directory} does not exist")
+    if not path.is_file():
+        raise FormatError(f"{directory} is not {what} (it has no {CONFIG_FILE})")
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FormatError(f"{path} is not valid JSON") from None
+    if not isinstance(values, dict):
+        raise FormatError(f"{path} holds a JSON {type(values).__name__}, not an object")
+    return values
+
+
+def save_weights(state: dict, path: Path) -> None:
+    """Tensors (contiguous, on the CPU) as a safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {name: value.detach().contiguous().cpu() for name, value in state.items()}
+    with replaced_atomically(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": "pt"})
+
+
+def load_weights(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FormatError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise FormatError(f"{path} is truncated or corrupt ({error}); delete its checkpoint directory "
+                          "to fall back to the previous one") from None
+
+
+@dataclasses.dataclass
+class Origin:
+    """Where a loaded model came from, kept on the model (`model.origin`) so that saving it again
+    keeps its tokenizer and its model card.
+
+    tokenizer_dir: a directory holding the model's tokenizer (a run's or a pretrained one's);
+    tokenizer_name: a tokenizer known by name instead ("gpt2", "bert-base-uncased": the
+    authors' checkpoints); run_dir: the training run, whose validation data evaluation reads;
+    card: what the model card says about its training (plain JSON values)."""
+
+    source: str
+    tokenizer_dir: Path | None = None
+    tokenizer_name: str | None = None
+    run_dir: Path | None = None
+    card: dict = dataclasses.field(default_factory=dict)
+
+
+def model_card(config: dict, parameters: int, card: dict) -> str:
+    """A pretrained directory's README.md: what the model is, its shape, and what `card` knows of
+    its training (data, tokens seen, validation, source), as the Hub's model cards do."""
+    kind = config.get("kind", "?")
+    shape = ", ".join(f"{k}={v}" for k, v in config.items() if k != "kind")
+    rows = [("kind", kind), ("parameters", f"{parameters / 1e6:.2f}M"), ("configuration", shape)]
+    labels = {"data": "data", "tokens_seen": "tokens seen", "validation": "validation", "weights": "weights",
+              "source": "trained or imported from"}
+    for key, label in labels.items():
+        value = card.get(key)
+        if value in (None, "", {}):
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif key == "tokens_seen":
+            value = f"{value / 1e6:.2f}M"
+        rows.append((label, value))
+    table = "\n".join(f"| {label} | {str(value).replace('|', '/')} |" for label, value in rows)
+    return (f"# A partition-gm {kind} model\n\n| | |\n|---|---|\n{table}\n\n"
+            "Load it with `pgm.load(\"THIS_DIRECTORY\")` in Python or `pgm sample THIS_DIRECTORY` on the command "
+            "line (pip install partition-gm).\n")
