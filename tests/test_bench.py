@@ -1,0 +1,43 @@
+"""`pgm bench` end to end on tiny shapes: the JSON is written, the table printed, and the rows say
+what was measured (calls, steps, the ratios to the baseline)."""
+
+import json
+
+def test_bench_sampling_writes_its_json_and_prints_its_table(tmp_path, pgm_main):
+    code, out, _ = pgm_main("bench", "sampling", "--lengths", "16", "--steps", "4", "--batch-size", "2", "--hidden",
+                            "32", "--heads", "2", "--pgm-blocks", "1", "1", "--baseline-blocks", "2", "--vocab", "64",
+                            "--repeats", "1", "--warmup", "0", "--out-dir", tmp_path)
+    assert code == 0
+    report = json.loads((tmp_path / "sampling.json").read_text())
+    rows = {row["model"]: row for row in report["results"]}
+    assert sorted(rows) == ["ar", "mdlm", "mdlm-full", "pgm"]
+    assert rows["pgm"]["forward_calls"] == 4 and rows["ar"]["steps"] == 15 and rows["ar"]["forward_calls"] == 15
+    assert rows["mdlm"]["ratio_to_mdlm"] == 1 and rows["mdlm"]["work_ratio_to_mdlm"] == 1
+    assert rows["pgm"]["work_ratio_to_mdlm"] > 1  # a PGM step costs less than an MDLM step
+    assert all(row["tokens_per_s"] > 0 and row["batch"] == 2 for row in rows.values())
+    lines = out.splitlines()
+    table = next(i for i, line in enumerate(lines) if line.startswith("device cpu"))  # after the progress lines
+    assert lines[table + 1].split()[:4] == ["model", "params", "L", "steps"]
+    assert [line.split()[0] for line in lines[table + 2:table + 6]] == ["pgm", "mdlm", "mdlm-full", "ar"]
+    assert (tmp_path / "sampling.png").stat().st_size > 1000
+
+
+def test_bench_images_compares_the_presets_it_is_given(tmp_path, pgm_main):
+    code, out, _ = pgm_main("bench", "images", "--presets", "image-pgm-tiny", "maskgit-tiny", "--steps", "4",
+                            "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--out-dir", tmp_path)
+    assert code == 0
+    report = json.loads((tmp_path / "images.json").read_text())
+    rows = report["results"]
+    assert [(r["preset"], r["guidance"], r["batch"]) for r in rows] == [
+        (preset, guidance, batch) for preset in ("image-pgm-tiny", "maskgit-tiny") for guidance in (0.0, 3.0)
+        for batch in (2, 1)]
+    assert all(r["forward_calls"] == 4 for r in rows)
+    assert all(r["ratio_to_maskgit"] == 1 for r in rows if r["model"] == "maskgit")
+    assert sum(line.startswith(("image-pgm-tiny", "maskgit-tiny")) for line in out.splitlines()) == 8
+
+
+def test_bench_refuses_options_it_would_ignore(tmp_path, pgm_main):
+    code, _, err = pgm_main("bench", "sampling", "--presets", "text-tiny", "--out-dir", tmp_path)
+    assert code == 2 and "--presets chooses the models of bench training and bench images" in err
+    code, _, err = pgm_main("bench", "training", "--sampler", "halton", "--out-dir", tmp_path)
+    assert code == 2 and "--sampler applies to bench images" in err
