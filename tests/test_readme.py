@@ -1,0 +1,118 @@
+"""The README is the front door: every Python block in it runs, and every `pgm` command in it parses
+with today's command line; those that only need a run, a pretrained directory or a checkpoint
+file run too, against tiny stand-ins made under the names the README uses (runs/text-small is a
+text-tiny run of length 128, runs/fmnist-pgm an image-pgm-tiny run, pgm_8_8.ckpt a small
+checkpoint in the authors' layout)."""
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pgm
+from conftest import redraw_zero_initialised
+from pgm.cli import build_parser
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+RUNNABLE = ("sample", "eval", "convert")
+NOT_HERE = ("--fid", "--inception")  # need Fashion-MNIST's classifier or Inception weights
+
+
+def blocks() -> list[tuple[str, str]]:
+    """(kind, text) of the README's blocks in order: "python" code, and each `pgm` command of the
+    bash blocks and of the `$ pgm ...` lines shown with their output. A Python block that does not
+    start with an import continues the one before it, and runs after it."""
+    found, script = [], ""
+    for language, body in BLOCK.findall(README.read_text()):
+        if language == "python":
+            script = body if body.startswith(("import", "from")) else script + body
+            found.append(("python", script))
+            continue
+        lines = body.replace("\\\n", " ").splitlines()
+        if language != "bash":
+            lines = [line[2:] for line in lines if line.startswith("$ ")]
+        for line in lines:
+            for part in re.sub(r"\s#.*$", "", line).split("&&"):
+                words = shlex.split(part)
+                if "pgm" in words:
+                    found.append(("command", shlex.join(words[words.index("pgm"):])))
+    return found
+
+
+BLOCKS = blocks()
+
+
+@pytest.fixture(scope="module")
+def front_door(tmp_path_factory, request):
+    """A directory holding the stand-ins under the README's names."""
+    from pgm.data.tokenizers import find_gpt2_file
+    from pgm.presets import preset
+    from pgm.train import train
+    from test_official import hyper_config, tiny_pgm_config, write_checkpoint
+
+    root = tmp_path_factory.mktemp("readme")
+    for name, kind in (("text-small", "text-tiny"), ("ar-small", "ar-tiny")):
+        config = preset(kind).with_overrides(["model.length=128", "train.max_steps=6"])
+        train(config, root / "runs" / name, log=lambda *a: None)
+    torch.manual_seed(0)
+    model = redraw_zero_initialised(pgm.PartitionTransformer(tiny_pgm_config(vocab_size=50258, length=160)))
+    write_checkpoint(root / "pgm_8_8.ckpt", model, hyper_config({"length": 160}))
+    gpt2 = find_gpt2_file()
+    if gpt2 is not None:
+        shutil.copyfile(gpt2, root / "gpt2.tiktoken")
+    try:
+        images = request.getfixturevalue("image_runs")
+    except pytest.skip.Exception:
+        images = None
+    if images is not None:
+        from PIL import Image
+
+        for name in ("vq", "pgm", "maskgit"):
+            shutil.copytree(images / name, root / "runs" / f"fmnist-{name}")
+        Image.new("L", (28, 28), 128).save(root / "my-shirt.png")
+    return root
+
+
+def needs(text: str) -> list[str]:
+    """The README's names that `text` reads."""
+    return sorted(set(re.findall(r"(?:runs|models)/[\w.-]+|[\w-]+\.ckpt|my-model|my-shirt\.png|gpt2\.tiktoken",
+                                 text)))
+
+
+def missing_inputs(root: Path, text: str, writes: tuple[str, ...] = ()) -> list[str]:
+    return [name for name in needs(text) if name not in writes and not (root / name).exists()]
+
+
+@pytest.mark.parametrize("kind,text", BLOCKS, ids=[f"{i}:{t[:50]}" for i, (_, t) in enumerate(BLOCKS)])
+def test_the_readme(front_door, kind, text):
+    if kind == "python":
+        missing = missing_inputs(front_door, text, writes=("my-model",))
+        if missing:
+            pytest.skip(f"needs {', '.join(missing)}, which this machine cannot make (is Fashion-MNIST installed?)")
+        done = subprocess.run([sys.executable, "-c", text], cwd=front_door, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return
+    argv = shlex.split(text)[1:]
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"the README's `{text}` does not parse")
+    writes = (argv[3],) if argv[0] == "convert" else ()
+    if argv[0] not in RUNNABLE or any(flag in argv for flag in NOT_HERE) or missing_inputs(front_door, text, writes):
+        return  # parsing is all that can be checked here (training, benchmarks, network, FID weights)
+    done = subprocess.run([sys.executable, "-m", "pgm", *argv], cwd=front_door, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_readme_has_the_blocks_it_should():
+    kinds = [kind for kind, _ in BLOCKS]
+    assert kinds.count("python") >= 5 and kinds.count("command") >= 30
+    assert any("pgm.load" in text for kind, text in BLOCKS if kind == "python")
