@@ -89,14 +89,23 @@ def sinusoid(positions, dim):
 
 
 def pgm_forward(state, heads, encoder_blocks, decoder_blocks, clean_tokens, clean_positions, query_positions,
-                encoder_allowed, cross_allowed, pre_query_mode="learn+freqs"):
+                encoder_allowed, cross_allowed, pre_query_mode="learn+freqs", labels=None, registers=None):
     """Logits at `query_positions`. Training view: clean = queries = the full sequence with group
-    masks; inference view: the clean set and the queries with all-True masks."""
+    masks; inference view: the clean set and the queries with all-True masks.
+
+    The image model (image-stack §3.3-3.5): `labels` [B] make the adaLN input the raw class
+    embedding (no SiLU, no MLP); `registers` [R, H] are prepended to the embedded clean tokens
+    (the caller's positions and masks count them)."""
     batch, hidden = clean_tokens.shape[0], state["vocab_embed.embedding"].shape[1]
-    c = conditioning(state, batch)
+    if labels is None:
+        c = conditioning(state, batch)
+    else:
+        c = state["cls_embed.embedding_table.weight"][labels]
     inv_freq = state["rotary_emb.inv_freq"]
     k_tables, q_tables = rotary_tables(inv_freq, clean_positions), rotary_tables(inv_freq, query_positions)
     x = state["vocab_embed.embedding"][clean_tokens]
+    if registers is not None:
+        x = torch.cat([registers.expand(batch, -1, -1), x], dim=1)
     for i in range(encoder_blocks):
         x = self_block(state, f"encoder.blocks.{i}", x, c, heads, k_tables, encoder_allowed)
     memory = x

@@ -3,6 +3,7 @@
 import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +208,117 @@ def test_inception_features_need_an_existing_weights_file(monkeypatch, tmp_path)
     fake_torch_fidelity(monkeypatch)
     with pytest.raises(ValueError, match="not a local file"):
         InceptionFeatures(str(tmp_path / "missing.pth"))
+
+
+# ---------------------------------------------------------------------------------------------
+# FID against a reference, in resumable shards (the ImageNet protocol at a small scale)
+# ---------------------------------------------------------------------------------------------
+
+def test_npz_statistics_round_trip_and_a_set_against_itself_is_zero(tmp_path):
+    features = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)).double()
+    statistics = FeatureStatistics.from_features(features)
+    statistics.save_npz(tmp_path / "stats.npz")
+    loaded = FeatureStatistics.load_npz(tmp_path / "stats.npz")
+    assert loaded.count == 300 and np.array_equal(loaded.mean, statistics.mean)
+    assert abs(frechet_distance(loaded, statistics)) < 1e-9
+    np.savez(tmp_path / "other.npz", mean=np.zeros(3))
+    with pytest.raises(ValueError, match="not the statistics mu and sigma"):
+        FeatureStatistics.load_npz(tmp_path / "other.npz")
+
+
+class TinyExtractor(nn.Module):
+    """Features and logits of images in [-1, 1] that depend on every pixel (for the shard tests)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.projection = nn.Linear(3 * 8 * 8, 6)
+
+    def features(self, images):
+        out = self.projection(images.flatten(1))
+        return out, out[:, :3]
+
+
+def test_shards_resume_after_a_kill_and_do_not_depend_on_the_processes(tmp_path):
+    from pgm.eval.images import sharded_features
+
+    calls = []
+
+    def make_images(labels, generator, die_at=None):
+        calls.append(list(labels))
+        if die_at is not None and len(calls) == die_at:
+            raise KeyboardInterrupt  # a kill between two shards
+        return torch.rand(len(labels), 3, 8, 8, generator=generator) * 2 - 1
+
+    labels = [i % 4 for i in range(22)]
+    options = dict(shard_size=8, seed=3, batch_size=4, progress=False)
+    whole = sharded_features(make_images, TinyExtractor(), labels, directory=tmp_path / "whole", **options)
+    assert whole[0].shape == (22, 6) and len(calls) == 6  # 3 shards of 8, 8, 6 images in batches of 4
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        sharded_features(lambda l, g: make_images(l, g, die_at=3), TinyExtractor(), labels,
+                         directory=tmp_path / "killed", **options)
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == ["shard-00000.npz"]  # no half-written shard
+    calls.clear()
+    resumed = sharded_features(make_images, TinyExtractor(), labels, directory=tmp_path / "killed", **options)
+    assert calls == [labels[8:12], labels[12:16], labels[16:20], labels[20:22]]  # shard 0 was not made again
+    assert torch.equal(resumed[0], whole[0]) and torch.equal(resumed[1], whole[1])
+    # Two processes (torchrun): rank 1 makes shard 1, rank 0 shards 0 and 2 and returns everything.
+    assert sharded_features(make_images, TinyExtractor(), labels, directory=tmp_path / "two", rank=1, world_size=2,
+                            **options) is None
+    assert [p.name for p in sorted((tmp_path / "two").iterdir())] == ["shard-00001.npz"]
+    split = sharded_features(make_images, TinyExtractor(), labels, directory=tmp_path / "two", rank=0, world_size=2,
+                             wait_seconds=0.01, **options)
+    assert torch.equal(split[0], whole[0])
+
+
+def test_fid_against_a_reference_folder_samples_its_labels(image_runs, tmp_path):
+    import pgm
+    from pgm.data.images import load_fashion_mnist
+    from pgm.eval.fid import train_classifier
+
+    images, labels = load_fashion_mnist("test")
+    classifier, _ = train_classifier(fit_size(images[:256], 32), labels[:256], fit_size(images[256:320], 32),
+                                     labels[256:320], epochs=1, log=lambda *a: None)
+    classifier.save_pretrained(tmp_path / "classifier")
+    names = ["T-shirt", "Trouser", "Pullover"]
+    for label, name in enumerate(names):  # sorted folder names are the class order
+        (tmp_path / "reference" / f"{label}-{name}").mkdir(parents=True)
+        for i in np.nonzero(labels == label)[0][:4]:
+            Image.fromarray(images[i, 0]).save(tmp_path / "reference" / f"{label}-{name}" / f"{i}.png")
+    import shutil
+
+    shutil.copytree(image_runs / "pgm", tmp_path / "run")  # the shards go beside the model
+    pipe = pgm.load(tmp_path / "run")
+    options = dict(classifier=tmp_path / "classifier", num_samples=10, steps=4, shard_size=4, progress=False)
+    scores = pipe.fid(tmp_path / "reference", **options)
+    assert scores["num_samples"] == 10 and scores["reference_count"] == 12 and scores["fid"] > 0
+    assert Path(scores["shards"]).parent == tmp_path / "run" / "fid-shards"
+    shards = sorted(p.name for p in Path(scores["shards"]).iterdir())
+    assert shards == ["reference.npz", "shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
+    sampled = np.concatenate([np.load(Path(scores["shards"]) / name)["labels"] for name in shards[1:]])
+    assert sampled.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]  # the reference's labels, in its order
+    assert pipe.fid(tmp_path / "reference", **options)["fid"] == scores["fid"]  # read back from the shards
+    FeatureStatistics.load_npz(Path(scores["shards"]) / "reference.npz").save_npz(tmp_path / "reference.npz")
+    from_npz = pipe.fid(tmp_path / "reference.npz", **options)
+    assert from_npz["shards"] != scores["shards"] and from_npz["fid"] > 0  # other labels: every class in turn
+
+
+def test_pgm_eval_reference_prints_the_fid_and_where_the_shards_are(image_runs, tmp_path, pgm_main):
+    from pgm.models import build_model
+    from pgm.models.classifier import ClassifierConfig
+
+    build_model(ClassifierConfig()).save_pretrained(tmp_path / "classifier")  # any features will do here
+    images, _ = load_fashion_mnist("test")
+    (tmp_path / "flat").mkdir()
+    for i in range(6):
+        Image.fromarray(images[i, 0]).save(tmp_path / "flat" / f"{i}.png")
+    code, out, err = pgm_main("eval", image_runs / "maskgit", "--reference", tmp_path / "flat", "--classifier",
+                              tmp_path / "classifier", "--num-samples", "6", "--steps", "4", "--shard-size", "3",
+                              "--redraw", "--guidance-schedule", "constant", "--passes", "0", "--shards",
+                              tmp_path / "shards")
+    assert code == 0, err
+    assert "FD (classifier features)" in out and "6 samples (4 steps, halton, guidance 0 (constant)" in out
+    assert ", redraw)" in out and "shards in" in out
+    code, _, err = pgm_main("eval", image_runs / "maskgit", "--shard-size", "3", "--fid")
+    assert code == 2 and "--shards and --shard-size apply to an evaluation against --reference" in err

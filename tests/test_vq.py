@@ -194,18 +194,29 @@ def test_load_llamagen_vq_refuses_mismatched_or_foreign_files(tmp_path):
         return message
 
     missing = refusal({"model": {k: v for k, v in state.items() if k != "decoder.conv_out.bias"}})
-    assert "1 missing key(s): decoder.conv_out.bias" in missing
+    assert "1 missing tensor(s): decoder.conv_out.bias" in missing
     misshaped = refusal({"model": {**state, "quantize.embedding.weight": torch.zeros(65, 8)}})
     assert "quantize.embedding.weight (file [65, 8], model [64, 8])" in misshaped
     unexpected = refusal({"model": {**state, "quantize.ema": torch.zeros(3)}})
-    assert "1 unexpected key(s): quantize.ema" in unexpected
-    assert "not a plain LlamaGen VQ checkpoint" in refusal({"model": state, "args": argparse.Namespace(lr=1e-4)})
+    assert "1 unexpected tensor(s): quantize.ema" in unexpected
     assert "expected a dict with a 'model' state_dict" in refusal(state)
     assert "not a PyTorch checkpoint" in refusal(b"this is a text file, not a checkpoint")
-    # The default configuration is VQ-8, which a small file cannot fill.
+    # Without a configuration, the shapes tell it (the image size and groups cannot: VQ-8's by default).
     torch.save({"model": state}, tmp_path / "small.pt")
-    with pytest.raises(ValueError, match="does not fit this VQ configuration"):
-        load_llamagen_vq(tmp_path / "small.pt")
+    inferred = load_llamagen_vq(tmp_path / "small.pt", norm_groups=8, image_size=32).config
+    assert inferred == config
+    defaults = load_llamagen_vq(tmp_path / "small.pt").config
+    assert (defaults.norm_groups, defaults.image_size) == (32, 256)
+    assert defaults.replace(norm_groups=8, image_size=32) == config
+
+
+def test_load_llamagen_vq_reads_the_training_scripts_extras_without_running_them(tmp_path):
+    # LlamaGen's training script saves its argparse namespace beside the weights.
+    state = small_model().state_dict()
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "args": argparse.Namespace(lr=1e-4),
+                "steps": 7}, tmp_path / "trained.pt")
+    loaded = load_llamagen_vq(tmp_path / "trained.pt", VQConfig(**SMALL))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
 
 
 # ---------------------------------------------------------------- encoding, quantizing, decoding

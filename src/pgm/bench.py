@@ -309,16 +309,17 @@ def format_training_table(report: dict) -> str:
 def bench_images(presets=("fmnist-pgm", "fmnist-maskgit"), *, steps_list=(32,), batch: int = 32,
                  guidance_values=(0.0, 3.0), sampler: str = "halton", repeats: int = 3, warmup: int = 1,
                  device="cpu", log=print) -> dict:
-    """Images/s of each preset's model (random weights: speed does not depend on them) at
-    `batch`, and the latency of one image, with and without classifier-free guidance. Counted:
-    VQ codes generated; the VQ decoder, the same for both, is left out."""
-    from .presets import preset
+    """Images/s of each model (random weights: speed does not depend on them) at `batch`, and
+    the latency of one image, with and without classifier-free guidance; `presets` names presets
+    or the released models' shapes (`pgm.presets.IMAGE_SHAPES`). Counted: VQ codes generated; the
+    VQ decoder, the same for both, is left out."""
+    from .presets import image_model_config
     from .sampling.image import generate_codes
 
     device = resolve_device(device)
     rows = []
     for name in presets:
-        config = preset(name).model
+        config = image_model_config(name)
         torch.manual_seed(0)
         model = build_model(config).to(device).eval()
         for steps, guidance, rows_in_batch in itertools.product(steps_list, guidance_values, dict.fromkeys((batch, 1))):

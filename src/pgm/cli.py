@@ -116,15 +116,17 @@ def _print_images(args, pipe, samples) -> int:
 
 
 SAMPLE_FLAGS = ("num_samples", "steps", "sampler", "sample_batch_size")
-IMAGE_FLAGS = ("guidance", "guidance_schedule", "temperature", "classifier")
+IMAGE_FLAGS = ("guidance", "guidance_schedule", "temperature", "classifier", "reference", "shards", "shard_size",
+               "hide_newest", "redraw")
 
 
 def _eval_flags_in_use(args, modality: str) -> None:
     """Refuse the eval flags that would have no effect on this run, naming what they apply to."""
-    measures_samples = bool(args.evaluator) if modality == "text" else bool(args.fid or args.inception)
+    measures_samples = (bool(args.evaluator) if modality == "text" else
+                        bool(args.fid or args.inception or args.reference is not None))
     applies = {"text": SAMPLE_FLAGS, "image": SAMPLE_FLAGS + IMAGE_FLAGS, "vq": ("classifier",)}[modality]
     for name in SAMPLE_FLAGS + IMAGE_FLAGS:
-        if getattr(args, name) is not None and not (measures_samples and name in applies):
+        if getattr(args, name) not in (None, False) and not (measures_samples and name in applies):
             what = ("the samples of --evaluator (text) or --fid (images)" if name in SAMPLE_FLAGS else
                     "--fid or --inception" if name == "classifier" else "image models evaluated with --fid")
             raise ValueError(f"--{name.replace('_', '-')} has no effect here: it applies to {what}")
@@ -132,6 +134,8 @@ def _eval_flags_in_use(args, modality: str) -> None:
         raise ValueError("--evaluator scores text samples; image models are evaluated with --fid")
     if modality == "text" and (args.fid or args.inception):
         raise ValueError("--fid and --inception evaluate image models; this is a text model")
+    if args.reference is None and (args.shards is not None or args.shard_size is not None):
+        raise ValueError("--shards and --shard-size apply to an evaluation against --reference")
 
 
 def _given(args, **names) -> dict:
@@ -142,13 +146,18 @@ def _given(args, **names) -> dict:
 def cmd_eval(args) -> int:
     from .pipeline import load
 
-    pipe = load(args.run_dir, device=args.device, weights=args.weights)
+    from .devices import process_device
+
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    pipe = load(args.run_dir, device=process_device(args.device), weights=args.weights)
     _eval_flags_in_use(args, pipe.modality)
     card = pipe.model.origin.card
-    kept = "" if card.get("weights") == args.weights else ": the run kept no average"
-    print(f"run {args.run_dir} ({pipe.config.kind}, {Path(pipe.source).name}, {card.get('weights')} weights{kept})")
-    if args.passes != 0:  # 0 skips it; a negative number is refused
-        _print_validation(pipe, pipe.validation(passes=args.passes, rows=args.rows, batch_size=args.batch_size,
+    if rank == 0:
+        print(f"{'run' if pipe.run else 'model'} {args.run_dir} ({pipe.config.kind}, {Path(pipe.source).name}, "
+              f"{card.get('weights')} weights)")
+    passes = args.passes if args.passes is not None else (4 if pipe.run else 0)
+    if passes != 0:  # 0 skips it; a negative number is refused
+        _print_validation(pipe, pipe.validation(passes=passes, rows=args.rows, batch_size=args.batch_size,
                                                 seed=args.seed))
     sampling = _given(args, num_samples="num_samples", steps="steps", sampler="sampler", batch_size="sample_batch_size")
     if pipe.modality == "vq":
@@ -158,7 +167,22 @@ def cmd_eval(args) -> int:
         if "fd" in scores:
             print(f"{scores['metric']} of the reconstructions of the {scores['images']} validation images: "
                   f"{scores['fd']:.3f}")
+    elif pipe.modality == "image" and args.reference is not None:
+        scores = pipe.fid(args.reference, inception=args.inception, seed=args.seed, rank=rank, world_size=world_size,
+                          hide_newest=args.hide_newest, redraw=args.redraw,
+                          **_given(args, classifier="classifier", guidance="guidance", num_samples="num_samples",
+                                   guidance_schedule="guidance_schedule", temperature="temperature", steps="steps",
+                                   sampler="sampler", batch_size="sample_batch_size", shard_size="shard_size",
+                                   shards="shards"))
+        if scores is not None:
+            print(f"{scores['metric']} {scores['fid']:.3f}, IS {scores['is'][0]:.2f}: {scores['num_samples']} samples "
+                  f"({scores['steps']} steps, {scores['sampler']}, guidance {scores['guidance']:g} "
+                  f"({scores['guidance_schedule']}), temperature {scores['temperature']:g}"
+                  f"{', hide-newest' if scores['hide_newest'] else ''}{', redraw' if scores['redraw'] else ''}) "
+                  f"vs {args.reference}; shards in {scores['shards']}")
     elif pipe.modality == "image" and (args.fid or args.inception):
+        if args.hide_newest or args.redraw:
+            raise ValueError("--hide-newest and --redraw reproduce the released models' FIDs against --reference")
         scores = pipe.image_quality(inception=args.inception, seed=args.seed, **sampling,
                                     **_given(args, classifier="classifier", guidance="guidance",
                                              guidance_schedule="guidance_schedule", temperature="temperature"))
@@ -235,14 +259,20 @@ def cmd_report(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .hub import convert_official
+    import json
 
-    options = dict(pre_query_mode=args.pre_query_mode, length=args.length, mask_token_id=args.mask_id,
-                   num_heads=args.num_heads)
-    out = convert_official(args.checkpoint, args.out_dir, weights=args.weights, gpt2_file=args.gpt2_file,
-                           **{k: v for k, v in options.items() if v is not None})
-    print(f"wrote {out} ({(out / 'config.json').stat().st_size} B config, "
-          f"{(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB weights)")
+    from .pipeline import convert
+
+    out = convert(args.checkpoint, args.out_dir, weights=args.weights, gpt2_file=args.gpt2_file, vq=args.vq,
+                  vq_reference=args.vq_reference,
+                  **_given(args, pre_query_mode="pre_query_mode", length="length", mask_token_id="mask_id",
+                           num_heads="num_heads", image_size="image_size"))
+    model = json.loads((out / "config.json").read_text())["model"]
+    tokenizer = out / "tokenizer"
+    held = ("no tokenizer" if not tokenizer.is_dir() else "the tokenizer named in tokenizer/" if not
+            any(p.name != "tokenizer_config.json" for p in tokenizer.iterdir()) else "its tokenizer in tokenizer/")
+    print(f"wrote {out}: a {model['kind']} model, {(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB of "
+          f"weights, {held}")
     return 0
 
 
@@ -255,7 +285,10 @@ def cmd_bench(args) -> int:
     if args.sampler is not None and args.what != "images":
         raise ValueError("--sampler applies to bench images")
     out_dir = Path(args.out_dir)
-    common = dict(repeats=args.repeats, device=args.device, **_given(args, presets="presets"))
+    if args.shape is not None and args.what != "images":
+        raise ValueError("--shape applies to bench images")
+    names = (args.presets or []) + (args.shape or [])
+    common = dict(repeats=args.repeats, device=args.device, **({"presets": names} if names else {}))
     if args.what == "images":
         report = bench.bench_images(warmup=args.warmup, **common,
                                     **_given(args, steps_list="steps", batch="batch_size", sampler="sampler"))
@@ -307,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("source", help="a run or pretrained directory, an authors' checkpoint, or a Hub id")
     add_request_arguments(sample)
     sample.add_argument("--out", help="images: the PNG grid to write (default SOURCE/samples.png)")
-    sample.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    sample.add_argument("--weights", choices=("ema", "raw"), help="the run's average or raw weights (default: the "
+                                                                   "average where there is one)")
     sample.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     sample.add_argument("--vq", help="images: the VQ tokenizer to decode with (a VQ run or pretrained directory), "
                                      "instead of the model's own")
@@ -316,12 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="validation perplexity of a trained run, sample quality")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--passes", type=int, default=4,
-                          help="Monte-Carlo passes over the validation rows (0: skip; AR is exact in one)")
+    evaluate.add_argument("--passes", type=int, help="Monte-Carlo passes over the validation rows (default 4 on a run, "
+                                                     "0 (skip) on a pretrained directory; AR is exact in one)")
     evaluate.add_argument("--rows", type=int, default=0, help="score only the first N validation rows (0: all)")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    evaluate.add_argument("--weights", choices=("ema", "raw"), help="the run's average or raw weights (default: the "
+                                                                     "average where there is one)")
     evaluate.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     evaluate.add_argument("--evaluator", help="text: also the generative perplexity of samples, scored by an AR run "
                                               "(a directory) or a Hugging Face causal LM (hf:gpt2-large)")
@@ -338,6 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--inception", metavar="WEIGHTS",
                           help="images: the standard FID instead, with torch-fidelity's Inception-v3 weights from this "
                                "local file (pip install torch-fidelity)")
+    evaluate.add_argument("--reference", help="images: FID against this reference, a folder of images (class "
+                                              "sub-folders give the labels to sample) or an .npz of statistics "
+                                              "(mu, sigma): the ImageNet protocol, in resumable shards")
+    evaluate.add_argument("--shards", help="images, --reference: where the shards go (default fid-shards/KEY beside "
+                                           "the model)")
+    evaluate.add_argument("--shard-size", type=int, help="images, --reference: images per shard (default 1000)")
+    evaluate.add_argument("--hide-newest", action="store_true", help="images, --reference: the released image "
+                                                                     "PGM's inference (see pgm sample --help)")
+    evaluate.add_argument("--redraw", action="store_true", help="images, --reference: the PGM paper's MaskGIT "
+                                                                "sampler (see pgm sample --help)")
     evaluate.add_argument("--guidance", type=float, help="images: classifier-free guidance weight (default 0)")
     evaluate.add_argument("--guidance-schedule", choices=("linear", "constant"), help="images: default linear")
     evaluate.add_argument("--temperature", type=float, help="images: sampling temperature (default 1)")
@@ -364,18 +409,28 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument("--seed", type=int, default=0)
     classifier.set_defaults(handler=cmd_fid_classifier)
 
-    convert = commands.add_parser("convert", help="import the authors' released checkpoints into our format")
-    convert.add_argument("source", choices=("official",), help="official: a Lightning .ckpt of the paper's text models")
+    convert = commands.add_parser("convert", help="import released checkpoints (the authors' text and image "
+                                                  "models, LlamaGen's VQ) into our format")
+    convert.add_argument("source", choices=("official",), help="official: a released file; which one it is (text, "
+                                                               "image PGM, MaskGIT, VQ) is read from its content")
     convert.add_argument("checkpoint")
     convert.add_argument("out_dir")
-    convert.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    convert.add_argument("--gpt2-file", help="a local gpt2.tiktoken to store with the model (offline use)")
+    convert.add_argument("--weights", choices=("ema", "raw"),
+                         help="text: the EMA average (default, when the file has one) or the raw weights")
+    convert.add_argument("--gpt2-file", help="text: a local gpt2.tiktoken to store with the model (offline use)")
+    convert.add_argument("--vq", help="images: the VQ tokenizer to keep with the model (LlamaGen's vq_ds8_c2i.pt "
+                                      "or a converted VQ directory)")
+    convert.add_argument("--vq-reference", action="store_true",
+                         help="images: name the --vq file in tokenizer/ instead of copying its weights")
     convert.add_argument("--pre-query-mode", choices=("learn", "learn+freqs", "learn+freqs+mean",
                                                        "learn+freqs+logsumexp"),
                          help="override GroupSwap's mode (not visible in the weights; default from the checkpoint)")
-    convert.add_argument("--length", type=int, help="override the model length (default from the checkpoint)")
-    convert.add_argument("--mask-id", type=int, help="override the mask token id (default from the tokenizer)")
-    convert.add_argument("--num-heads", type=int, help="only for files without rotary_emb.inv_freq")
+    convert.add_argument("--length", type=int, help="override the model length (text: default from the checkpoint; "
+                                                    "image PGM: 1025, the BOS and 32 x 32 codes)")
+    convert.add_argument("--mask-id", type=int, help="text: override the mask token id (default from the tokenizer)")
+    convert.add_argument("--num-heads", type=int, help="the heads, which the weights do not show where there is no "
+                                                       "rotary_emb.inv_freq (images: default 16, the released models')")
+    convert.add_argument("--image-size", type=int, help="VQ: the image size it reads (default 256, VQ-8's)")
     convert.set_defaults(handler=cmd_convert)
 
     bench = commands.add_parser("bench", help="speed of sampling or training, models side by side")
@@ -394,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vocab", type=int, default=50258)
     bench.add_argument("--presets", nargs="+", help="training and images: the presets to compare (default: "
                        "text-small mdlm-small ar-small; images: fmnist-pgm fmnist-maskgit)")
+    bench.add_argument("--shape", nargs="+", choices=("imagenet-12-12", "imagenet-14-10", "imagenet-maskgit"),
+                       help="images: the released ImageNet models' shapes (494M / 480M parameters), with random weights")
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions (training: optimizer steps)")
     bench.add_argument("--warmup", type=int, default=1, help="sampling: untimed runs before the timed ones")
     bench.add_argument("--device", default="cpu")

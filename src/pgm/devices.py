@@ -35,6 +35,17 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def process_device(name: str | torch.device = "auto") -> torch.device:
+    """`resolve_device`, with a bare "cuda" (or "auto" on a GPU machine) taken to mean this process's
+    GPU when torchrun started several (LOCAL_RANK)."""
+    import os
+
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def uses_bf16(device: torch.device, precision: Precision = "auto") -> bool:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

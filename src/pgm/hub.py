@@ -4,7 +4,8 @@ A pretrained directory is `config.json` ({"model": {"kind": ..., ...}}) + `model
 + `README.md` (its model card) + `tokenizer/` where there is one (see `pgm.formats`).
 `from_pretrained` also accepts:
 - a run directory from `pgm train` (its latest checkpoint, EMA weights by default);
-- one of the authors' Lightning `.ckpt` files (imported on the fly, see `pgm.importers`);
+- a released checkpoint file: the authors' text (Lightning `.ckpt`) and image models, LlamaGen's
+  VQ (imported on the fly, see `pgm.importers`);
 - a Hugging Face Hub id: `OWNER/REPO` for a repository in our format, or `OWNER/REPO/FILE.ckpt`
   for a released checkpoint such as `jdeschena/pgm/pgm_8_8.ckpt` (needs `huggingface_hub` and
   the network).
@@ -16,15 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from .formats import TOKENIZER_DIR, WEIGHTS_FILE, FormatError, Origin, check_weights, load_weights, read_config_file
-from .importers import read_official_text_checkpoint
-from .importers.unpickling import lookup
+from .importers import read_released_checkpoint
 from .models import build_model, config_from_dict
 from .runs import CHECKPOINTS, RunError, latest_checkpoint, load_checkpoint, run_card
 
-def load_pretrained_dir(directory: str | Path, weights: str = "ema"):
+def load_pretrained_dir(directory: str | Path, weights: str | None = None):
     """(model in eval mode, the file or checkpoint its weights came from) for our directory or a
-    run directory (its latest checkpoint; EMA weights when asked and kept)."""
-    check_weights(weights)
+    run directory (its latest checkpoint). `weights`: "ema" or "raw" for a run's averaged or raw
+    weights, None for the average when the run kept one; a pretrained directory holds one set."""
+    if weights is not None:
+        check_weights(weights)
     directory = Path(directory)
     values = read_config_file(directory, "a pretrained or run directory")
     if "model" not in values:
@@ -36,7 +38,9 @@ def load_pretrained_dir(directory: str | Path, weights: str = "ema"):
         if checkpoint is None:
             raise RunError(f"{directory} has no checkpoint yet")
         loaded = load_checkpoint(checkpoint, optimizer=False)
-        averaged = weights == "ema" and loaded["ema"] is not None
+        if weights == "ema" and loaded["ema"] is None:
+            raise RunError(f"{directory} kept no average of its weights (train.ema=0): use the raw weights")
+        averaged = weights != "raw" and loaded["ema"] is not None
         state = loaded["ema"] if averaged else loaded["model"]
         source, run_dir = checkpoint, directory
         card = run_card(directory, checkpoint, "ema" if averaged else "raw")
@@ -44,6 +48,9 @@ def load_pretrained_dir(directory: str | Path, weights: str = "ema"):
         source = directory / WEIGHTS_FILE
         state = load_weights(source)
         card = values.get("card", {})
+        if weights is not None and card.get("weights") != weights:
+            raise FormatError(f"{directory} holds one set of weights ({card.get('weights') or 'unnamed'}), not "
+                              f"{weights} ones: leave the choice of weights out")
     model = build_model(config)
     try:
         model.load_state_dict(state)
@@ -57,13 +64,13 @@ def load_pretrained_dir(directory: str | Path, weights: str = "ema"):
     return model.eval(), source
 
 
-def read_checkpoint_file(path: Path, weights: str = "ema", **import_options):
-    """An authors' checkpoint file as a model in eval mode, with its origin."""
-    model, hyper = read_official_text_checkpoint(path, weights=weights, **import_options)
-    name = lookup(hyper, "config.data.tokenizer_name_or_path")
-    model.origin = Origin(source=str(path), tokenizer_name=name if isinstance(name, str) else None,
-                          card={"weights": weights, "source": f"{path.name} (the authors' checkpoint)"})
-    return model
+def read_checkpoint_file(path: Path, weights: str | None = None, **import_options):
+    """A released checkpoint file (the authors' text or image models, LlamaGen's VQ) as a model in
+    eval mode, with its origin."""
+    released = read_released_checkpoint(path, weights=weights, **import_options)
+    released.model.origin = Origin(source=str(path), tokenizer_name=released.tokenizer_name,
+                                   card={"weights": released.weights, "source": f"{path.name} (a released checkpoint)"})
+    return released.model
 
 
 def _download(hub_id: str) -> Path:
@@ -93,7 +100,7 @@ def resolve_source(name_or_path: str | Path) -> Path:
     raise FormatError(f"{name_or_path} does not exist")
 
 
-def from_pretrained(name_or_path: str | Path, *, weights: str = "ema", device=None, **import_options):
+def from_pretrained(name_or_path: str | Path, *, weights: str | None = None, device=None, **import_options):
     """A model in eval mode from a local directory, run, `.ckpt` file, or Hub id (see module doc).
     `import_options` (pre_query_mode, length, mask_token_id, ...) apply to the authors' checkpoints."""
     path = resolve_source(name_or_path)
@@ -105,25 +112,3 @@ def from_pretrained(name_or_path: str | Path, *, weights: str = "ema", device=No
                              f"not to the directory {path}")
         model, _ = load_pretrained_dir(path, weights)
     return model.to(device) if device is not None else model
-
-
-def convert_official(checkpoint: str | Path, out_dir: str | Path, *, weights: str = "ema", gpt2_file: str | None = None,
-                     **import_options) -> Path:
-    """Import a released text checkpoint and write it in our format, with GPT-2's BPE file when
-    the checkpoint names GPT-2's tokenizer and a copy is found offline (otherwise the tokenizer
-    is recorded by name, and found when the model is loaded)."""
-    from .data.corpus import DataError
-    from .data.tokenizers import GPT2Tokenizer
-
-    out_dir = Path(out_dir)
-    if (out_dir / CHECKPOINTS).exists():
-        raise RunError(f"{out_dir} is a training run; choose another output directory")
-    model = read_checkpoint_file(Path(checkpoint), weights, **import_options)
-    tokenizer = None
-    if (model.origin.tokenizer_name or "").startswith("gpt2"):
-        try:
-            tokenizer = GPT2Tokenizer(gpt2_file)
-        except DataError:
-            if gpt2_file:
-                raise
-    return model.save_pretrained(out_dir, tokenizer)

@@ -21,6 +21,8 @@ are the command line's flags (`num_samples` is `--num-samples`), with the same d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,23 +34,25 @@ import torch
 from .data import load_prepared, load_tokenizer
 from .data.images import fit_size, to_uint8
 from .data.tokenizers import named_tokenizer
+from .formats import TOKENIZER_DIR, replaced_directory
 from .devices import Precision, autocast, describe_precision, resolve_device, synchronize
 from .eval import generative_perplexity, load_evaluator, score_sequences, validation_elbo
-from .eval.fid import DEFAULT_CLASSIFIER, load_feature_extractor
-from .eval.images import image_quality, reconstruction_quality
+from .eval.fid import DEFAULT_CLASSIFIER, FeatureStatistics, frechet_distance, inception_score, load_feature_extractor
+from .eval.images import image_quality, reconstruction_quality, reference_statistics, sharded_features
 from .generation import check_text_sampler, decode_samples, iterate_text, known_from_text
 from .hub import from_pretrained
 from .image_generation import parse_classes, region_cells
 from .models import is_image_model
 from .objectives import objective_for
 from .runs import read_run_config
-from .sampling import SamplingOptions, StepUpdate, iterate_codes, run_to_end
+from .sampling import SamplingOptions, StepUpdate, generate_codes, iterate_codes, run_to_end
 from .sampling.image import IMAGE_SAMPLERS, REGIONS
 from .vq_tokenizer import VQTokenizer, load_vq_tokenizer
 
 TEXT_STEPS = 128  # default steps: min(positions to generate, 128)
 IMAGE_STEPS = 32
 VALIDATION_IMAGES = 10  # images completed by `known` when none are given
+EVERY_CLASS = 16  # without classes, a model with at most this many samples every class
 
 
 def _field(default, help: str, modality: str | None = None, **cli):
@@ -84,8 +88,8 @@ class GenerationRequest:
     mark: bool = _field(False, "wrap generated spans in [[ ]]", "text", action="store_true")
     float32: bool = _field(False, "draw from a float32 instead of a float64 cumulative distribution",
                            action="store_true")
-    classes: list | None = _field(None, "class numbers or names, none = unconditional (default: every class)",
-                                  "image", nargs="+", metavar="CLASS")
+    classes: list | None = _field(None, "class numbers or names, none = unconditional (default: every class of a "
+                                        f"model with at most {EVERY_CLASS})", "image", nargs="+", metavar="CLASS")
     guidance: float | None = _field(None, "classifier-free guidance weight w (default 0)", "image", type=float)
     guidance_schedule: str | None = _field(None, "ramp w up from 0 over the steps (linear, the default, as the "
                                                  "authors) or keep it (constant)", "image",
@@ -96,6 +100,12 @@ class GenerationRequest:
     images: Any = _field(None, "with known: the images to complete (PNG files; Python: PIL images or uint8 "
                                f"arrays), or a number N for the run's first N validation images (default "
                                f"{VALIDATION_IMAGES})", "image", nargs="+", metavar="IMAGE")
+    hide_newest: bool = _field(False, "image PGM: hide the newest clean token at every step, as the authors' released "
+                                      "image PGM does (an off-by-one their FIDs were measured with)", "image",
+                               action="store_true")
+    redraw: bool = _field(False, "MaskGIT: draw every decoded cell again at each step, as the PGM paper's MaskGIT "
+                                 "baseline did (upstream Halton-MaskGIT, the default, draws only the new cells)",
+                          "image", action="store_true")
 
     @classmethod
     def from_arguments(cls, arguments: dict) -> "GenerationRequest":
@@ -257,7 +267,7 @@ class Pipeline:
                 raise ValueError(f"{name} must be a number, got {value!r}")
         if isinstance(request.seed, bool) or not isinstance(request.seed, int):
             raise ValueError(f"seed must be an integer, got {request.seed!r}")
-        for name in ("stop_at_eos", "mark", "float32"):
+        for name in ("stop_at_eos", "mark", "float32", "hide_newest", "redraw"):
             if not isinstance(getattr(request, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(request, name)!r}")
         return SamplingOptions(temperature=float(request.temperature), top_p=float(request.top_p),
@@ -425,6 +435,15 @@ class ImagePipeline(Pipeline):
             raise ValueError(f"guidance_schedule must be linear or constant, got {schedule!r}")
         return sampler, float(guidance), schedule
 
+    def _faithful(self, hide_newest: bool, redraw: bool) -> dict:
+        """The options that reproduce the authors' samplers, checked against the model."""
+        kind = self.config.kind
+        if hide_newest and kind != "pgm":
+            raise ValueError(f"hide_newest reproduces the authors' image PGM; {self.name} holds a {kind} model")
+        if redraw and kind != "maskgit":
+            raise ValueError(f"redraw reproduces the authors' MaskGIT sampler; {self.name} holds a {kind} model")
+        return {"hide_newest": hide_newest, "redraw": redraw}
+
     def _steps(self, steps, unknown: int) -> int:
         steps = _positive("steps", steps, IMAGE_STEPS)
         if steps > unknown:
@@ -437,6 +456,7 @@ class ImagePipeline(Pipeline):
         copies = _positive("num_samples", request.num_samples, 1)
         sampler, guidance, schedule = self._settings(request.sampler, request.guidance, request.guidance_schedule)
         options = self._options(request)
+        faithful = self._faithful(request.hide_newest, request.redraw)
         if request.images is not None and request.known is None:
             raise ValueError("images are completed from the region given by known (e.g. known='left')")
         known_codes = known_cells = originals = None
@@ -447,7 +467,10 @@ class ImagePipeline(Pipeline):
         else:
             classes = request.classes
             if classes is None:
-                classes = list(range(len(self.class_names) or config.num_classes))
+                if config.num_classes > EVERY_CLASS:
+                    raise ValueError(f"{self.name} has {config.num_classes} classes: choose some with classes "
+                                     "(--classes 207 360)")
+                classes = list(range(config.num_classes))
             labels = parse_classes(classes, self.class_names, config.num_classes)
         rows = [index for index in range(len(labels)) for _ in range(copies)]
         labels = [labels[i] for i in rows]
@@ -461,7 +484,7 @@ class ImagePipeline(Pipeline):
             known = {} if known_codes is None else dict(known_codes=known_codes, known_cells=known_cells)
             return iterate_codes(self.model, label_tensor, steps=steps, sampler=sampler, guidance=guidance,
                                  guidance_schedule=schedule, options=options, generator=self._generator(request.seed),
-                                 **known)
+                                 **faithful, **known)
 
         def finish(codes, seconds):
             codes = codes.cpu()
@@ -559,6 +582,59 @@ class ImagePipeline(Pipeline):
         return {"metric": metric, "steps": steps, "sampler": sampler, "guidance": guidance,
                 "guidance_schedule": guidance_schedule, "temperature": temperature, **scores}
 
+    def fid(self, reference: str | Path, *, inception: str | Path | None = None,
+            classifier: str | Path = DEFAULT_CLASSIFIER, num_samples: int = 50_000, steps: int | None = None,
+            sampler: str | None = None, guidance: float | None = None, guidance_schedule: str | None = None,
+            temperature: float = 1.0, hide_newest: bool = False, redraw: bool = False, batch_size: int = 32,
+            shard_size: int = 1000, shards: str | Path | None = None, seed: int = 0, rank: int = 0,
+            world_size: int = 1, progress: bool = True) -> dict | None:
+        """FID (with `inception`, else the classifier's FD) and IS of `num_samples` generated images
+        against a reference: a folder of images (class sub-folders give the labels to sample, as
+        the protocol draws the reference set's labels; a flat folder, or statistics, give every
+        class in turn) or an `.npz` of statistics (`mu`, `sigma`). Generated in shards kept in
+        `shards` (default: fid-shards/KEY beside the model, KEY naming the settings), so that an
+        interruption resumes; with several processes (torchrun) each makes its share of the shards
+        and process 0 returns the result, the others None."""
+        _positive("num_samples", num_samples)
+        _positive("batch_size", batch_size)
+        _positive("shard_size", shard_size)
+        sampler, guidance, guidance_schedule = self._settings(sampler, guidance, guidance_schedule)
+        options = SamplingOptions(temperature=temperature)
+        steps = self._steps(steps, self.tokenizer.num_tokens)
+        faithful = self._faithful(hide_newest, redraw)
+        extractor, metric = load_feature_extractor(classifier=classifier, inception=inception, device=self.device)
+        settings = {"model": str(Path(self.source).resolve()), "metric": metric, "steps": steps, "sampler": sampler,
+                    "guidance": guidance, "guidance_schedule": guidance_schedule, "temperature": temperature,
+                    "seed": seed, "num_samples": num_samples, "batch_size": batch_size, "shard_size": shard_size,
+                    "reference": str(Path(reference).resolve()), **faithful}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        home = Path(self.name) if Path(self.name).is_dir() else Path(".")
+        directory = Path(shards) if shards is not None else home / "fid-shards" / key
+        reference_stats, reference_labels = reference_statistics(
+            reference, extractor, size=self.tokenizer.image_size, channels=self.tokenizer.channels,
+            cache=directory / "reference.npz", progress=progress and rank == 0)
+        classes = self.config.num_classes
+        labels = ([reference_labels[i % len(reference_labels)] for i in range(num_samples)] if reference_labels
+                  else [i % classes for i in range(num_samples)])
+        if max(labels) >= classes:
+            raise ValueError(f"the reference has {max(labels) + 1} classes but the model only {classes}")
+
+        def make_images(part: list[int], generator: torch.Generator) -> torch.Tensor:
+            with self.autocast():
+                codes = generate_codes(self.model, torch.tensor(part), steps=steps, sampler=sampler, guidance=guidance,
+                                       guidance_schedule=guidance_schedule, options=options, generator=generator,
+                                       **faithful)
+                return self.tokenizer.model.decode_codes(codes).float().clamp(-1, 1)
+
+        found = sharded_features(make_images, extractor, labels, directory=directory, shard_size=shard_size, seed=seed,
+                                 batch_size=batch_size, rank=rank, world_size=world_size, progress=progress)
+        if found is None:
+            return None
+        features, logits = found
+        return {**settings, "fid": frechet_distance(reference_stats, FeatureStatistics.from_features(features)),
+                "is": inception_score(logits, min(10, len(logits))), "reference_count": reference_stats.count,
+                "shards": str(directory)}
+
 
 class VQPipeline(Pipeline):
     """A VQ tokenizer's run: evaluated (reconstructions), not sampled."""
@@ -592,13 +668,13 @@ def to_pictures(images: torch.Tensor) -> list:
     return [Image.fromarray(p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0)) for p in pixels]
 
 
-def load(source: str | Path, *, device: str | torch.device = "auto", weights: str = "ema",
+def load(source: str | Path, *, device: str | torch.device = "auto", weights: str | None = None,
          precision: Precision = "auto", vq: str | Path | None = None, gpt2_file: str | None = None,
          **import_options) -> Pipeline:
     """The pipeline for `source`: a run directory, a pretrained directory, one of the authors'
     checkpoints or a Hub id, on `device` ("auto": a GPU when there is one) in `precision`
-    ("auto": bf16 autocast on a GPU, float32 on a CPU). `weights`: "ema" (the average, when the
-    run kept one) or "raw". `vq` overrides an image model's VQ tokenizer (a VQ run or pretrained
+    ("auto": bf16 autocast on a GPU, float32 on a CPU). `weights`: "ema" (the average) or "raw";
+    by default the average where the source has one. `vq` overrides an image model's VQ tokenizer (a VQ run or pretrained
     directory); `gpt2_file` is GPT-2's BPE file for checkpoints that name GPT-2's tokenizer
     (offline). `import_options` apply to the authors' checkpoint files (see `pgm.hub`)."""
     device = resolve_device(device)
@@ -618,12 +694,10 @@ def load(source: str | Path, *, device: str | torch.device = "auto", weights: st
     if is_image_model(config):
         tokenizer_dir = Path(vq) if vq is not None else origin.tokenizer_dir
         if tokenizer_dir is None:
-            raise ValueError(f"{source} names no VQ tokenizer to decode its codes: pass vq=DIR (--vq DIR)")
-        tokenizer = load_vq_tokenizer(tokenizer_dir, device=device)
-        expected = config.codebook_size if config.kind == "maskgit" else config.mask_token_id
-        if tokenizer.codebook_size != expected:
-            raise ValueError(f"the VQ tokenizer {tokenizer_dir} has {tokenizer.codebook_size} codes but the model "
-                             f"{source} was trained on {expected}")
+            raise ValueError(f"{source} names no VQ tokenizer to decode its codes: pass vq=PATH (--vq PATH), a VQ "
+                             "directory or LlamaGen's vq_ds8_c2i.pt")
+        tokenizer = _checked_vq(model, tokenizer_dir, source)
+        tokenizer.model.to(device)
         return ImagePipeline(model.to(device), tokenizer, device, precision, str(source))
     if origin.tokenizer_dir is not None:
         tokenizer = load_tokenizer(origin.tokenizer_dir)
@@ -636,3 +710,57 @@ def load(source: str | Path, *, device: str | torch.device = "auto", weights: st
         raise ValueError(f"the tokenizer of {source} has {tokenizer.model_vocab_size} ids but the model only "
                          f"{config.vocab_size}")
     return TextPipeline(model.to(device), tokenizer, device, precision, str(source))
+
+
+def convert(checkpoint: str | Path, out_dir: str | Path, *, weights: str | None = None, gpt2_file: str | None = None,
+            vq: str | Path | None = None, vq_reference: bool = False, **import_options) -> Path:
+    """A released checkpoint file written as a pretrained directory (`pgm convert official`): the
+    authors' text models with GPT-2's BPE file when one is found offline (else the tokenizer is
+    recorded by name and found when loaded), their image models with the VQ tokenizer `vq` (held
+    in tokenizer/, or only named there with `vq_reference`), LlamaGen's VQ on its own."""
+    from .data.corpus import DataError
+    from .data.tokenizers import GPT2Tokenizer
+    from .runs import CHECKPOINTS
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not checkpoint.is_file():
+        raise ValueError(f"{checkpoint} is not a checkpoint file")
+    if (out_dir / CHECKPOINTS).exists():
+        raise ValueError(f"{out_dir} is a training run; choose another output directory")
+    model = from_pretrained(checkpoint, weights=weights, **import_options)
+    image = is_image_model(model.config)
+    if (vq is not None or vq_reference) and not image:
+        raise ValueError(f"vq applies to image models; {checkpoint} holds a {model.config.kind} model")
+    if gpt2_file is not None and not (model.origin.tokenizer_name or "").startswith("gpt2"):
+        raise ValueError(f"gpt2_file is for checkpoints that name GPT-2's tokenizer; {checkpoint} does not")
+    tokenizer = None
+    if image and vq is not None:
+        tokenizer = _checked_vq(model, vq, checkpoint)
+    elif vq_reference:
+        raise ValueError("vq_reference names the VQ given as vq; give vq")
+    elif (model.origin.tokenizer_name or "").startswith("gpt2"):
+        try:
+            tokenizer = GPT2Tokenizer(gpt2_file)
+        except DataError:
+            if gpt2_file:
+                raise
+    if vq_reference:
+        model.save_pretrained(out_dir, keep_tokenizer=False)
+        with replaced_directory(out_dir / TOKENIZER_DIR) as temporary:
+            tokenizer.save_reference(temporary)
+        return out_dir
+    return model.save_pretrained(out_dir, tokenizer)
+
+
+def _checked_vq(model, vq: str | Path, source) -> VQTokenizer:
+    """The VQ tokenizer at `vq`, refused unless its codebook is the one `model` was trained on."""
+    tokenizer = load_vq_tokenizer(vq)
+    config = model.config
+    codes = config.codebook_size if config.kind == "maskgit" else config.mask_token_id
+    cells = config.length if config.kind == "maskgit" else config.length - 1  # the PGM's rows start with a BOS
+    if (tokenizer.codebook_size, tokenizer.num_tokens) != (codes, cells):
+        hint = (f" (an image PGM's length is not in its weights: for this VQ it is {1 + tokenizer.num_tokens}, given "
+                "as length or --length)" if config.kind == "pgm" and tokenizer.codebook_size == codes else "")
+        raise ValueError(f"the VQ tokenizer {vq} makes {tokenizer.num_tokens} codes of {tokenizer.codebook_size} per "
+                         f"image, but the model {source} was trained on {cells} of {codes}{hint}")
+    return tokenizer

@@ -115,6 +115,25 @@ def _image_model(kind: str, tiny: bool) -> RunConfig:
     return RunConfig(model=model, data=_image_data(vq, 256 if tiny else 0), train=train)
 
 
+def _imagenet(kind: str, **blocks):
+    """The shapes of the authors' released ImageNet 256 models (LlamaGen VQ-8 codes: 32 x 32 grids of
+    16384 codes; 1000 classes): the image PGM (494.2M parameters) and the Halton-MaskGIT baseline
+    (480.4M). For `pgm bench images --shape`; the released weights themselves are imported with
+    `pgm convert official`."""
+    if kind == "pgm":
+        return PartitionConfig(vocab_size=16386, length=1025, mask_token_id=16384, hidden_size=1024, num_heads=16,
+                               cond_dim=1024, dropout=0.1, num_classes=1000, registers=2, **blocks)
+    return MaskGITConfig(codebook_size=16384, grid_size=32, hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096,
+                         num_classes=1000, registers=1, dropout=0.1)
+
+
+IMAGE_SHAPES = {
+    "imagenet-12-12": lambda: _imagenet("pgm", encoder_blocks=12, decoder_blocks=12),
+    "imagenet-14-10": lambda: _imagenet("pgm", encoder_blocks=14, decoder_blocks=10),
+    "imagenet-maskgit": lambda: _imagenet("maskgit"),
+}
+
+
 PRESETS = {
     "text-tiny": lambda: _tiny("pgm"),
     "mdlm-tiny": lambda: _tiny("mdlm"),
@@ -148,6 +167,17 @@ def vq_preset_for(directory: str) -> str | None:
     if name in PRESETS and Path(directory) == Path("runs") / name and PRESETS[name]().model.kind == "vq":
         return name
     return None
+
+
+def image_model_config(name: str):
+    """The model of an image preset, or a released image model's shape (IMAGE_SHAPES)."""
+    if name in IMAGE_SHAPES:
+        return IMAGE_SHAPES[name]()
+    config = preset(name).model
+    if not (config.kind == "maskgit" or getattr(config, "num_classes", 0)):
+        raise ConfigError(f"{name} is not an image model (a class-conditional PGM or MaskGIT); shapes: "
+                          f"{', '.join(IMAGE_SHAPES)}")
+    return config
 
 
 def preset(name: str) -> RunConfig:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .data import PreparedData, load_prepared, prepare_data
-from .devices import autocast, describe_precision, resolve_device
+from .devices import autocast, describe_precision, process_device
 from .eval.images import psnr
 from .eval.perplexity import seed_for, validation_elbo
 from .formats import CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, remove_partial, replaced_atomically, write_json
@@ -61,10 +61,8 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     info = Distributed(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    device = resolve_device(device_name)
+    device = process_device(device_name)
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         # torch.distributed.nn binds group.WORLD into default arguments when it is first imported, and DDP imports

@@ -9,6 +9,7 @@ and the image evaluation decode with it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ import torch
 from .data import VQCodes
 from .data.corpus import DataError
 from .data.images import to_unit_range
-from .formats import TOKENIZER_CONFIG, FormatError, write_json
-from .hub import load_pretrained_dir
+from .formats import CONFIG_FILE, TOKENIZER_CONFIG, FormatError, write_json
+from .hub import from_pretrained
 from .runs import RunError
 
 
@@ -59,17 +60,36 @@ class VQTokenizer(VQCodes):
         self.model.save_pretrained(directory, keep_tokenizer=False)
         write_json(directory / TOKENIZER_CONFIG, self.layout())
 
+    def save_reference(self, directory: Path) -> None:
+        """The layout of its rows and where its weights are, without the weights: a directory that
+        names its VQ instead of holding it (the released VQ-8 is 280 MB)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / TOKENIZER_CONFIG, {**self.layout(), NAMED: str(Path(self.source).resolve())})
 
-def load_vq_tokenizer(directory: str | Path, *, channels: int | None = None, image_size: int | None = None,
+
+NAMED = "weights"  # the tokenizer_config.json entry of a VQ tokenizer that names its weights
+
+
+def load_vq_tokenizer(path: str | Path, *, channels: int | None = None, image_size: int | None = None,
                       device="cpu") -> VQTokenizer:
-    """The VQ tokenizer in `directory`: a VQ run, a pretrained VQ directory, or a run's tokenizer/.
-    `channels` and `image_size`, when given, must be what it reads."""
-    directory = Path(directory)
-    model, source = load_pretrained_dir(directory)
+    """The VQ tokenizer at `path`: a VQ run or pretrained directory, a run's tokenizer/ (holding
+    the VQ, or naming its weights), or LlamaGen's released file. `channels` and `image_size`, when
+    given, must be what it reads."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path} does not exist")
+    config = path / TOKENIZER_CONFIG
+    if path.is_dir() and not (path / CONFIG_FILE).is_file() and config.is_file():
+        named = json.loads(config.read_text()).get(NAMED)
+        if named is None:
+            raise FormatError(f"{path} holds neither a VQ model nor the name of one")
+        return load_vq_tokenizer(named, channels=channels, image_size=image_size, device=device)
+    model = from_pretrained(path)
+    source = Path(model.origin.source)
     if model.config.kind != "vq":
-        raise DataError(f"{directory} holds a {model.config.kind} model, not a VQ autoencoder")
+        raise DataError(f"{path} holds a {model.config.kind} model, not a VQ autoencoder")
     if channels is not None and (model.config.in_channels, model.config.image_size) != (channels, image_size):
-        raise DataError(f"the VQ model in {directory} reads {model.config.in_channels}x{model.config.image_size}px "
+        raise DataError(f"the VQ model in {path} reads {model.config.in_channels}x{model.config.image_size}px "
                         f"images but the data is {channels}x{image_size}px")
     return VQTokenizer(model.to(device), source)
 

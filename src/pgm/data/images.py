@@ -70,7 +70,7 @@ def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 
 def fit_size(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 [N, C, h, w] -> [N, C, size, size]: zero-pad smaller images around the centre,
-    resize larger ones (short side, bicubic) and centre-crop."""
+    resize larger ones (short side, bilinear) and centre-crop."""
     n, c, h, w = images.shape
     if h <= size and w <= size:
         out = np.zeros((n, c, size, size), dtype=np.uint8)
@@ -86,7 +86,8 @@ def _resize_crop(image: np.ndarray, size: int) -> np.ndarray:
     c, h, w = image.shape
     picture = Image.fromarray(image[0] if c == 1 else image.transpose(1, 2, 0))
     scale = size / min(h, w)
-    picture = picture.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+    # Bilinear with antialiasing, as torchvision's Resize (the authors' ImageNet pipeline) does on PIL images.
+    picture = picture.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
     left, top = (picture.width - size) // 2, (picture.height - size) // 2
     array = np.asarray(picture.crop((left, top, left + size, top + size)))
     return array[None] if c == 1 else array.transpose(2, 0, 1)

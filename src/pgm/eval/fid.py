@@ -56,6 +56,29 @@ class FeatureStatistics:
         return cls(features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], -1),
                    features.shape[0])
 
+    def save_npz(self, path: str | Path) -> None:
+        """The common statistics layout (`mu`, `sigma`, as pytorch-fid and clean-fid write it), plus
+        the count, written atomically."""
+        from ..formats import replaced_atomically
+
+        with replaced_atomically(Path(path)) as temporary:
+            np.savez(temporary, mu=self.mean, sigma=self.covariance, count=self.count)
+
+    @classmethod
+    def load_npz(cls, path: str | Path) -> FeatureStatistics:
+        """Statistics from an `.npz` holding `mu` [D] and `sigma` [D, D] (and optionally `count`)."""
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                if "mu" not in stored or "sigma" not in stored:
+                    raise ValueError(f"{path} holds {', '.join(stored.files)}, not the statistics mu and sigma")
+                mean, covariance = stored["mu"].astype(np.float64), stored["sigma"].astype(np.float64)
+                count = int(stored["count"]) if "count" in stored else 0
+        except (OSError, ValueError, EOFError) as error:
+            raise ValueError(f"{path} is not readable statistics ({error})") from None
+        if mean.ndim != 1 or covariance.shape != (mean.shape[0], mean.shape[0]):
+            raise ValueError(f"{path} holds mu {mean.shape} and sigma {covariance.shape}, not [D] and [D, D]")
+        return cls(mean, covariance, count)
+
 
 def _sqrtm_product(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     """sqrtm(a @ b), or None where the product is singular or the root is not finite."""

@@ -138,7 +138,7 @@ def _fingerprint(tokenizer):
 class RunEvaluator(Evaluator):
     """One of our autoregressive runs or pretrained directories."""
 
-    def __init__(self, directory: str | Path, *, device="cpu", batch_size: int = 32, weights: str = "ema"):
+    def __init__(self, directory: str | Path, *, device="cpu", batch_size: int = 32, weights: str | None = None):
         directory = Path(directory)
         model, _ = load_pretrained_dir(directory, weights)
         if model.config.kind != "ar":

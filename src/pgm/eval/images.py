@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data.image_tokens import split_images
-from ..data.images import to_unit_range
+from ..data.images import IMAGE_SUFFIXES, fit_size, to_unit_range
 from ..models.base import check_ids
 from ..sampling import SamplingOptions, generate_codes
-from .fid import fd_classifier
+from .fid import FeatureStatistics, fd_classifier
 
 
 def psnr(mse: float) -> float:
@@ -75,3 +77,119 @@ def image_quality(model, vq, data, data_config, extractor, *, num_samples: int, 
     return {"fd": generated["fd_classifier"], "is": generated["is_classifier"][0],
             "vq_floor_fd": floor["fd_classifier"], "vq_floor_is": floor["is_classifier"][0],
             "num_samples": count, "real_images": len(real_images), "images_per_s": count / seconds}
+
+
+# --- FID against a reference set, in shards -------------------------------------------------------------------------
+
+SHARD_PATTERN = "shard-{:05d}.npz"
+
+
+def reference_files(folder: Path) -> tuple[list[Path], list[int] | None]:
+    """The images of a reference folder in sorted order, and their labels: the index of their class
+    sub-folder (sorted names: ImageNet's synset folders give its class order), or None when the
+    folder is flat."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"the reference {folder} is neither a folder of images nor an .npz of statistics")
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes:
+        pairs = [(path, label) for label, directory in enumerate(classes) for path in sorted(directory.iterdir())
+                 if path.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        pairs = [(path, None) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not pairs:
+        raise ValueError(f"the reference folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [path for path, _ in pairs], (None if not classes else [label for _, label in pairs])
+
+
+def read_pictures(paths: list[Path], size: int, channels: int) -> torch.Tensor:
+    """Images from files, resized on the short side and centre-cropped to `size`, in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    arrays = []
+    for path in paths:
+        try:
+            with Image.open(path) as picture:
+                array = np.asarray(picture.convert("L" if channels == 1 else "RGB"))
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"cannot read the reference image {path} ({error})") from None
+        arrays.append(fit_size((array[None] if channels == 1 else array.transpose(2, 0, 1))[None], size)[0])
+    return to_unit_range(np.stack(arrays))
+
+
+def extract(extractor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, logits) of images in [-1, 1], on the CPU."""
+    device = next(extractor.parameters()).device
+    features, logits = extractor.features(images.to(device))
+    return features.float().cpu(), logits.float().cpu()
+
+
+@torch.no_grad()
+def reference_statistics(reference: str | Path, extractor, *, size: int, channels: int, batch_size: int = 64,
+                         cache: Path | None = None, progress: bool = True):
+    """(feature statistics, labels or None) of a reference: precomputed statistics in an `.npz`
+    (`mu`, `sigma`), or a folder of images whose features are computed here (and kept in `cache`,
+    an .npz beside a labels .json, so that the next evaluation reads them)."""
+    from tqdm import tqdm
+
+    reference = Path(reference)
+    if reference.suffix == ".npz":
+        return FeatureStatistics.load_npz(reference), None
+    paths, labels = reference_files(reference)
+    if cache is not None and cache.is_file():
+        return FeatureStatistics.load_npz(cache), labels
+    features = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="reference features", unit="batch",
+                      disable=not progress):
+        features.append(extract(extractor, read_pictures(paths[start:start + batch_size], size, channels))[0])
+    statistics = FeatureStatistics.from_features(torch.cat(features))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        statistics.save_npz(cache)
+    return statistics, labels
+
+
+@torch.no_grad()
+def sharded_features(make_images, extractor, labels: list[int], *, directory: Path, shard_size: int, seed: int,
+                     batch_size: int = 32, rank: int = 0, world_size: int = 1, progress: bool = True,
+                     wait_seconds: float = 5.0):
+    """(features [N, D], logits [N, K]) of N = len(labels) generated images, made `shard_size` at a
+    time by `make_images(labels, generator)` (images in [-1, 1]). Each shard's features are
+    written atomically to `directory` as it is finished, and shards already there are not made
+    again, so an interrupted evaluation resumes where it stopped; shard i is made by process
+    i % world_size with a generator seeded by (seed, i), so the result does not depend on how many
+    processes share the work or how often it was interrupted. Process 0 waits for the others'
+    shards and returns the features; the others return None."""
+    import time
+
+    from tqdm import tqdm
+
+    from ..formats import replaced_atomically
+    from .perplexity import seed_for
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = -(-len(labels) // shard_size)
+    mine = [i for i in range(rank, shards, world_size) if not (directory / SHARD_PATTERN.format(i)).is_file()]
+    bar = tqdm(total=sum(len(labels[i * shard_size:(i + 1) * shard_size]) for i in mine), unit="img",
+               desc=f"sampling (rank {rank})" if world_size > 1 else "sampling", disable=not progress)
+    for shard in mine:
+        part = labels[shard * shard_size:(shard + 1) * shard_size]
+        generator = torch.Generator(device=next(extractor.parameters()).device).manual_seed(seed_for(seed, shard))
+        features, logits = [], []
+        for start in range(0, len(part), batch_size):
+            batch_features, batch_logits = extract(extractor, make_images(part[start:start + batch_size], generator))
+            features.append(batch_features)
+            logits.append(batch_logits)
+            bar.update(len(batch_features))
+        with replaced_atomically(directory / SHARD_PATTERN.format(shard)) as temporary:
+            np.savez(temporary, features=torch.cat(features).numpy(), logits=torch.cat(logits).numpy(),
+                     labels=np.asarray(part))
+    bar.close()
+    if rank != 0:
+        return None
+    paths = [directory / SHARD_PATTERN.format(i) for i in range(shards)]
+    while not all(path.is_file() for path in paths):  # the other processes' shards
+        time.sleep(wait_seconds)
+    loaded = [np.load(path) for path in paths]
+    return (torch.from_numpy(np.concatenate([shard["features"] for shard in loaded])),
+            torch.from_numpy(np.concatenate([shard["logits"] for shard in loaded])))

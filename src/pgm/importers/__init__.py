@@ -1,9 +1,13 @@
 """Checkpoints released by others, imported into our models without their code: the authors'
-text checkpoints (`official`) and LlamaGen's VQ tokenizer (`llamagen`), read without executing
-anything pickled in them (`unpickling`)."""
+text and image checkpoints (`official`) and LlamaGen's VQ tokenizer (`llamagen`), all read
+without executing anything pickled in them (`unpickling`), their tensors checked by name and
+shape (`checks`). `read_released_checkpoint` tells which of them a file is from its content."""
 
 from .llamagen import load_llamagen_vq
-from .official import official_parameter_order, read_official_text_checkpoint
-from .unpickling import CheckpointImportError
+from .official import (checkpoint_kind, official_parameter_order, read_official_image_checkpoint,
+                       read_official_text_checkpoint, read_released_checkpoint)
+from .unpickling import CheckpointImportError, load_restricted
 
-__all__ = ["CheckpointImportError", "load_llamagen_vq", "official_parameter_order", "read_official_text_checkpoint"]
+__all__ = ["CheckpointImportError", "checkpoint_kind", "load_llamagen_vq", "load_restricted",
+           "official_parameter_order", "read_official_image_checkpoint", "read_official_text_checkpoint",
+           "read_released_checkpoint"]

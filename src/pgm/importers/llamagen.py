@@ -1,63 +1,74 @@
 """LlamaGen's released VQ checkpoints (VQ-8: `vq_ds8_c2i.pt`), loaded strictly into our `VQModel`,
-whose module tree and parameter names are LlamaGen's."""
+whose module tree and parameter names are LlamaGen's.
+
+The file is a `torch.save` dict whose "model" entry is the state_dict (LlamaGen's training script
+also saves its argparse namespace, an optimizer and a discriminator beside it: read through the
+restricted unpickler, those become inert records and nothing in the file runs). The shapes tell
+the channels, the level multipliers, the residual blocks, the latent and codebook sizes; the image
+size and the GroupNorm groups cannot be read from them (VQ-8: 256 and 32).
+"""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 
 from ..models.vq import VQConfig, VQModel
-from .unpickling import CheckpointImportError
+from .checks import check_tensors, count_blocks, shape_of, strip_prefixes
+from .unpickling import CheckpointImportError, load_restricted
+
+VQ_KEY = "quantize.embedding.weight"  # the tensor that tells a VQ state_dict apart
 
 
-def first_clause(text: str) -> str:
-    """The first line of `text` up to its first full stop, to quote inside one sentence."""
-    return text.strip().splitlines()[0].split(". ")[0].rstrip(".") if text.strip() else "no details"
-
-
-def describe(value) -> str:
-    """A state_dict value's shape as text, or its type when it is not a tensor."""
-    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def load_llamagen_vq(path: str | Path, config: VQConfig | None = None) -> VQModel:
-    """A `VQModel` (in eval mode) holding the weights of a LlamaGen VQ checkpoint: a file holding
-    {"model": state_dict, ...}. `config` defaults to VQ-8; the load is strict."""
-    config = VQConfig() if config is None else config
+def infer_vq_config(state: dict, *, image_size: int = 256, norm_groups: int = 32) -> VQConfig:
+    """The `VQConfig` the shapes of a LlamaGen state_dict describe."""
+    channels, in_channels = shape_of(state, "encoder.conv_in.weight")[:2]
+    levels = count_blocks(state, "encoder.conv_blocks")
+    widths = [shape_of(state, f"encoder.conv_blocks.{level}.res.0.conv1.weight")[0] for level in range(levels)]
+    if any(width % channels for width in widths):
+        raise CheckpointImportError(f"the encoder's level widths {widths} are not multiples of its {channels} channels")
+    codebook_size, codebook_dim = shape_of(state, VQ_KEY)
+    usage = state.get("quantize.codebook_used")
+    values = dict(in_channels=in_channels, image_size=image_size, channels=channels,
+                  channel_multipliers=[width // channels for width in widths],
+                  encoder_res_blocks=count_blocks(state, "encoder.conv_blocks.0.res"),
+                  decoder_res_blocks=count_blocks(state, "decoder.conv_blocks.0.res"),
+                  z_channels=shape_of(state, "encoder.conv_out.weight")[0], codebook_size=codebook_size,
+                  codebook_dim=codebook_dim, norm_groups=norm_groups)
+    if isinstance(usage, torch.Tensor):
+        values["codebook_usage_window"] = usage.shape[0]
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # a missing or unreadable file keeps its own error
-        raise
-    except pickle.UnpicklingError as error:
-        # torch's message is several paragraphs; the cause follows this marker.
-        reason = str(error).split("WeightsUnpickler error: ")[-1]
-        raise CheckpointImportError(f"{path} is not a plain LlamaGen VQ checkpoint of tensors and containers "
-                                    f"({first_clause(reason)})") from None
-    except Exception as error:  # torch.load fails on foreign files with many exception types
-        raise CheckpointImportError(f"{path} is not a PyTorch checkpoint "
-                                    f"({type(error).__name__}: {first_clause(str(error))})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        return VQConfig(**values)
+    except ValueError as error:
+        raise CheckpointImportError(f"the VQ checkpoint's shapes do not make a VQ model: {error}") from None
+
+
+def vq_state(content, path: Path) -> dict | None:
+    """The VQ state_dict inside a loaded file's content, or None when it holds none."""
+    if isinstance(content, dict) and isinstance(content.get("model"), dict):
+        state = strip_prefixes(content["model"])
+        return state if VQ_KEY in state else None
+    return None
+
+
+def load_llamagen_vq(path: str | Path, config: VQConfig | None = None, *, content=None, image_size: int = 256,
+                     norm_groups: int = 32) -> VQModel:
+    """A `VQModel` (in eval mode) holding the weights of a LlamaGen VQ checkpoint. `config`
+    defaults to what the shapes tell (with `image_size` and `norm_groups`, which they cannot);
+    the load is strict. `content`: the file already read with `load_restricted`."""
+    path = Path(path)
+    content = load_restricted(path) if content is None else content
+    state = vq_state(content, path)
+    if state is None:
+        found = sorted(map(str, content)) if isinstance(content, dict) else type(content).__name__
         raise CheckpointImportError(f"{path} is not a LlamaGen VQ checkpoint: expected a dict with a 'model' "
-                                    f"state_dict, found {found}")
-    state = checkpoint["model"]
+                                    f"state_dict holding {VQ_KEY}, found {found}")
+    config = infer_vq_config(state, image_size=image_size, norm_groups=norm_groups) if config is None else config
     # Built without storage or random initialisation: the strict load below fills every tensor.
     with torch.device("meta"):
         model = VQModel(config)
-    expected = model.state_dict()
-    problems = []
-    missing = [name for name in expected if name not in state]
-    unexpected = [name for name in state if name not in expected]
-    misshaped = [f"{name} (file {describe(state[name])}, model {describe(tensor)})"
-                 for name, tensor in expected.items() if name in state and describe(state[name]) != describe(tensor)]
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            problems.append(f"{len(names)} {label} key(s): {', '.join(names[:3])}{more}")
-    if problems:
-        raise CheckpointImportError(f"{path} does not fit this VQ configuration: {'; '.join(problems)}")
+    check_tensors(state, model.state_dict(), str(path))
     model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     return model.eval()

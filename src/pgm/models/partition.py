@@ -93,6 +93,13 @@ class GroupSwap(nn.Module):
         self.output_linear = nn.Linear(hidden, hidden)
         self.register_buffer("pos_freqs", sinusoid(torch.arange(config.sequence_length), hidden), persistent=False)
 
+    def reset_buffers(self) -> None:
+        """Recompute the position sinusoid, which is not saved with the weights (a model built on
+        the meta device and then given storage holds garbage there until this runs)."""
+        length, hidden = self.pos_freqs.shape
+        positions = torch.arange(length, device=self.base_embedding.device)
+        self.pos_freqs = sinusoid(positions, hidden).to(self.pos_freqs.dtype)
+
     @property
     def content_dependent(self) -> bool:
         return self.mode in ("learn+freqs+mean", "learn+freqs+logsumexp")

@@ -17,8 +17,7 @@ first step draws at twice the temperature (the authors halve the first step's lo
 Departures from the authors' samplers, on purpose: MaskGIT never re-draws cells it has already
 decoded (upstream Halton-MaskGIT today; the PGM paper's baseline re-drew them each step), and
 the PGM's inference view does not hide the newest clean token (the released image PGM's
-off-by-one, image-stack §3.5). Reproducing the released checkpoints' numbers exactly will need
-both behind flags when their import lands.
+off-by-one, image-stack §3.5). `redraw=True` and `hide_newest=True` reproduce the authors' samplers.
 
 Known cells (inpainting: the surroundings are known; outpainting: the centre is) start in the
 clean set and are never changed.
@@ -106,13 +105,15 @@ def iterate_codes(model, labels: torch.Tensor, *, steps: int = 32, sampler: str 
                   options: SamplingOptions = SamplingOptions(), first_step_temperature_scale: float = 2.0,
                   confidence_noise: float = 5.0, known_codes: torch.Tensor | None = None,
                   known_cells: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  view: str | None = None, stats: dict | None = None):
+                  view: str | None = None, hide_newest: bool = False, redraw: bool = False,
+                  stats: dict | None = None):
     """VQ codes [B, grid^2] of one image per label (labels [B]; the null class = unconditional): a
     generator that yields a `StepUpdate` after every step, its positions counted in grid cells
     (row-major), and returns the codes.
 
     known_codes/known_cells [B, grid^2] fix some cells (inpainting and outpainting). `view`
-    overrides the model's sampling view (the PGM's "reference" view is for tests).
+    overrides the model's sampling view (the PGM's "reference" view is for tests). `hide_newest`
+    (PGM) and `redraw` (MaskGIT) reproduce the authors' released samplers (see `iterate_pgm`).
     """
     if sampler not in IMAGE_SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(IMAGE_SAMPLERS)}, got {sampler!r}")
@@ -151,7 +152,8 @@ def iterate_codes(model, labels: torch.Tensor, *, steps: int = 32, sampler: str 
                           guidance_schedule=guidance_schedule,
                           first_step_temperature_scale=first_step_temperature_scale,
                           confidence_noise=confidence_noise if sampler == "confidence" else 0.0,
-                          suppress=(codebook, codebook + 1) if offset else (codebook,), view=view, stats=stats)
+                          suppress=(codebook, codebook + 1) if offset else (codebook,), view=view,
+                          hide_newest=hide_newest, redraw=redraw, stats=stats)
     while True:
         try:
             update = next(updates)

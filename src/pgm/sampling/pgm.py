@@ -73,8 +73,8 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
                cond: torch.Tensor | None = None, guidance: float = 0.0,
                guidance_schedule: Literal["linear", "constant"] = "linear",
                first_step_temperature_scale: float = 1.0, confidence_noise: float = 0.0,
-               suppress: tuple[int, ...] | None = None, view: str = "efficient",
-               stats: dict | None = None):
+               suppress: tuple[int, ...] | None = None, view: str = "efficient", hide_newest: bool = False,
+               redraw: bool = False, stats: dict | None = None):
     """Generate [num_samples, length] token ids in `steps` steps: a generator that yields a
     `StepUpdate` (the positions and tokens committed) after every step that decodes something,
     and returns the tokens.
@@ -91,6 +91,13 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
     of the "confidence" order (MaskGIT's randomisation; the authors use 5 for images).
     `suppress`: ids never drawn (default: the mask id). `stats`, when given, receives the
     number of network calls under "forward_calls".
+
+    Two departures of the authors' image samplers, each reproducible on request:
+    `hide_newest` hides the most recently appended clean token from every step (their image PGM
+    counts its register in the clean set's length but not in its masks, an off-by-one: at the
+    first step only the register is visible); `redraw` (masked view, queued or fixed orders)
+    draws every cell decoded so far again at each step, as the PGM paper's MaskGIT baseline
+    sampler did (upstream Halton-MaskGIT now draws only the new cells).
     """
     fixed_order = isinstance(order, torch.Tensor)
     if not fixed_order and order not in ORDERS:
@@ -99,6 +106,10 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
         raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
     if confidence_noise and order != "confidence":
         raise ValueError("confidence_noise applies to the confidence order only")
+    if hide_newest and view == "masked":
+        raise ValueError("hide_newest reproduces the image PGM's inference; a masked model has no clean set to hide")
+    if redraw and (view != "masked" or not (fixed_order or order in QUEUED_ORDERS)):
+        raise ValueError("redraw applies to a masked model (MaskGIT) decoding in a queued or fixed order")
     config = model.config
     known_tokens, known_mask = resolve_known(config, num_samples, length, known_tokens, known_mask,
                                              model_device(model))
@@ -190,8 +201,21 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
         weight = guidance_weight(guidance, step, steps, guidance_schedule)
         equal = isinstance(num_clean, int)
         clean_width, lengths = (num_clean, None) if equal else (int(num_clean.max()), num_clean)
+        if hide_newest:  # the newest clean token is no key of this step (see the docstring)
+            lengths = (torch.full((batch,), num_clean, device=device) if equal else num_clean) - 1
         offsets = torch.arange(width, device=device)
-        if fixed_order or order in QUEUED_ORDERS:
+        update = None  # what the step reports, when it is more than the new draws
+        if redraw:
+            if not equal:
+                raise ValueError("redraw needs the same number of known cells in every row")
+            again = slot_positions[:, step_counts.initial_clean:num_clean]  # every cell decoded so far
+            queries = torch.cat([again, queue.gather(1, (decoded[:, None] + offsets).clamp(max=length - 1))], 1)
+            drawn = sample_categorical(logits_at(clean_width, lengths, queries, step_cond, weight), step_options,
+                                       suppress=suppress, generator=generator)
+            slot_tokens[:, step_counts.initial_clean:num_clean] = drawn[:, :again.shape[1]]
+            update = StepUpdate(step, positions=queries, tokens=drawn)
+            queries, drawn = queries[:, again.shape[1]:], drawn[:, again.shape[1]:]
+        elif fixed_order or order in QUEUED_ORDERS:
             queries = queue.gather(1, (decoded[:, None] + offsets).clamp(max=length - 1))
             drawn = sample_categorical(logits_at(clean_width, lengths, queries, step_cond, weight), step_options,
                                        suppress=suppress, generator=generator)
@@ -220,7 +244,7 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
             unknown.scatter_(1, torch.where(slots < length, queries, length), False)
         num_clean = num_clean + k
         decoded += k
-        yield StepUpdate(step, positions=queries, tokens=drawn, valid=valid)
+        yield update or StepUpdate(step, positions=queries, tokens=drawn, valid=valid)
 
     if stats is not None:
         stats["forward_calls"] = calls
