@@ -1,8 +1,8 @@
 """The README is the front door: every Python block in it runs, and every `pgm` command in it parses
 with today's command line; those that only need a run, a pretrained directory or a checkpoint
 file run too, against tiny stand-ins made under the names the README uses (runs/text-small is a
-text-tiny run of length 128, runs/fmnist-pgm an image-pgm-tiny run, pgm_8_8.ckpt a small
-checkpoint in the authors' layout)."""
+text-tiny run of length 128, runs/fmnist-pgm an image-pgm-tiny run, pgm_8_8.ckpt, the image
+checkpoints and vq_ds8_c2i.pt small files in the released layouts)."""
 
 import re
 import shlex
@@ -66,6 +66,15 @@ def front_door(tmp_path_factory, request):
     gpt2 = find_gpt2_file()
     if gpt2 is not None:
         shutil.copyfile(gpt2, root / "gpt2.tiktoken")
+    from test_released_images import tiny_image_pgm, tiny_maskgit, tiny_vq, write_image_checkpoint
+
+    for name in ("images_pgm_12_12_100epochs.ckpt", "images_pgm_14_10_100epochs.ckpt"):
+        write_image_checkpoint(root / name, tiny_image_pgm(num_classes=1000))
+    write_image_checkpoint(root / "maskgit_100epochs.ckpt", tiny_maskgit(num_classes=1000))
+    torch.save({"model": tiny_vq().state_dict()}, root / "vq_ds8_c2i.pt")
+    from PIL import Image
+
+    Image.new("RGB", (300, 200), (90, 140, 30)).save(root / "photo.jpg")
     try:
         images = request.getfixturevalue("image_runs")
     except pytest.skip.Exception:
@@ -81,8 +90,8 @@ def front_door(tmp_path_factory, request):
 
 def needs(text: str) -> list[str]:
     """The README's names that `text` reads."""
-    return sorted(set(re.findall(r"(?:runs|models)/[\w.-]+|[\w-]+\.ckpt|my-model|my-shirt\.png|gpt2\.tiktoken",
-                                 text)))
+    return sorted(set(re.findall(r"(?:runs|models|imagenet)/[\w.-]+|[\w-]+\.(?:ckpt|pt|pth|jpg)|my-model|"
+                                 r"my-shirt\.png|gpt2\.tiktoken", text)))
 
 
 def missing_inputs(root: Path, text: str, writes: tuple[str, ...] = ()) -> list[str]:

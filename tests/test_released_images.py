@@ -21,7 +21,7 @@ from pgm.importers import (CheckpointImportError, read_official_image_checkpoint
                            read_released_checkpoint)
 from pgm.models import MaskGITConfig, MaskGITTransformer, PartitionConfig, PartitionTransformer, VQConfig, VQModel
 from pgm.presets import IMAGE_SHAPES
-from pgm.sampling import generate_codes, iterate_pgm
+from pgm.sampling import generate_codes
 from test_official import Exploit, hyper_config, tiny_pgm, write_checkpoint
 
 CODES, CLASSES, GRID = 32, 5, 32  # a tiny codebook, 5 classes, the released 32 x 32 grid

@@ -338,7 +338,7 @@ def bench_images(presets=("fmnist-pgm", "fmnist-maskgit"), *, steps_list=(32,), 
                          "forward_calls": stats.get("forward_calls"),
                          "gflops_per_image": image_flops(config, steps, sampler, guidance) / 1e9})
             log(f"  {name:<15} {steps} steps, batch {rows_in_batch:<3} w={guidance:<4} "
-                f"{rows[-1]['images_per_s']:>8.1f} images/s")
+                f"{rows[-1]['images_per_s']:>8.3g} images/s")
     for row in rows:
         baseline = next((r for r in rows if r["model"] == "maskgit" and r["batch"] == row["batch"]
                          and r["guidance"] == row["guidance"] and r["steps"] == row["steps"]), None)
@@ -387,6 +387,6 @@ def format_images_table(report: dict) -> str:
         ratio = f"{r['ratio_to_maskgit']:.2f}" if r["ratio_to_maskgit"] else "-"
         work = f"{r['work_ratio_to_maskgit']:.2f}" if r["work_ratio_to_maskgit"] else "-"
         lines.append(f"{r['preset']:<16}{r['parameters'] / 1e6:>7.2f}M{r['sampler']:>11}{r['steps']:>6}"
-                     f"{r['guidance']:>5g}{r['batch']:>6}{r['images_per_s']:>10.1f}{1000 * r['seconds_per_batch']:>10.1f}"
+                     f"{r['guidance']:>5g}{r['batch']:>6}{r['images_per_s']:>10.3g}{1000 * r['seconds_per_batch']:>10.1f}"
                      f"{r['forward_calls'] or '-':>6}{1000 * r['gflops_per_image']:>10.0f}{ratio:>10}{work:>8}")
     return "\n".join(lines)
