@@ -281,27 +281,33 @@ def test_fid_against_a_reference_folder_samples_its_labels(image_runs, tmp_path)
     classifier, _ = train_classifier(fit_size(images[:256], 32), labels[:256], fit_size(images[256:320], 32),
                                      labels[256:320], epochs=1, log=lambda *a: None)
     classifier.save_pretrained(tmp_path / "classifier")
-    names = ["T-shirt", "Trouser", "Pullover"]
-    for label, name in enumerate(names):  # sorted folder names are the class order
-        (tmp_path / "reference" / f"{label}-{name}").mkdir(parents=True)
-        for i in np.nonzero(labels == label)[0][:4]:
-            Image.fromarray(images[i, 0]).save(tmp_path / "reference" / f"{label}-{name}" / f"{i}.png")
+    for label in range(10):  # sorted folder names are the class order
+        (tmp_path / "reference" / f"class-{label}").mkdir(parents=True)
+        for i in np.nonzero(labels == label)[0][:2]:
+            Image.fromarray(images[i, 0]).save(tmp_path / "reference" / f"class-{label}" / f"{i}.png")
     import shutil
 
     shutil.copytree(image_runs / "pgm", tmp_path / "run")  # the shards go beside the model
     pipe = pgm.load(tmp_path / "run")
     options = dict(classifier=tmp_path / "classifier", num_samples=10, steps=4, shard_size=4, progress=False)
     scores = pipe.fid(tmp_path / "reference", **options)
-    assert scores["num_samples"] == 10 and scores["reference_count"] == 12 and scores["fid"] > 0
+    assert scores["num_samples"] == 10 and scores["reference_count"] == 20 and scores["fid"] > 0
     assert Path(scores["shards"]).parent == tmp_path / "run" / "fid-shards"
     shards = sorted(p.name for p in Path(scores["shards"]).iterdir())
-    assert shards == ["reference.npz", "shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
+    assert shards == ["settings.json", "shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
+    assert len(list((tmp_path / "run" / "fid-shards").glob("reference-*.npz"))) == 1  # one per reference
     sampled = np.concatenate([np.load(Path(scores["shards"]) / name)["labels"] for name in shards[1:]])
-    assert sampled.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]  # the reference's labels, in its order
+    assert sampled.tolist() == list(range(10))  # the reference's labels, taken evenly over it: one per class
     assert pipe.fid(tmp_path / "reference", **options)["fid"] == scores["fid"]  # read back from the shards
-    FeatureStatistics.load_npz(Path(scores["shards"]) / "reference.npz").save_npz(tmp_path / "reference.npz")
+    cached = next((tmp_path / "run" / "fid-shards").glob("reference-*.npz"))
+    FeatureStatistics.load_npz(cached).save_npz(tmp_path / "reference.npz")
     from_npz = pipe.fid(tmp_path / "reference.npz", **options)
     assert from_npz["shards"] != scores["shards"] and from_npz["fid"] > 0  # other labels: every class in turn
+    with pytest.raises(ValueError, match="holds the shards of another evaluation .* differs in guidance"):
+        pipe.fid(tmp_path / "reference", shards=scores["shards"], **{**options, "guidance": 2.0})
+    (tmp_path / "reference" / "extra").mkdir()  # an 11th class folder: the labels would not be the model's
+    with pytest.raises(ValueError, match="has 11 class folders but the model 10 classes"):
+        pipe.fid(tmp_path / "reference", **options)
 
 
 def test_pgm_eval_reference_prints_the_fid_and_where_the_shards_are(image_runs, tmp_path, pgm_main):

@@ -220,7 +220,8 @@ def test_load_refuses_what_does_not_apply(pipe, image_runs):
     with pytest.raises(ValueError, match="gpt2_file is for checkpoints"):
         pgm.load(pipe.run, gpt2_file="gpt2.tiktoken")
     image = pgm.load(image_runs / "pgm")
-    for arguments, message in ((dict(classes=[]), "classes is empty"), (dict(known="top", images=[]), "images is empty"),
+    for arguments, message in ((dict(classes=[]), "classes is empty"),
+                               (dict(known="top", images=[]), "images is empty"),
                                (dict(classes=[True]), "a class is a number or a name")):
         with pytest.raises(ValueError, match=message):
             image.generate(**arguments)

@@ -367,3 +367,15 @@ def test_the_vq_file_decodes_like_the_model_it_was_saved_from(tmp_path):
         for source in (tmp_path / "vq.pt", tmp_path / "vq"):
             assert torch.equal(pgm.from_pretrained(source).decode_codes(codes), expected)
     assert os.path.getsize(tmp_path / "vq" / "model.safetensors") > 0
+
+
+def test_a_converted_vq_directory_can_be_named_instead_of_copied(tmp_path):
+    from pgm.pipeline import convert
+
+    torch.save({"model": tiny_vq().state_dict()}, tmp_path / "vq.pt")
+    convert(tmp_path / "vq.pt", tmp_path / "vq")
+    write_image_checkpoint(tmp_path / "pgm.ckpt", tiny_image_pgm())
+    out, said = convert(tmp_path / "pgm.ckpt", tmp_path / "pgm", vq=tmp_path / "vq", vq_reference=True)
+    assert said.startswith("the VQ tokenizer") and not (out / "tokenizer" / "model.safetensors").exists()
+    pipe = pgm.load(out)
+    assert pipe.tokenizer.num_tokens == CELLS and len(pipe.generate(classes=[1], steps=2)) == 1

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from . import __version__
 from .allocator import keep_freed_memory
+from .devices import PRECISIONS
+from .presets import IMAGE_SHAPES
 
 
 def _load_config_file(path: str) -> dict:
@@ -74,7 +76,8 @@ def _request(args) -> dict:
 def cmd_sample(args) -> int:
     from .pipeline import load
 
-    pipe = load(args.source, device=args.device, weights=args.weights, vq=args.vq, gpt2_file=args.gpt2_file)
+    pipe = load(args.source, device=args.device, weights=args.weights, precision=args.precision, vq=args.vq,
+                gpt2_file=args.gpt2_file)
     if pipe.modality == "text" and args.out is not None:
         raise ValueError("--out writes an image grid; text samples are printed")
     samples = pipe.sample(**_request(args))
@@ -126,7 +129,8 @@ def _eval_flags_in_use(args, modality: str) -> None:
                         bool(args.fid or args.inception or args.reference is not None))
     applies = {"text": SAMPLE_FLAGS, "image": SAMPLE_FLAGS + IMAGE_FLAGS, "vq": ("classifier",)}[modality]
     for name in SAMPLE_FLAGS + IMAGE_FLAGS:
-        if getattr(args, name) not in (None, False) and not (measures_samples and name in applies):
+        value = getattr(args, name)
+        if value is not None and value is not False and not (measures_samples and name in applies):
             what = ("the samples of --evaluator (text) or --fid (images)" if name in SAMPLE_FLAGS else
                     "--fid or --inception" if name == "classifier" else "image models evaluated with --fid")
             raise ValueError(f"--{name.replace('_', '-')} has no effect here: it applies to {what}")
@@ -149,7 +153,8 @@ def cmd_eval(args) -> int:
     from .devices import process_device
 
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    pipe = load(args.run_dir, device=process_device(args.device), weights=args.weights)
+    pipe = load(args.run_dir, device=process_device(args.device), weights=args.weights, precision=args.precision,
+                vq=args.vq)
     _eval_flags_in_use(args, pipe.modality)
     card = pipe.model.origin.card
     if rank == 0:
@@ -263,16 +268,13 @@ def cmd_convert(args) -> int:
 
     from .pipeline import convert
 
-    out = convert(args.checkpoint, args.out_dir, weights=args.weights, gpt2_file=args.gpt2_file, vq=args.vq,
-                  vq_reference=args.vq_reference,
-                  **_given(args, pre_query_mode="pre_query_mode", length="length", mask_token_id="mask_id",
-                           num_heads="num_heads", image_size="image_size"))
+    out, tokenizer = convert(args.checkpoint, args.out_dir, weights=args.weights, gpt2_file=args.gpt2_file,
+                             vq=args.vq, vq_reference=args.vq_reference,
+                             **_given(args, pre_query_mode="pre_query_mode", length="length",
+                                      mask_token_id="mask_id", num_heads="num_heads", image_size="image_size"))
     model = json.loads((out / "config.json").read_text())["model"]
-    tokenizer = out / "tokenizer"
-    held = ("no tokenizer" if not tokenizer.is_dir() else "the tokenizer named in tokenizer/" if not
-            any(p.name != "tokenizer_config.json" for p in tokenizer.iterdir()) else "its tokenizer in tokenizer/")
     print(f"wrote {out}: a {model['kind']} model, {(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB of "
-          f"weights, {held}")
+          f"weights, {tokenizer}")
     return 0
 
 
@@ -343,8 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--weights", choices=("ema", "raw"), help="the run's average or raw weights (default: the "
                                                                    "average where there is one)")
     sample.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    sample.add_argument("--vq", help="images: the VQ tokenizer to decode with (a VQ run or pretrained directory), "
-                                     "instead of the model's own")
+    sample.add_argument("--vq", help="images: the VQ tokenizer to decode with (a VQ run or pretrained directory, or "
+                                     "LlamaGen's vq_ds8_c2i.pt), instead of the model's own")
+    sample.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: bf16 autocast on a GPU, float32 on a CPU")
     sample.add_argument("--gpt2-file", help="a local gpt2.tiktoken, for checkpoints that name GPT-2's tokenizer")
     sample.set_defaults(handler=cmd_sample)
 
@@ -358,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", choices=("ema", "raw"), help="the run's average or raw weights (default: the "
                                                                      "average where there is one)")
     evaluate.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    evaluate.add_argument("--precision", choices=PRECISIONS, default="auto",
+                          help="auto: bf16 autocast on a GPU, float32 on a CPU (the authors' MaskGIT ran in fp32)")
+    evaluate.add_argument("--vq", help="images: the VQ tokenizer to decode with, instead of the model's own")
     evaluate.add_argument("--evaluator", help="text: also the generative perplexity of samples, scored by an AR run "
                                               "(a directory) or a Hugging Face causal LM (hf:gpt2-large)")
     evaluate.add_argument("--num-samples", type=int,
@@ -449,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vocab", type=int, default=50258)
     bench.add_argument("--presets", nargs="+", help="training and images: the presets to compare (default: "
                        "text-small mdlm-small ar-small; images: fmnist-pgm fmnist-maskgit)")
-    bench.add_argument("--shape", nargs="+", choices=("imagenet-12-12", "imagenet-14-10", "imagenet-maskgit"),
-                       help="images: the released ImageNet models' shapes (494M / 480M parameters), with random weights")
+    bench.add_argument("--shape", nargs="+", choices=tuple(IMAGE_SHAPES),
+                       help="images: the released ImageNet models' shapes (494M / 480M parameters), random weights")
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions (training: optimizer steps)")
     bench.add_argument("--warmup", type=int, default=1, help="sampling: untimed runs before the timed ones")
     bench.add_argument("--device", default="cpu")

@@ -34,11 +34,12 @@ import torch
 from .data import load_prepared, load_tokenizer
 from .data.images import fit_size, to_uint8
 from .data.tokenizers import named_tokenizer
-from .formats import TOKENIZER_DIR, replaced_directory
+from .formats import TOKENIZER_DIR, replaced_directory, write_json
 from .devices import Precision, autocast, describe_precision, resolve_device, synchronize
 from .eval import generative_perplexity, load_evaluator, score_sequences, validation_elbo
 from .eval.fid import DEFAULT_CLASSIFIER, FeatureStatistics, frechet_distance, inception_score, load_feature_extractor
-from .eval.images import image_quality, reconstruction_quality, reference_statistics, sharded_features
+from .eval.images import (image_quality, reconstruction_quality, reference_labels, reference_statistics,
+                          sharded_features, spread_labels)
 from .generation import check_text_sampler, decode_samples, iterate_text, known_from_text
 from .hub import from_pretrained
 from .image_generation import parse_classes, region_cells
@@ -592,9 +593,11 @@ class ImagePipeline(Pipeline):
         against a reference: a folder of images (class sub-folders give the labels to sample, as
         the protocol draws the reference set's labels; a flat folder, or statistics, give every
         class in turn) or an `.npz` of statistics (`mu`, `sigma`). Generated in shards kept in
-        `shards` (default: fid-shards/KEY beside the model, KEY naming the settings), so that an
-        interruption resumes; with several processes (torchrun) each makes its share of the shards
-        and process 0 returns the result, the others None."""
+        `shards` (default: fid-shards/KEY beside the model, KEY naming the settings, which
+        settings.json records: another evaluation's shards are refused), so that an interruption
+        resumes; with several processes (torchrun) each makes its share of the shards and process 0
+        returns the result (computing the reference's statistics, kept for the next evaluation
+        against it), the others None."""
         _positive("num_samples", num_samples)
         _positive("batch_size", batch_size)
         _positive("shard_size", shard_size)
@@ -603,21 +606,21 @@ class ImagePipeline(Pipeline):
         steps = self._steps(steps, self.tokenizer.num_tokens)
         faithful = self._faithful(hide_newest, redraw)
         extractor, metric = load_feature_extractor(classifier=classifier, inception=inception, device=self.device)
-        settings = {"model": str(Path(self.source).resolve()), "metric": metric, "steps": steps, "sampler": sampler,
-                    "guidance": guidance, "guidance_schedule": guidance_schedule, "temperature": temperature,
-                    "seed": seed, "num_samples": num_samples, "batch_size": batch_size, "shard_size": shard_size,
-                    "reference": str(Path(reference).resolve()), **faithful}
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        home = Path(self.name) if Path(self.name).is_dir() else Path(".")
-        directory = Path(shards) if shards is not None else home / "fid-shards" / key
-        reference_stats, reference_labels = reference_statistics(
-            reference, extractor, size=self.tokenizer.image_size, channels=self.tokenizer.channels,
-            cache=directory / "reference.npz", progress=progress and rank == 0)
-        classes = self.config.num_classes
-        labels = ([reference_labels[i % len(reference_labels)] for i in range(num_samples)] if reference_labels
-                  else [i % classes for i in range(num_samples)])
-        if max(labels) >= classes:
-            raise ValueError(f"the reference has {max(labels) + 1} classes but the model only {classes}")
+        features_of = str(Path(inception if inception is not None else classifier).resolve())
+        settings = {"model": str(Path(self.source).resolve()), "weights": self.model.origin.card.get("weights"),
+                    "vq": str(self.tokenizer.source), "precision": self.dtype, "metric": metric,
+                    "features": features_of,
+                    "steps": steps, "sampler": sampler, "guidance": guidance, "guidance_schedule": guidance_schedule,
+                    "temperature": temperature, "seed": seed, "num_samples": num_samples, "batch_size": batch_size,
+                    "shard_size": shard_size, "reference": str(Path(reference).resolve()), **faithful}
+        home = (Path(self.name) if Path(self.name).is_dir() else Path(".")) / "fid-shards"
+        directory = Path(shards) if shards is not None else home / _key(settings)
+        _same_settings(directory, settings)
+        given, classes = reference_labels(reference)
+        labels = spread_labels(given, num_samples, self.config.num_classes)
+        if classes and classes != self.config.num_classes:
+            raise ValueError(f"the reference {reference} has {classes} class folders but the model "
+                             f"{self.config.num_classes} classes: its labels would not be the model's")
 
         def make_images(part: list[int], generator: torch.Generator) -> torch.Tensor:
             with self.autocast():
@@ -631,6 +634,11 @@ class ImagePipeline(Pipeline):
         if found is None:
             return None
         features, logits = found
+        # One cache per reference, features and size, shared by every evaluation against it.
+        described = {"reference": settings["reference"], "features": features_of, "size": self.tokenizer.image_size}
+        cache = home / f"reference-{_key(described)}.npz"
+        reference_stats = reference_statistics(reference, extractor, size=self.tokenizer.image_size,
+                                               channels=self.tokenizer.channels, cache=cache, progress=progress)
         return {**settings, "fid": frechet_distance(reference_stats, FeatureStatistics.from_features(features)),
                 "is": inception_score(logits, min(10, len(logits))), "reference_count": reference_stats.count,
                 "shards": str(directory)}
@@ -660,6 +668,25 @@ class VQPipeline(Pipeline):
         return {"metric": metric, **reconstruction_quality(self.tokenizer, self.run_config.data, extractor)}
 
 
+def _key(settings: dict) -> str:
+    """A short name for a set of settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _same_settings(directory: Path, settings: dict) -> None:
+    """Record the settings a shard directory is for, and refuse one that holds another evaluation's."""
+    recorded = directory / "settings.json"
+    if recorded.is_file():
+        found = json.loads(recorded.read_text())
+        if found != settings:
+            changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+            raise ValueError(f"{directory} holds the shards of another evaluation (it differs in "
+                             f"{', '.join(changed)}): choose other shards, or remove them")
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(recorded, settings)
+
+
 def to_pictures(images: torch.Tensor) -> list:
     """PIL images of float images [N, C, H, W] in [-1, 1]."""
     from PIL import Image
@@ -671,12 +698,13 @@ def to_pictures(images: torch.Tensor) -> list:
 def load(source: str | Path, *, device: str | torch.device = "auto", weights: str | None = None,
          precision: Precision = "auto", vq: str | Path | None = None, gpt2_file: str | None = None,
          **import_options) -> Pipeline:
-    """The pipeline for `source`: a run directory, a pretrained directory, one of the authors'
-    checkpoints or a Hub id, on `device` ("auto": a GPU when there is one) in `precision`
-    ("auto": bf16 autocast on a GPU, float32 on a CPU). `weights`: "ema" (the average) or "raw";
-    by default the average where the source has one. `vq` overrides an image model's VQ tokenizer (a VQ run or pretrained
-    directory); `gpt2_file` is GPT-2's BPE file for checkpoints that name GPT-2's tokenizer
-    (offline). `import_options` apply to the authors' checkpoint files (see `pgm.hub`)."""
+    """The pipeline for `source`: a run directory, a pretrained directory, a released checkpoint
+    file or a Hub id, on `device` ("auto": a GPU when there is one) in `precision` ("auto": bf16
+    autocast on a GPU, float32 on a CPU). `weights`: "ema" (the average) or "raw"; by default the
+    average where the source has one. `vq` overrides an image model's VQ tokenizer (a VQ run or
+    pretrained directory, or LlamaGen's file); `gpt2_file` is GPT-2's BPE file for checkpoints that
+    name GPT-2's tokenizer (offline). `import_options` apply to released checkpoint files (see
+    `pgm.importers`)."""
     device = resolve_device(device)
     describe_precision(device, precision)  # checks its name
     model = from_pretrained(source, weights=weights, **import_options)
@@ -713,11 +741,12 @@ def load(source: str | Path, *, device: str | torch.device = "auto", weights: st
 
 
 def convert(checkpoint: str | Path, out_dir: str | Path, *, weights: str | None = None, gpt2_file: str | None = None,
-            vq: str | Path | None = None, vq_reference: bool = False, **import_options) -> Path:
+            vq: str | Path | None = None, vq_reference: bool = False, **import_options) -> tuple[Path, str]:
     """A released checkpoint file written as a pretrained directory (`pgm convert official`): the
     authors' text models with GPT-2's BPE file when one is found offline (else the tokenizer is
     recorded by name and found when loaded), their image models with the VQ tokenizer `vq` (held
-    in tokenizer/, or only named there with `vq_reference`), LlamaGen's VQ on its own."""
+    in tokenizer/, or only named there with `vq_reference`), LlamaGen's VQ on its own. Returns the
+    directory and what it says of the tokenizer."""
     from .data.corpus import DataError
     from .data.tokenizers import GPT2Tokenizer
     from .runs import CHECKPOINTS
@@ -747,9 +776,14 @@ def convert(checkpoint: str | Path, out_dir: str | Path, *, weights: str | None 
     if vq_reference:
         model.save_pretrained(out_dir, keep_tokenizer=False)
         with replaced_directory(out_dir / TOKENIZER_DIR) as temporary:
-            tokenizer.save_reference(temporary)
-        return out_dir
-    return model.save_pretrained(out_dir, tokenizer)
+            tokenizer.save_reference(temporary, Path(vq))
+        return out_dir, f"the VQ tokenizer {vq} named in tokenizer/"
+    model.save_pretrained(out_dir, tokenizer)
+    if tokenizer is not None:
+        return out_dir, "its tokenizer in tokenizer/"
+    if model.origin.tokenizer_name:
+        return out_dir, f"the tokenizer {model.origin.tokenizer_name} named (found when loaded)"
+    return out_dir, "no tokenizer" + (" (give --vq to decode its codes)" if image else "")
 
 
 def _checked_vq(model, vq: str | Path, source) -> VQTokenizer:

@@ -60,11 +60,12 @@ class VQTokenizer(VQCodes):
         self.model.save_pretrained(directory, keep_tokenizer=False)
         write_json(directory / TOKENIZER_CONFIG, self.layout())
 
-    def save_reference(self, directory: Path) -> None:
-        """The layout of its rows and where its weights are, without the weights: a directory that
-        names its VQ instead of holding it (the released VQ-8 is 280 MB)."""
+    def save_reference(self, directory: Path, path: Path) -> None:
+        """The layout of its rows and where it is (`path`: what it was loaded from, a file or a
+        directory), without its weights: a directory that names its VQ instead of holding it (the
+        released VQ-8 is 280 MB)."""
         directory.mkdir(parents=True, exist_ok=True)
-        write_json(directory / TOKENIZER_CONFIG, {**self.layout(), NAMED: str(Path(self.source).resolve())})
+        write_json(directory / TOKENIZER_CONFIG, {**self.layout(), NAMED: str(Path(path).resolve())})
 
 
 NAMED = "weights"  # the tokenizer_config.json entry of a VQ tokenizer that names its weights

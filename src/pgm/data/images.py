@@ -69,26 +69,30 @@ def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_size(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [N, C, h, w] -> [N, C, size, size]: zero-pad smaller images around the centre,
-    resize larger ones (short side, bilinear) and centre-crop."""
+    """uint8 [N, C, h, w] -> [N, C, size, size]: zero-pad smaller images around the centre (as
+    Fashion-MNIST's 28 px become 32), resize larger ones and centre-crop (`resize_center_crop`)."""
     n, c, h, w = images.shape
     if h <= size and w <= size:
         out = np.zeros((n, c, size, size), dtype=np.uint8)
         top, left = (size - h) // 2, (size - w) // 2
         out[:, :, top:top + h, left:left + w] = images
         return out
-    return np.stack([_resize_crop(image, size) for image in images])
+    return np.stack([resize_center_crop(image, size) for image in images])
 
 
-def _resize_crop(image: np.ndarray, size: int) -> np.ndarray:
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [C, h, w] -> [C, size, size] as torchvision's Resize(size) then CenterCrop(size) (the
+    authors' ImageNet pipeline): the short side to `size`, the long one to int(size * long / short),
+    bilinear with antialiasing (PIL's), up or down; then the centre, offsets rounded."""
     from PIL import Image
 
     c, h, w = image.shape
     picture = Image.fromarray(image[0] if c == 1 else image.transpose(1, 2, 0))
-    scale = size / min(h, w)
-    # Bilinear with antialiasing, as torchvision's Resize (the authors' ImageNet pipeline) does on PIL images.
-    picture = picture.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
-    left, top = (picture.width - size) // 2, (picture.height - size) // 2
+    if (w <= h and w != size) or (h < w and h != size):
+        short, long = (w, h) if w <= h else (h, w)
+        resized = (size, int(size * long / short)) if w <= h else (int(size * long / short), size)
+        picture = picture.resize(resized, Image.Resampling.BILINEAR)
+    top, left = int(round((picture.height - size) / 2.0)), int(round((picture.width - size) / 2.0))
     array = np.asarray(picture.crop((left, top, left + size, top + size)))
     return array[None] if c == 1 else array.transpose(2, 0, 1)
 

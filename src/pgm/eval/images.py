@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..data.image_tokens import split_images
-from ..data.images import IMAGE_SUFFIXES, fit_size, to_unit_range
+from ..data.images import IMAGE_SUFFIXES, resize_center_crop, to_unit_range
 from ..models.base import check_ids
 from ..sampling import SamplingOptions, generate_codes
 from .fid import FeatureStatistics, fd_classifier
@@ -84,10 +84,10 @@ def image_quality(model, vq, data, data_config, extractor, *, num_samples: int, 
 SHARD_PATTERN = "shard-{:05d}.npz"
 
 
-def reference_files(folder: Path) -> tuple[list[Path], list[int] | None]:
-    """The images of a reference folder in sorted order, and their labels: the index of their class
-    sub-folder (sorted names: ImageNet's synset folders give its class order), or None when the
-    folder is flat."""
+def reference_files(folder: Path) -> tuple[list[Path], list[int] | None, int]:
+    """The images of a reference folder in sorted order, their labels (the index of their class
+    sub-folder, sorted by name: ImageNet's synset folders give its class order; None when the
+    folder is flat), and the number of class sub-folders."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"the reference {folder} is neither a folder of images nor an .npz of statistics")
@@ -99,7 +99,7 @@ def reference_files(folder: Path) -> tuple[list[Path], list[int] | None]:
         pairs = [(path, None) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
     if not pairs:
         raise ValueError(f"the reference folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return [path for path, _ in pairs], (None if not classes else [label for _, label in pairs])
+    return [path for path, _ in pairs], (None if not classes else [label for _, label in pairs]), len(classes)
 
 
 def read_pictures(paths: list[Path], size: int, channels: int) -> torch.Tensor:
@@ -113,7 +113,7 @@ def read_pictures(paths: list[Path], size: int, channels: int) -> torch.Tensor:
                 array = np.asarray(picture.convert("L" if channels == 1 else "RGB"))
         except (OSError, UnidentifiedImageError) as error:
             raise ValueError(f"cannot read the reference image {path} ({error})") from None
-        arrays.append(fit_size((array[None] if channels == 1 else array.transpose(2, 0, 1))[None], size)[0])
+        arrays.append(resize_center_crop(array[None] if channels == 1 else array.transpose(2, 0, 1), size))
     return to_unit_range(np.stack(arrays))
 
 
@@ -124,20 +124,27 @@ def extract(extractor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return features.float().cpu(), logits.float().cpu()
 
 
+def reference_labels(reference: str | Path) -> tuple[list[int] | None, int]:
+    """(the labels a reference gives to sample, its number of classes): its class folders', or
+    (None, 0) for statistics and flat folders."""
+    reference = Path(reference)
+    return (None, 0) if reference.suffix == ".npz" else reference_files(reference)[1:]
+
+
 @torch.no_grad()
 def reference_statistics(reference: str | Path, extractor, *, size: int, channels: int, batch_size: int = 64,
-                         cache: Path | None = None, progress: bool = True):
-    """(feature statistics, labels or None) of a reference: precomputed statistics in an `.npz`
-    (`mu`, `sigma`), or a folder of images whose features are computed here (and kept in `cache`,
-    an .npz beside a labels .json, so that the next evaluation reads them)."""
+                         cache: Path | None = None, progress: bool = True) -> FeatureStatistics:
+    """The feature statistics of a reference: precomputed ones in an `.npz` (`mu`, `sigma`), or
+    those of a folder of images, computed here (and kept in `cache`, which the next evaluation
+    reads instead)."""
     from tqdm import tqdm
 
     reference = Path(reference)
     if reference.suffix == ".npz":
-        return FeatureStatistics.load_npz(reference), None
-    paths, labels = reference_files(reference)
+        return FeatureStatistics.load_npz(reference)
     if cache is not None and cache.is_file():
-        return FeatureStatistics.load_npz(cache), labels
+        return FeatureStatistics.load_npz(cache)
+    paths = reference_files(reference)[0]
     features = []
     for start in tqdm(range(0, len(paths), batch_size), desc="reference features", unit="batch",
                       disable=not progress):
@@ -146,20 +153,29 @@ def reference_statistics(reference: str | Path, extractor, *, size: int, channel
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         statistics.save_npz(cache)
-    return statistics, labels
+    return statistics
+
+
+def spread_labels(labels: list[int] | None, count: int, classes: int) -> list[int]:
+    """`count` labels to sample: the reference's, taken evenly over it (a reference sorted by
+    class keeps every class in its share), or every class in turn when it gives none."""
+    if not labels:
+        return [i % classes for i in range(count)]
+    return [labels[i * len(labels) // count] for i in range(count)]
 
 
 @torch.no_grad()
 def sharded_features(make_images, extractor, labels: list[int], *, directory: Path, shard_size: int, seed: int,
                      batch_size: int = 32, rank: int = 0, world_size: int = 1, progress: bool = True,
-                     wait_seconds: float = 5.0):
+                     wait_seconds: float = 5.0, stall_seconds: float = 3600.0):
     """(features [N, D], logits [N, K]) of N = len(labels) generated images, made `shard_size` at a
-    time by `make_images(labels, generator)` (images in [-1, 1]). Each shard's features are
-    written atomically to `directory` as it is finished, and shards already there are not made
-    again, so an interrupted evaluation resumes where it stopped; shard i is made by process
-    i % world_size with a generator seeded by (seed, i), so the result does not depend on how many
-    processes share the work or how often it was interrupted. Process 0 waits for the others'
-    shards and returns the features; the others return None."""
+    time by `make_images(labels, generator)` (images in [-1, 1]). Each shard's features (and the
+    labels they were made for) are written atomically to `directory` as it is finished, and
+    shards already there are not made again, so an interrupted evaluation resumes where it
+    stopped; shard i is made by process i % world_size with a generator seeded by (seed, i), so
+    the result does not depend on how many processes share the work or how often it was
+    interrupted. Process 0 waits for the others' shards (refusing after `stall_seconds` without a
+    new one) and returns the features; the others return None."""
     import time
 
     from tqdm import tqdm
@@ -169,27 +185,42 @@ def sharded_features(make_images, extractor, labels: list[int], *, directory: Pa
 
     directory.mkdir(parents=True, exist_ok=True)
     shards = -(-len(labels) // shard_size)
-    mine = [i for i in range(rank, shards, world_size) if not (directory / SHARD_PATTERN.format(i)).is_file()]
-    bar = tqdm(total=sum(len(labels[i * shard_size:(i + 1) * shard_size]) for i in mine), unit="img",
+    paths = [directory / SHARD_PATTERN.format(i) for i in range(shards)]
+
+    def part(shard: int) -> list[int]:
+        return labels[shard * shard_size:(shard + 1) * shard_size]
+
+    mine = [i for i in range(rank, shards, world_size) if not paths[i].is_file()]
+    bar = tqdm(total=sum(len(part(i)) for i in mine), unit="img",
                desc=f"sampling (rank {rank})" if world_size > 1 else "sampling", disable=not progress)
     for shard in mine:
-        part = labels[shard * shard_size:(shard + 1) * shard_size]
         generator = torch.Generator(device=next(extractor.parameters()).device).manual_seed(seed_for(seed, shard))
         features, logits = [], []
-        for start in range(0, len(part), batch_size):
-            batch_features, batch_logits = extract(extractor, make_images(part[start:start + batch_size], generator))
+        for start in range(0, len(part(shard)), batch_size):
+            batch_features, batch_logits = extract(extractor, make_images(part(shard)[start:start + batch_size],
+                                                                          generator))
             features.append(batch_features)
             logits.append(batch_logits)
             bar.update(len(batch_features))
-        with replaced_atomically(directory / SHARD_PATTERN.format(shard)) as temporary:
+        with replaced_atomically(paths[shard]) as temporary:
             np.savez(temporary, features=torch.cat(features).numpy(), logits=torch.cat(logits).numpy(),
-                     labels=np.asarray(part))
+                     labels=np.asarray(part(shard)))
     bar.close()
     if rank != 0:
         return None
-    paths = [directory / SHARD_PATTERN.format(i) for i in range(shards)]
-    while not all(path.is_file() for path in paths):  # the other processes' shards
+    done, since = sum(path.is_file() for path in paths), time.monotonic()
+    while done < shards:  # the other processes' shards
         time.sleep(wait_seconds)
-    loaded = [np.load(path) for path in paths]
-    return (torch.from_numpy(np.concatenate([shard["features"] for shard in loaded])),
-            torch.from_numpy(np.concatenate([shard["logits"] for shard in loaded])))
+        now = sum(path.is_file() for path in paths)
+        done, since = (now, time.monotonic()) if now > done else (done, since)
+        if time.monotonic() - since > stall_seconds:
+            raise ValueError(f"{shards - done} shards of {directory} have not appeared for {stall_seconds:.0f} s: has "
+                             "another process stopped? Run the evaluation again to make the missing ones")
+    features, logits = [], []
+    for shard, path in enumerate(paths):
+        with np.load(path) as stored:
+            if stored["labels"].tolist() != part(shard):
+                raise ValueError(f"{path} was made for other labels: {directory} holds another evaluation's shards")
+            features.append(stored["features"])
+            logits.append(stored["logits"])
+    return torch.from_numpy(np.concatenate(features)), torch.from_numpy(np.concatenate(logits))

@@ -46,6 +46,11 @@ def describe(value) -> str:
     return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
+def float32(state: dict) -> dict:
+    """Floating-point tensors in float32 (released files may hold bf16 ones), the rest as they are."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def check_tensors(found: dict, expected: dict, where: str) -> None:
     """Refuse `found` unless it holds exactly the tensors of `expected`, with their shapes; the
     sentence names up to three of each kind of problem."""

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from ..models.vq import VQConfig, VQModel
-from .checks import check_tensors, count_blocks, shape_of, strip_prefixes
+from .checks import check_tensors, count_blocks, float32, shape_of, strip_prefixes
 from .unpickling import CheckpointImportError, load_restricted
 
 VQ_KEY = "quantize.embedding.weight"  # the tensor that tells a VQ state_dict apart
+VQ8_IMAGE_SIZE, VQ8_GROUPS = 256, 32  # what VQ-8's weights cannot tell
 
 
-def infer_vq_config(state: dict, *, image_size: int = 256, norm_groups: int = 32) -> VQConfig:
+def infer_vq_config(state: dict, *, image_size: int = VQ8_IMAGE_SIZE, norm_groups: int = VQ8_GROUPS) -> VQConfig:
     """The `VQConfig` the shapes of a LlamaGen state_dict describe."""
     channels, in_channels = shape_of(state, "encoder.conv_in.weight")[:2]
     levels = count_blocks(state, "encoder.conv_blocks")
@@ -44,7 +45,7 @@ def infer_vq_config(state: dict, *, image_size: int = 256, norm_groups: int = 32
         raise CheckpointImportError(f"the VQ checkpoint's shapes do not make a VQ model: {error}") from None
 
 
-def vq_state(content, path: Path) -> dict | None:
+def vq_state(content) -> dict | None:
     """The VQ state_dict inside a loaded file's content, or None when it holds none."""
     if isinstance(content, dict) and isinstance(content.get("model"), dict):
         state = strip_prefixes(content["model"])
@@ -52,14 +53,14 @@ def vq_state(content, path: Path) -> dict | None:
     return None
 
 
-def load_llamagen_vq(path: str | Path, config: VQConfig | None = None, *, content=None, image_size: int = 256,
-                     norm_groups: int = 32) -> VQModel:
+def load_llamagen_vq(path: str | Path, config: VQConfig | None = None, *, content=None,
+                     image_size: int = VQ8_IMAGE_SIZE, norm_groups: int = VQ8_GROUPS) -> VQModel:
     """A `VQModel` (in eval mode) holding the weights of a LlamaGen VQ checkpoint. `config`
     defaults to what the shapes tell (with `image_size` and `norm_groups`, which they cannot);
     the load is strict. `content`: the file already read with `load_restricted`."""
     path = Path(path)
     content = load_restricted(path) if content is None else content
-    state = vq_state(content, path)
+    state = vq_state(content)
     if state is None:
         found = sorted(map(str, content)) if isinstance(content, dict) else type(content).__name__
         raise CheckpointImportError(f"{path} is not a LlamaGen VQ checkpoint: expected a dict with a 'model' "
@@ -70,5 +71,5 @@ def load_llamagen_vq(path: str | Path, config: VQConfig | None = None, *, conten
         model = VQModel(config)
     check_tensors(state, model.state_dict(), str(path))
     model = model.to_empty(device="cpu")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    model.load_state_dict(float32(state), strict=True)
     return model.eval()

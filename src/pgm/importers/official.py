@@ -25,8 +25,8 @@ import torch
 from ..formats import check_weights
 from ..models import MaskedDiffusionConfig, MaskGITConfig, PartitionConfig, build_model
 from ..models.layers import Rotary
-from .checks import check_tensors, count_blocks, shape_of, strip_prefixes
-from .llamagen import load_llamagen_vq, vq_state
+from .checks import check_tensors, count_blocks, float32, shape_of, strip_prefixes
+from .llamagen import VQ8_IMAGE_SIZE, load_llamagen_vq, vq_state
 from .unpickling import CheckpointImportError, load_restricted, lookup, to_plain
 
 KNOWN_MASK_IDS = {"gpt2": None, "gpt2-large": None, "gpt2-medium": None, "bert-base-uncased": 103}
@@ -138,13 +138,14 @@ def read_official_text_checkpoint(path: Path, *, weights: str | None = "ema", co
                                          getattr(config, "query_norm", ""))
         shadow = list(ema["shadow_params"])
         if len(shadow) != len(names):
-            raise CheckpointImportError(f"the EMA holds {len(shadow)} tensors but the model has {len(names)} parameters")
+            raise CheckpointImportError(f"the EMA holds {len(shadow)} tensors but the model has {len(names)} "
+                                        "parameters")
         for name, tensor in zip(names, shadow):
             if tuple(tensor.shape) != tuple(state[name].shape):
                 raise CheckpointImportError(f"EMA tensor for {name} has shape {tuple(tensor.shape)}, "
                                             f"expected {tuple(state[name].shape)}")
         state = {**state, **dict(zip(names, shadow))}
-    model.load_state_dict(_float(state))
+    model.load_state_dict(float32(state))
     return model.eval(), hyper
 
 
@@ -152,11 +153,6 @@ def has_average(content) -> bool:
     """Whether a text checkpoint's content holds the EMA `shadow_params`."""
     ema = content.get("ema") if isinstance(content, dict) else None
     return isinstance(ema, dict) and isinstance(ema.get("shadow_params"), (list, tuple))
-
-
-def _float(state: dict) -> dict:
-    """Floating-point tensors in float32 (the released image models were saved from bf16 training)."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +253,7 @@ def read_official_image_checkpoint(path: Path, *, weights: str | None = None, co
     model = model.to_empty(device="cpu")
     if kind == "pgm":  # the non-persistent sinusoid of GroupSwap is not in the file: recompute it
         model.decoder.group_swap.reset_buffers()
-    model.load_state_dict(_float(state))
+    model.load_state_dict(float32(state))
     return model.eval(), kind
 
 
@@ -272,7 +268,7 @@ def checkpoint_kind(content) -> str | None:
     found = image_state(content)
     if found is not None:
         return found[0]
-    return "vq" if vq_state(content, Path()) is not None else None
+    return "vq" if vq_state(content) is not None else None
 
 
 @dataclasses.dataclass
@@ -304,7 +300,7 @@ def read_released_checkpoint(path: str | Path, *, weights: str | None = None, **
     if kind == "vq":
         if weights not in (None, "raw"):
             raise CheckpointImportError(f"{path} is a VQ tokenizer with one set of weights: use weights='raw'")
-        image_size = overrides.pop("image_size", None) or 256
+        image_size = overrides.pop("image_size", None) or VQ8_IMAGE_SIZE
         if overrides:
             raise CheckpointImportError(f"{', '.join(sorted(overrides))} does not apply to a VQ checkpoint (it takes "
                                         "image_size)")
