@@ -254,6 +254,7 @@ def test_shards_resume_after_a_kill_and_do_not_depend_on_the_processes(tmp_path)
     options = dict(shard_size=8, seed=3, batch_size=4, progress=False)
     whole = sharded_features(make_images, TinyExtractor(), labels, directory=tmp_path / "whole", **options)
     assert whole[0].shape == (22, 6) and len(calls) == 6  # 3 shards of 8, 8, 6 images in batches of 4
+    assert calls[0] == calls[2] and not torch.equal(whole[0][:4], whole[0][8:12])  # same labels, other images
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         sharded_features(lambda l, g: make_images(l, g, die_at=3), TinyExtractor(), labels,
