@@ -48,24 +48,30 @@ def sampling_logits(logits: torch.Tensor, options: SamplingOptions, suppress: Se
     return logits
 
 
-def _draw(logits: torch.Tensor, options: SamplingOptions, generator) -> torch.Tensor:
+def _draw(logits: torch.Tensor, options: SamplingOptions, generator, uniforms: torch.Tensor | None = None
+          ) -> torch.Tensor:
     """Inverse-CDF sampling: one uniform per row, located in the cumulative distribution (the
     first id whose cumulative probability exceeds it). It costs a cumulative sum per row instead
-    of a random number per vocabulary entry, and can never return a zero-probability id."""
+    of a random number per vocabulary entry, and can never return a zero-probability id.
+    `uniforms` [...] in [0, 1), when given, are those numbers instead of fresh ones."""
     if options.temperature == 0:
         return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1).reshape(-1, logits.shape[-1])
     cdf = probs.cumsum(dim=-1, dtype=torch.float64 if options.float64 else torch.float32)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device, generator=generator) * total
+    if uniforms is None:
+        uniforms = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device, generator=generator)
+    u = uniforms.reshape(total.shape).to(cdf.dtype) * total
     u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # strictly below the total, whatever the rounding
     return torch.searchsorted(cdf, u, right=True).view(logits.shape[:-1])
 
 
 def sample_categorical(logits: torch.Tensor, options: SamplingOptions = SamplingOptions(), *,
-                       suppress: Sequence[int] = (), generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of `logits` [..., V] -> ids [...]."""
-    return _draw(sampling_logits(logits, options, suppress), options, generator)
+                       suppress: Sequence[int] = (), generator: torch.Generator | None = None,
+                       uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """One draw per row of `logits` [..., V] -> ids [...]; `uniforms` [...], when given, locate
+    the draws instead of fresh random numbers (see `_draw`)."""
+    return _draw(sampling_logits(logits, options, suppress), options, generator, uniforms)
 
 
 def sample_scored(logits: torch.Tensor, score: str, options: SamplingOptions = SamplingOptions(), *,
