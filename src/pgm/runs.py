@@ -27,7 +27,7 @@ from .data import DataConfig
 from .formats import (DATA_DIR, load_weights, read_config_file, remove_partial, replaced_directory, save_weights,
                       write_atomic)
 from .models import ModelConfig, config_from_dict
-from .train_config import TrainConfig
+from .train_config import DistillConfig, TrainConfig
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
@@ -40,14 +40,21 @@ class RunError(ValueError):
 
 @dataclasses.dataclass
 class RunConfig:
+    """model, data and train; a distillation run (`pgm distill`) also has its distill section."""
+
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    distill: DistillConfig | None = None
 
-    SECTIONS = ("model", "data", "train")
+    SECTIONS = ("model", "data", "train", "distill")
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        return tuple(name for name in self.SECTIONS if getattr(self, name) is not None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name).to_dict() for name in self.SECTIONS}
+        return {name: getattr(self, name).to_dict() for name in self.sections}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
@@ -59,9 +66,12 @@ class RunConfig:
             raise ConfigError(f"unknown configuration section(s): {', '.join(unknown)}")
         if "model" not in values:
             raise ConfigError("the configuration has no model section")
-        builders = {"model": config_from_dict, "data": DataConfig.from_dict, "train": TrainConfig.from_dict}
+        builders = {"model": config_from_dict, "data": DataConfig.from_dict, "train": TrainConfig.from_dict,
+                    "distill": DistillConfig.from_dict}
         sections = {}
         for name, build in builders.items():
+            if name == "distill" and name not in values:
+                continue
             try:
                 sections[name] = build(values.get(name, {}))
             except ConfigError as error:
@@ -88,12 +98,12 @@ class RunConfig:
     def _locate(self, key: str, values: dict) -> tuple[str, str]:
         if "." in key:
             section, field = key.split(".", 1)
-            if section not in self.SECTIONS:
-                raise ConfigError(f"unknown setting {key!r}: sections are {', '.join(self.SECTIONS)}")
+            if section not in self.sections:
+                raise ConfigError(f"unknown setting {key!r}: sections are {', '.join(self.sections)}")
             if field not in values[section]:
                 raise ConfigError(f"unknown setting {key!r}; {section} has: {', '.join(values[section])}")
             return section, field
-        owners = [section for section in self.SECTIONS if key in values[section] and key != "kind"]
+        owners = [section for section in self.sections if key in values[section] and key != "kind"]
         if not owners:
             raise ConfigError(f"unknown setting {key!r}")
         if len(owners) > 1:
@@ -124,14 +134,17 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict | None, optimizer_state: dict,
-                    state: dict, keep: int) -> Path:
-    """Write checkpoints/step_N (complete or not at all) and keep only the last `keep`."""
+                    state: dict, keep: int, extra: dict[str, dict] | None = None) -> Path:
+    """Write checkpoints/step_N (complete or not at all) and keep only the last `keep`. `extra`:
+    more weights by name (NAME.safetensors), such as a distillation's teacher."""
     final = run_dir / CHECKPOINTS / f"step_{step:07d}"
     final.parent.mkdir(parents=True, exist_ok=True)
     with replaced_directory(final) as temporary:
         save_weights(model_state, temporary / "model.safetensors")
         if ema_state is not None:
             save_weights(ema_state, temporary / "ema.safetensors")
+        for name, weights in (extra or {}).items():
+            save_weights(weights, temporary / f"{name}.safetensors")
         torch.save(optimizer_state, temporary / "optimizer.pt")
         (temporary / "state.json").write_text(json.dumps(state, indent=2))
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
@@ -140,9 +153,14 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict
 
 
 def load_checkpoint(checkpoint: Path, optimizer: bool = True) -> dict:
+    """model, ema (None when the run kept no average), state; to resume (`optimizer`), also the
+    optimizer and extra: the other weights `save_checkpoint` was given, by name."""
     out = {"model": load_weights(checkpoint / "model.safetensors")}
     ema = checkpoint / "ema.safetensors"
     out["ema"] = load_weights(ema) if ema.is_file() else None
+    if optimizer:
+        out["extra"] = {path.stem: load_weights(path) for path in sorted(checkpoint.glob("*.safetensors"))
+                        if path.stem not in ("model", "ema")}
     try:
         out["state"] = json.loads((checkpoint / "state.json").read_text())
         if optimizer:

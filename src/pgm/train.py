@@ -163,19 +163,22 @@ def resolve_config(config: RunConfig, data: PreparedData) -> RunConfig:
     return dataclasses.replace(config, model=model)
 
 
-def plot_losses(records: list[dict], path: Path, title: str) -> None:
+def plot_losses(records: list[dict], path: Path, title: str, validation_key: str = "val_nll") -> None:
+    """The training loss (one line per round of a distillation) and the validation number."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_nll"]) for r in records if "val_nll" in r]
+    train = [r for r in records if "loss" in r]
+    val = [(r["step"], r[validation_key]) for r in records if validation_key in r]
     figure, axis = plt.subplots(figsize=(7, 4))
-    if train:
-        axis.plot(*zip(*train), label="training loss", alpha=0.7)
+    for round_ in dict.fromkeys(r.get("round") for r in train):
+        members = [r for r in train if r.get("round") == round_]
+        label = "training loss" if round_ is None else f"round {round_}: {members[0]['student_steps']}-step student"
+        axis.plot([r["step"] for r in members], [r["loss"] for r in members], label=label, alpha=0.7)
     if val:
-        axis.plot(*zip(*val), "o-", label="validation ELBO")
+        axis.plot(*zip(*val), "o-", label={"val_nll": "validation ELBO"}.get(validation_key, validation_key))
     axis.set_xlabel("step")
     axis.set_ylabel("nats / token")
     axis.set_title(title)
@@ -192,7 +195,10 @@ def open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
     (a resumed run keeps its saved recipe; only RESUMABLE_FIELDS may change)."""
     if resume:
         saved = read_run_config(run_dir)
-        changed = [f"{section}.{k}" for section in RunConfig.SECTIONS
+        if saved.sections != config.sections:
+            raise RunError(f"{run_dir} holds a run of sections {', '.join(saved.sections)}, not "
+                           f"{', '.join(config.sections)}: start a new run instead")
+        changed = [f"{section}.{k}" for section in config.sections
                    for k, v in getattr(config, section).to_dict().items()
                    if getattr(saved, section).to_dict().get(k) != v
                    and not (section == "train" and k in RESUMABLE_FIELDS)
@@ -302,6 +308,7 @@ class Trainer:
             self.step = loaded["state"]["step"]
             if self.ema is not None and loaded["ema"] is not None:
                 self.ema.load(loaded["ema"], loaded["state"].get("ema_updates", self.step))
+            self.restore(loaded)
             self.log(f"resuming {self.run_dir} from step {self.step}")
         self.metrics.truncate_after(self.step)
 
@@ -315,8 +322,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         rows = self.rows.rows(step, tc.batch_size)
-        noise = self.objective.draw_noise(tc.batch_size, self.config.model.length,
-                                          generator=torch.Generator().manual_seed(seed_for(tc.seed, step)))
+        noise = self.step_noise(rows, torch.Generator().manual_seed(seed_for(tc.seed, step)))
         torch.manual_seed(seed_for(tc.seed, step, info.rank, 1))  # dropout
         step_loss = torch.zeros((), device=self.device)
         for m in range(self.accumulation):
@@ -329,11 +335,10 @@ class Trainer:
             valid = None if valid is None else valid.to(self.device)
             sync = m == self.accumulation - 1 or info.world_size == 1
             with (contextlib.nullcontext() if sync else self.network.no_sync()), self.autocast():
-                out = self.objective.loss(self.network, tokens, valid=valid, always_clean=self._always_clean(tokens),
-                                          noise=None if noise is None else noise[start:start + self.micro].to(
-                                              self.device), **labeled)
-                (out.loss / self.accumulation).backward()
-            step_loss += out.loss.detach() / self.accumulation
+                loss = self.batch_loss(tokens, valid, None if noise is None else noise[start:start + self.micro].to(
+                    self.device), **labeled)
+                loss.backward()
+            step_loss += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip else math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -345,6 +350,17 @@ class Trainer:
             step_loss /= info.world_size
         return float(step_loss), float(grad_norm), lr
 
+    def step_noise(self, rows: np.ndarray, generator: torch.Generator):
+        """The loss noise of the whole global batch of this step (its `rows`)."""
+        return self.objective.draw_noise(len(rows), self.config.model.length, generator=generator)
+
+    def batch_loss(self, tokens: torch.Tensor, valid: torch.Tensor | None, noise, **labeled) -> torch.Tensor:
+        """What one micro-batch backpropagates: its share of this process's loss, so that the
+        micro-batches of a step add up to the mean loss of the process's rows."""
+        out = self.objective.loss(self.network, tokens, valid=valid, always_clean=self._always_clean(tokens),
+                                  noise=noise, **labeled)
+        return out.loss / self.accumulation
+
     def _always_clean(self, tokens: torch.Tensor) -> torch.Tensor | None:
         if not self.config.train.bos_always_clean:
             return None
@@ -353,29 +369,54 @@ class Trainer:
         return always_clean
 
     def validate(self) -> float:
-        """The validation ELBO (or loss) of the averaged weights on the evaluation rows, logged."""
-        tc = self.config.train
+        """Validation of the averaged weights on the evaluation rows, logged; returns the number
+        the progress bar shows."""
         with self.ema.applied(self.model) if self.ema else contextlib.nullcontext():
-            result = validation_elbo(self.model, self.objective, self.data.val, indices=self.eval_indices,
-                                     batch_size=tc.batch_size, micro_batch_size=self.micro, seed=tc.seed,
-                                     device=self.device, autocast=self.autocast,
-                                     bos_always_clean=tc.bos_always_clean, rank=self.info.rank,
-                                     world_size=self.info.world_size)
-        self.metrics.write({"step": self.step, "val_nll": result.nll, "val_ppl": result.perplexity})
-        return result.nll
+            record = {"step": self.step, **self.validation_record()}
+        self.metrics.write(record)
+        return record[self.VALIDATION_KEY]
+
+    VALIDATION_KEY = "val_nll"
+
+    def validation_record(self) -> dict:
+        """The validation ELBO (or loss) of the model as it is."""
+        tc = self.config.train
+        result = validation_elbo(self.model, self.objective, self.data.val, indices=self.eval_indices,
+                                 batch_size=tc.batch_size, micro_batch_size=self.micro, seed=tc.seed,
+                                 device=self.device, autocast=self.autocast, bos_always_clean=tc.bos_always_clean,
+                                 rank=self.info.rank, world_size=self.info.world_size)
+        return {"val_nll": result.nll, "val_ppl": result.perplexity}
 
     def save(self) -> None:
         """A checkpoint of this step (from the main process), and the loss plot."""
         if self.info.main:
             model, ema = self.model, self.ema
             state = {"step": self.step, "ema_updates": ema.updates if ema else 0,
-                     "parameters": model.num_parameters()}
+                     "parameters": model.num_parameters(), **self.checkpoint_state()}
             averaged = model.savable_state(ema.state_dict(model)) if ema else None
             save_checkpoint(self.run_dir, self.step, model.savable_state(), averaged, self.optimizer.state_dict(),
-                            state, self.config.train.keep_checkpoints)
+                            state, self.config.train.keep_checkpoints, extra=self.checkpoint_weights())
             plot_losses(self.metrics.records(), self.run_dir / "loss.png",
-                        f"{self.config.model.kind}: {self.run_dir.name}")
+                        f"{self.config.model.kind}: {self.run_dir.name}", self.VALIDATION_KEY)
         self.info.barrier()
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint's state.json records beyond the step (see `restore`)."""
+        return {}
+
+    def checkpoint_weights(self) -> dict[str, dict]:
+        """Weights a checkpoint keeps beyond the model's, its average's and the optimizer's."""
+        return {}
+
+    def restore(self, loaded: dict) -> None:
+        """Take back what `checkpoint_state` and `checkpoint_weights` saved."""
+
+    def describe_validation(self, value: float) -> str:
+        return describe_validation(self.config.model, value)
+
+    def status(self) -> dict:
+        """Fields that each training record and the progress bar show beyond the loss."""
+        return {}
 
     def run(self) -> None:
         """Optimisation steps until max_steps, with the periodic log, validation and checkpoint;
@@ -402,17 +443,19 @@ class Trainer:
                 window.add(loss, tc.batch_size * config.model.length)
                 final = self.step == tc.max_steps
                 if self.step % tc.log_every == 0 or final:
-                    record = {"step": self.step, **window.flush(), "lr": lr, "grad_norm": grad_norm}
+                    status = self.status()
+                    record = {"step": self.step, **window.flush(), "lr": lr, "grad_norm": grad_norm, **status}
                     self.metrics.write(record)
                     if progress is not None:
-                        progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        progress.set_postfix(**status, loss=f"{record['loss']:.3f}",
+                                             tok_s=f"{record['tokens_per_s']:.0f}",
                                              **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
                 if progress is not None:
                     progress.update(1)
                 if (tc.eval_every and self.step % tc.eval_every == 0) or final:
                     last_val = self.validate()
                     if progress is None:
-                        self.log(f"step {self.step}: {describe_validation(config.model, last_val)}")
+                        self.log(f"step {self.step}: {self.describe_validation(last_val)}")
                 if (tc.save_every and self.step % tc.save_every == 0) or final:
                     self.save()
         except KeyboardInterrupt:
@@ -427,7 +470,7 @@ class Trainer:
             raise
         if progress is not None:
             progress.close()
-        self.log(f"done: {self.step} steps; {describe_validation(config.model, last_val)}; run saved in "
+        self.log(f"done: {self.step} steps; {self.describe_validation(last_val)}; run saved in "
                  f"{self.run_dir}")
 
 

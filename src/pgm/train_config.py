@@ -60,3 +60,54 @@ class TrainConfig(Config):
             return self.lr
         progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclasses.dataclass
+class DistillConfig(Config):
+    """The `distill` section of a distillation run (`pgm distill`): multi-round SDTT.
+
+    Round r's teacher samples in start_steps / n^r steps (n = num_distill_steps) and its student
+    learns to take each n of those steps in one; after the round the student becomes the teacher.
+    The rounds continue until the student samples in end_steps steps (the authors: 1024 -> 32, five
+    rounds of 10k steps)."""
+
+    teacher: str = ""  # the first teacher: a run or pretrained directory, or an authors' checkpoint (text)
+    teacher_weights: Literal["ema", "raw"] = "ema"  # of the first teacher (the authors distil the raw weights)
+    start_steps: int = 1024  # the first teacher's sampling steps
+    end_steps: int = 32  # the last student's sampling steps
+    num_distill_steps: int = 2  # teacher steps per student step
+    round_steps: int = 10_000  # optimisation steps per round
+    divergence: Literal["kl-bwd", "kl-fwd", "tv", "mse"] = "kl-bwd"
+    grow_from: Literal["raw", "ema"] = "raw"  # the student's weights that become the next teacher (the authors': raw)
+
+    def validate(self) -> None:
+        n = self.num_distill_steps
+        require(n >= 2, f"num_distill_steps must be at least 2 (a round divides the sampling steps by it), got {n}")
+        require(self.round_steps >= 1, f"round_steps must be positive, got {self.round_steps}")
+        require(self.end_steps >= 1 and self.start_steps > self.end_steps,
+                f"start_steps ({self.start_steps}) must exceed end_steps ({self.end_steps}) >= 1")
+        require(self.end_steps * n ** self.rounds == self.start_steps,
+                f"start_steps ({self.start_steps}) must be end_steps ({self.end_steps}) times a power of "
+                f"num_distill_steps ({n}): each round divides the steps by {n}")
+
+    @property
+    def rounds(self) -> int:
+        count, steps = 0, self.start_steps
+        while steps > self.end_steps and steps % self.num_distill_steps == 0:
+            steps //= self.num_distill_steps
+            count += 1
+        return count
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.round_steps
+
+    def round_of(self, step: int) -> int:
+        """The round (0-based) that optimisation step `step` (0-based) belongs to."""
+        return min(step // self.round_steps, self.rounds - 1)
+
+    def teacher_steps(self, round_: int) -> int:
+        return self.start_steps // self.num_distill_steps ** round_
+
+    def student_steps(self, round_: int) -> int:
+        return self.teacher_steps(round_) // self.num_distill_steps

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from ..config import Config, ConfigError, require
-from ..formats import DATA_DIR, TOKENIZER_DIR, replaced_directory, write_json
+from ..formats import DATA_DIR, TOKENIZER_DIR, copy_directory, replaced_directory, write_json
 from .corpus import BUILTIN, DataError, chunk_documents, load_documents, split_documents
 from .image_tokens import PixelTokenizer, VQCodes, prepare_image_data
 from .packing import TokenRows, pad_rows, wrap_rows, write_rows
@@ -62,10 +64,12 @@ class PreparedData:
     meta: dict
 
 
-def prepare_data(config: DataConfig, length: int, directory: Path, log=print, image_encoder=None) -> PreparedData:
+def prepare_data(config: DataConfig, length: int, directory: Path, log=print, image_encoder=None,
+                 tokenizer: Tokenizer | None = None) -> PreparedData:
     """Read, split, tokenize and pack the data into `directory` (tokenizer/ and data/).
     `image_encoder`: the VQ tokenizer that encodes images for `data.tokenizer=vq:DIR` (see
-    `prepare_image_data`)."""
+    `prepare_image_data`). `tokenizer`: a text tokenizer to encode with instead of the one
+    `config.tokenizer` describes (a distillation encodes with its teacher's)."""
     if config.is_image:
         meta = prepare_image_data(config, directory, image_encoder, log)
         meta["recipe"] = {"data": config.to_dict(), "length": length}
@@ -85,11 +89,12 @@ def prepare_data(config: DataConfig, length: int, directory: Path, log=print, im
                                                val_last=config.val_last, limit=config.limit_documents)
     log(f"data: {len(train_docs)} training and {len(val_docs)} validation documents "
         f"({sum(map(len, train_docs)) / 1e6:.1f}M / {sum(map(len, val_docs)) / 1e6:.2f}M characters)")
-    tokenizer = build_tokenizer(config.tokenizer, train_docs, config.vocab_size, config.gpt2_file or None)
-    if config.tokenizer == "bpe" and tokenizer.vocab_size < config.vocab_size:
-        raise DataError(f"the training text yields a BPE of only {tokenizer.vocab_size} tokens, fewer than "
-                        f"data.vocab_size={config.vocab_size}: set data.vocab_size={tokenizer.vocab_size} or less, "
-                        "or use more text")
+    if tokenizer is None:
+        tokenizer = build_tokenizer(config.tokenizer, train_docs, config.vocab_size, config.gpt2_file or None)
+        if config.tokenizer == "bpe" and tokenizer.vocab_size < config.vocab_size:
+            raise DataError(f"the training text yields a BPE of only {tokenizer.vocab_size} tokens, fewer than "
+                            f"data.vocab_size={config.vocab_size}: set data.vocab_size={tokenizer.vocab_size} or "
+                            "less, or use more text")
     with replaced_directory(directory / TOKENIZER_DIR) as temporary:
         tokenizer.save(temporary)
     data_dir = directory / DATA_DIR
@@ -113,6 +118,21 @@ def prepare_data(config: DataConfig, length: int, directory: Path, log=print, im
     log(f"data: {counts['train']} training rows and {counts['val']} validation rows of {length} tokens; "
         f"unigram perplexity {math.exp(meta['unigram_val_nll']):.1f}")
     return PreparedData(tokenizer, train, val, meta)
+
+
+def link_prepared(source: Path, directory: Path) -> PreparedData:
+    """The data another run prepared, in `directory` too: its tokenizer copied, its rows linked
+    (hard links where the file system allows, copies elsewhere), each directory atomically."""
+    copy_directory(source / TOKENIZER_DIR, directory / TOKENIZER_DIR)
+    with replaced_directory(directory / DATA_DIR) as temporary:
+        for path in (source / DATA_DIR).iterdir():
+            if not path.is_file():
+                continue
+            try:
+                os.link(path, temporary / path.name)
+            except OSError:
+                shutil.copy2(path, temporary / path.name)
+    return load_prepared(directory)
 
 
 def load_prepared(directory: Path) -> PreparedData:
@@ -140,4 +160,4 @@ def unigram_nll(train: TokenRows, val: TokenRows, vocab_size: int) -> float:
 
 
 __all__ = ["DataConfig", "DataError", "PreparedData", "PixelTokenizer", "VQCodes", "prepare_data", "load_prepared",
-           "Tokenizer", "TokenRows", "load_tokenizer", "unigram_nll"]
+           "link_prepared", "Tokenizer", "TokenRows", "load_tokenizer", "unigram_nll"]
