@@ -1,4 +1,4 @@
-"""The `pgm` command line: train, sample, eval, report, convert, bench.
+"""The `pgm` command line: train, distill, sample, eval, report, convert, bench.
 
 Mistakes in what the user asked for (an unknown preset or setting, a wrong value, missing data,
 a directory that is not a run, a damaged checkpoint) end with one sentence on stderr and exit
@@ -60,6 +60,39 @@ def cmd_train(args) -> int:
     out = Path(args.out or Path("runs") / (args.preset or "text-small"))
     started = time.perf_counter()
     train(config, out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wall time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .distill import distill, distillation_config
+    from .presets import distill_preset
+    from .runs import read_run_config
+
+    overrides = list(args.overrides)
+    if args.teacher is not None and "=" in args.teacher and not Path(args.teacher).exists():
+        overrides.insert(0, args.teacher)  # `pgm distill --resume --out RUN key=value`: no teacher given
+        args.teacher = None
+    teacher = None
+    if args.resume:
+        if args.teacher is not None or args.preset:
+            raise ValueError("--resume continues the saved distillation; drop the teacher and --preset")
+        if not args.out:
+            raise ValueError("--resume needs --out RUN_DIR, the distillation to continue")
+        if any(item.partition("=")[0].rpartition(".")[2] == "max_steps" for item in overrides):
+            raise ValueError("a distillation's length is distill.round_steps x its rounds, fixed when it started")
+        config = read_run_config(Path(args.out)).with_overrides(overrides)
+        if config.distill is None:
+            raise ValueError(f"{args.out} is a training run, not a distillation: continue it with pgm train --resume")
+        out = Path(args.out)
+    else:
+        if args.teacher is None:
+            raise ValueError("name the teacher to distil: pgm distill TEACHER --out RUN")
+        config, teacher = distillation_config(args.teacher, *distill_preset(args.preset or "distill-small"), overrides)
+        out = Path(args.out or Path("runs") / f"{Path(args.teacher).name}-distilled")
+    started = time.perf_counter()
+    distill(config, out, resume=args.resume, teacher=teacher)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wall time {time.perf_counter() - started:.0f} s")
     return 0
@@ -248,16 +281,31 @@ def cmd_fid_classifier(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report, ensure_run, write_report
+    from . import report as reports
 
     out_dir = Path(args.out)
-    runs = [ensure_run(item, out_dir, args.tokens) for item in args.runs]
+    distillations = [reports.is_distillation(Path(item)) for item in args.runs]
     evaluator = args.evaluator
+    if any(distillations):
+        if not all(distillations):
+            raise ValueError("a report compares either distillations (their rounds) or trained runs, not both")
+        if args.tokens is not None or args.passes is not None:
+            raise ValueError("--tokens and --passes apply to trained runs; a distillation report measures samples")
     if not evaluator.startswith("hf:"):
-        evaluator = str(ensure_run(evaluator, out_dir, args.tokens))
-    report = build_report(runs, evaluator, steps_list=args.steps, num_samples=args.num_samples,
-                          batch_size=args.batch_size, passes=args.passes, seed=args.seed, device=args.device)
-    path = write_report(report, out_dir)
+        evaluator = str(reports.ensure_run(evaluator, out_dir, args.tokens))
+    if any(distillations):
+        report = reports.build_distill_report([Path(item) for item in args.runs], evaluator,
+                                              steps_list=args.steps or reports.DISTILL_STEPS,
+                                              num_samples=args.num_samples, batch_size=args.batch_size,
+                                              seed=args.seed, device=args.device)
+        path = reports.write_report(report, out_dir, reports.format_distill_markdown, reports.plot_distillation)
+    else:
+        runs = [reports.ensure_run(item, out_dir, args.tokens) for item in args.runs]
+        report = reports.build_report(runs, evaluator, steps_list=args.steps or reports.STEPS,
+                                      num_samples=args.num_samples, batch_size=args.batch_size,
+                                      passes=4 if args.passes is None else args.passes, seed=args.seed,
+                                      device=args.device)
+        path = reports.write_report(report, out_dir)
     print(path.read_text().split("\n![")[0].rstrip())
     print(f"wrote {path}")
     return 0
@@ -337,6 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="settings such as model.hidden_size=256 train.lr=1e-3 (or lr=1e-3 when unambiguous)")
     train.set_defaults(handler=cmd_train)
 
+    distill = commands.add_parser("distill", help="distil a text PGM or MDLM into a few-step sampler (multi-round "
+                                                  "SDTT)")
+    distill.add_argument("teacher", nargs="?", help="the model to distil: a run or pretrained directory, or an "
+                                                    "authors' text checkpoint")
+    distill.add_argument("--preset", help="the distillation settings (default distill-small); see pgm.presets")
+    distill.add_argument("--out", help="the distillation's run directory (default runs/TEACHER-distilled)")
+    distill.add_argument("--resume", action="store_true", help="continue the distillation in --out")
+    distill.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="settings such as distill.round_steps=500 distill.divergence=kl-fwd train.lr=1e-4")
+    distill.set_defaults(handler=cmd_distill)
+
     sample = commands.add_parser("sample", help="generate text or images from a run, a pretrained directory or a "
                                                 "checkpoint")
     sample.add_argument("source", help="a run or pretrained directory, an authors' checkpoint, or a Hub id")
@@ -395,15 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--temperature", type=float, help="images: sampling temperature (default 1)")
     evaluate.set_defaults(handler=cmd_eval)
 
-    report = commands.add_parser("report", help="PGM vs MDLM vs AR: perplexities, sample quality and speed")
-    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or presets to train first")
+    report = commands.add_parser("report", help="PGM vs MDLM vs AR: perplexities, sample quality and speed; or "
+                                                "distillations, round by round")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or presets to train first; or "
+                                                                "distillation runs (pgm distill)")
     report.add_argument("--evaluator", required=True,
                         help="an AR run directory or preset, or hf:NAME (the paper: hf:gpt2-large)")
     report.add_argument("--out", default="reports/latest", help="where report.md, report.json and plots go")
-    report.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    report.add_argument("--steps", type=int, nargs="+", help="sampling steps (default 16 32 64 128 256; "
+                                                            "distillations: 8 16 32 64 128)")
     report.add_argument("--num-samples", type=int, default=64)
     report.add_argument("--batch-size", type=int, default=32, help="samples drawn at a time")
-    report.add_argument("--passes", type=int, default=4, help="Monte-Carlo passes of the validation ELBO")
+    report.add_argument("--passes", type=int, help="Monte-Carlo passes of the validation ELBO (default 4)")
     report.add_argument("--tokens", type=int, help="training budget in tokens for presets (default: the preset's)")
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--device", default="cpu")

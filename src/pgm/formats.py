@@ -167,7 +167,7 @@ def model_card(config: dict, parameters: int, card: dict) -> str:
     shape = ", ".join(f"{k}={v}" for k, v in config.items() if k != "kind")
     rows = [("kind", kind), ("parameters", f"{parameters / 1e6:.2f}M"), ("configuration", shape)]
     labels = {"data": "data", "tokens_seen": "tokens seen", "validation": "validation", "weights": "weights",
-              "source": "trained or imported from"}
+              "source": "trained or imported from", "distillation": "distillation"}
     for key, label in labels.items():
         value = card.get(key)
         if value in (None, "", {}):

@@ -7,6 +7,8 @@
   images. A VQ autoencoder turns Fashion-MNIST (28x28 padded to 32x32) into 8x8 grids of
   256 codes; a class-conditional PGM and the MaskGIT baseline learn those grids. About ten
   minutes each on two CPU cores. `vq-tiny`, `image-pgm-tiny`, `maskgit-tiny`: what the tests train.
+- `distill-tiny` (tests) and `distill-small` (the built-in corpus, four rounds from 128 steps
+  to 8): the settings of `pgm distill`, whose model and data are the teacher's.
 - The paper's shapes and hyper-parameters for GPU users (reference: 1M steps, global batch
   512, AdamW lr 3e-4 with 2.5k warm-up then constant, no weight decay, EMA 0.9999, dropout 0.1,
   gradient clipping 1): OpenWebText with GPT-2's tokenizer at length 1024 (wrapped, the last
@@ -21,7 +23,7 @@ from .config import ConfigError
 from .data import DataConfig
 from .models import CausalConfig, MaskedDiffusionConfig, MaskGITConfig, PartitionConfig, VQConfig
 from .runs import RunConfig
-from .train_config import TrainConfig
+from .train_config import DistillConfig, TrainConfig
 
 
 def _small_model(kind: str, **overrides):
@@ -158,6 +160,34 @@ PRESETS = {
                                              decoder_blocks=6, pre_query_mode="learn+freqs+logsumexp"),
     "mdlm-lm1b": lambda: _paper("mdlm", "lm1b", hidden_size=768, num_heads=12, blocks=12),
 }
+
+
+def _distillation(tiny: bool) -> tuple[TrainConfig, DistillConfig]:
+    """SDTT's settings on a small scale: KL(student || teacher), two teacher steps per student
+    step, a constant learning rate after a short warm-up, no weight average (it would mix the
+    rounds' students); the teacher's model and data are the teacher's."""
+    if tiny:
+        distill = DistillConfig(start_steps=8, end_steps=2, round_steps=3)
+        train = TrainConfig(batch_size=8, lr=1e-3, warmup_steps=2, ema=0.0, eval_every=3, eval_rows=8, save_every=3,
+                            log_every=1, progress=False, max_steps=distill.total_steps)
+    else:
+        distill = DistillConfig(start_steps=128, end_steps=8, round_steps=250)
+        train = TrainConfig(batch_size=32, lr=3e-4, warmup_steps=50, ema=0.0, eval_every=125, eval_rows=128,
+                            save_every=125, log_every=10, max_steps=distill.total_steps)
+    return train, distill
+
+
+DISTILL_PRESETS = {
+    "distill-tiny": lambda: _distillation(tiny=True),
+    "distill-small": lambda: _distillation(tiny=False),
+}
+
+
+def distill_preset(name: str) -> tuple[TrainConfig, DistillConfig]:
+    """The train and distill sections of a distillation preset (`pgm distill --preset NAME`)."""
+    if name not in DISTILL_PRESETS:
+        raise ConfigError(f"unknown distillation preset {name!r}; presets: {', '.join(DISTILL_PRESETS)}")
+    return DISTILL_PRESETS[name]()
 
 
 def vq_preset_for(directory: str) -> str | None:

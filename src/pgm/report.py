@@ -209,10 +209,153 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
     return ["frontier.png", "steps.png"]
 
 
-def write_report(report: dict, out_dir: Path) -> Path:
+def write_report(report: dict, out_dir: Path, markdown=format_markdown, plot=plot_report) -> Path:
+    """report.json, the plots and report.md (which shows them) in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "report.json", report)
-    plots = plot_report(report, out_dir)
+    plots = plot(report, out_dir)
     path = out_dir / "report.md"
-    write_atomic(path, format_markdown(report, plots).encode())
+    write_atomic(path, markdown(report, plots).encode())
     return path
+
+
+DISTILL_STEPS = (8, 16, 32, 64, 128)
+
+
+def is_distillation(run_dir: Path) -> bool:
+    from .runs import read_run_config
+
+    return (Path(run_dir) / CONFIG_FILE).is_file() and read_run_config(Path(run_dir)).distill is not None
+
+
+def measure_distillation(run_dir: Path, evaluator, *, steps_list=DISTILL_STEPS, num_samples: int = 64,
+                         batch_size: int = 32, seed: int = 0, device="cpu", log=print) -> dict:
+    """Generative perplexity, entropy and speed of every round's model of a distillation (round 0:
+    its teacher) at each step count."""
+    from .distill import ROUNDS_DIR
+    from .runs import read_run_config
+
+    config = read_run_config(run_dir)
+    rounds = sorted((run_dir / ROUNDS_DIR).glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not rounds:
+        raise ValueError(f"{run_dir} has no rounds yet ({run_dir / ROUNDS_DIR}): distil first")
+    measured = []
+    for directory in rounds:
+        pipe = load(directory, device=device)
+        description = pipe.model.origin.card.get("distillation", {})
+        positions = pipe.config.length - 1
+        samples = []
+        for steps in steps_list:
+            used = min(steps, positions) if pipe.config.kind == "pgm" else steps
+            result = pipe.generative_perplexity(evaluator, num_samples=num_samples, steps=used, batch_size=batch_size,
+                                                seed=seed)
+            samples.append({"steps": used, "asked_steps": steps, "gen_ppl": result.perplexity,
+                            "entropy": result.entropy, "tokens_per_s": result.tokens_per_s})
+            log(f"  {run_dir.name} {directory.name} {used:>4} steps: generative perplexity {result.perplexity:8.2f}, "
+                f"entropy {result.entropy:.3f}, {result.tokens_per_s:7.1f} tok/s")
+        measured.append({"round": description.get("round", int(directory.name.split("-")[1])),
+                         "trained_for_steps": description.get("sampling_steps"), "samples": samples})
+    return {"name": run_dir.name, "path": str(run_dir), "kind": config.model.kind, "teacher": config.distill.teacher,
+            "distill": config.distill.to_dict(), "rounds": measured}
+
+
+def build_distill_report(runs: list[Path], evaluator_spec: str, *, steps_list=DISTILL_STEPS, num_samples: int = 64,
+                         batch_size: int = 32, seed: int = 0, device="cpu", log=print) -> dict:
+    evaluator = load_evaluator(evaluator_spec, device=device)
+    measured = [measure_distillation(run, evaluator, steps_list=steps_list, num_samples=num_samples,
+                                     batch_size=batch_size, seed=seed, device=device, log=log) for run in runs]
+    return {"evaluator": evaluator_spec, "num_samples": num_samples, "batch_size": batch_size, "seed": seed,
+            "runs": measured, "targets": check_distill_targets(measured)}
+
+
+def _by_steps(round_: dict) -> dict:
+    return {row["asked_steps"]: row for row in round_["samples"]}
+
+
+def check_distill_targets(runs: list[dict]) -> list[dict]:
+    """The distillation issue's targets, where the runs measured them."""
+    targets = []
+    for run in runs:
+        teacher = _by_steps(run["rounds"][0])
+        if 16 in teacher and 128 in teacher:
+            ratio = teacher[16]["gen_ppl"] / teacher[128]["gen_ppl"]
+            targets.append({"what": f"{run['name']} teacher: generative perplexity at 16 steps / at 128",
+                            "value": ratio, "goal": ">= 1.3 (step count matters)", "met": ratio >= 1.3})
+    pgm, mdlm = _first(runs, "pgm"), _first(runs, "mdlm")
+    if pgm is not None and len(pgm["rounds"]) > 1:
+        teacher, student = _by_steps(pgm["rounds"][0]), _by_steps(pgm["rounds"][-1])
+        if all(s in teacher and s in student for s in (16, 32, 128)):
+            gap = math.log(teacher[16]["gen_ppl"]) - math.log(teacher[128]["gen_ppl"])
+            closed = (math.log(teacher[16]["gen_ppl"]) - math.log(student[16]["gen_ppl"])) / gap if gap > 0 else 0.0
+            targets.append({"what": "PGM student at 16 steps: share of the teacher's 16 -> 128-step gap closed (log)",
+                            "value": closed, "goal": ">= 0.5", "met": closed >= 0.5})
+            ratio = student[32]["gen_ppl"] / teacher[128]["gen_ppl"]
+            targets.append({"what": "PGM student at 32 steps / teacher at 128 (generative perplexity)",
+                            "value": ratio, "goal": "<= 1", "met": ratio <= 1})
+            worst = max(abs(student[s]["entropy"] / teacher[s]["entropy"] - 1) for s in (16, 32))
+            targets.append({"what": "PGM student entropy / teacher's at 16 and 32 steps, worst deviation",
+                            "value": worst, "goal": "<= 0.03", "met": worst <= 0.03})
+    if pgm is not None and mdlm is not None:
+        p, m = _by_steps(pgm["rounds"][-1]), _by_steps(mdlm["rounds"][-1])
+        common = sorted(set(p) & set(m))
+        if common:
+            ratios = {s: p[s]["tokens_per_s"] / m[s]["tokens_per_s"] for s in common}
+            worst = min(ratios, key=ratios.get)
+            targets.append({"what": f"distilled PGM / distilled MDLM tokens/s, lowest over steps {common} (at {worst})",
+                            "value": ratios[worst], "goal": ">= 3.5", "met": ratios[worst] >= 3.5})
+    return targets
+
+
+def format_distill_markdown(report: dict, plots: list[str]) -> str:
+    lines = ["# Distillation: every round's model at every step count", "",
+             f"Evaluator: `{report['evaluator']}`. {report['num_samples']} unconditional samples per point, drawn in "
+             f"float64 {report['batch_size']} at a time after a BOS; seed {report['seed']}. Round 0 is the teacher; "
+             "round r's model was trained to sample in the steps given beside it. Cells: generative perplexity "
+             "(sample entropy, tokens/s)."]
+    for run in report["runs"]:
+        settings = run["distill"]
+        steps = [row["asked_steps"] for row in run["rounds"][0]["samples"]]
+        lines += ["", f"**{run['name']}** ({run['kind']}; teacher `{run['teacher']}`; {settings['divergence']}, "
+                  f"{settings['num_distill_steps']} teacher steps per student step, {settings['round_steps']} "
+                  "optimisation steps per round)", "",
+                  "| round | trained for | " + " | ".join(f"{s} steps" for s in steps) + " |",
+                  "|---|---:|" + "---:|" * len(steps)]
+        for round_ in run["rounds"]:
+            cells = [f"{r['gen_ppl']:.1f} ({r['entropy']:.2f}, {r['tokens_per_s']:.0f})" for r in round_["samples"]]
+            name = "teacher" if round_["round"] == 0 else str(round_["round"])
+            lines.append(f"| {name} | {round_['trained_for_steps']} | " + " | ".join(cells) + " |")
+    if report["targets"]:
+        lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
+        for target in report["targets"]:
+            lines.append(f"| {target['what']} | {target['value']:.3f} | {target['goal']} | "
+                         f"{'yes' if target['met'] else '**no**'} |")
+    lines += ["", "PGM decodes at least one token per step: a step count past the positions runs one step per "
+              "position."]
+    lines += [""] + [f"![{plot}]({plot})" for plot in plots]
+    return "\n".join(lines) + "\n"
+
+
+def plot_distillation(report: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    figure, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.2), squeeze=False, sharey=True)
+    for axis, run in zip(axes[0], runs):
+        for round_ in run["rounds"]:
+            rows = round_["samples"]
+            label = "teacher" if round_["round"] == 0 else f"round {round_['round']} ({round_['trained_for_steps']} steps)"
+            axis.plot([r["steps"] for r in rows], [r["gen_ppl"] for r in rows], "o-", label=label)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sampling steps")
+        axis.set_title(f"{run['name']} ({run['kind']})")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    axes[0][0].set_ylabel(f"generative perplexity ({report['evaluator']})")
+    figure.tight_layout()
+    figure.savefig(out_dir / "distillation.png", dpi=100)
+    plt.close(figure)
+    return ["distillation.png"]
