@@ -85,7 +85,10 @@ def pgm_main(monkeypatch, capsys):
     monkeypatch.delenv("PGM_DEBUG", raising=False)
 
     def run(*args):
-        code = cli.main([str(a) for a in args])
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as exited:  # argparse's refusals
+            code = exited.code
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 

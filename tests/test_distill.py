@@ -12,9 +12,8 @@ import torch
 from conftest import tiny_mdlm, tiny_pgm
 from safetensors.torch import load_file
 
-from pgm.distill import ROUNDS_DIR, Distiller, distill, distillation_config, teacher_targets
-from pgm.objectives.distill import (DIVERGENCES, divergence, draw_distill_noise, reveal_probabilities,
-                                    teacher_times)
+from pgm.distill import ROUNDS_DIR, Distiller, distill, distillation_config, hidden_positions, teacher_targets
+from pgm.objectives.distill import DIVERGENCES, divergence, draw_distill_noise, teacher_times
 from pgm.objectives.schedules import LogLinearSchedule
 from pgm.presets import distill_preset
 from pgm.runs import read_run_config
@@ -106,28 +105,29 @@ def test_teacher_reveal_probabilities_add_up_to_mdlm_over_the_whole_span():
     times = teacher_times(t, 0.1, 3)
     kept = torch.ones(3)
     for k in range(3):
-        kept = kept * (1 - reveal_probabilities(times[:, k], times[:, k + 1], schedule))
+        kept = kept * (1 - schedule.reveal_probability(times[:, k], times[:, k + 1]))
     # Still hidden after the steps = (1 - alpha_end) / (1 - alpha_t), 0 where the span reaches 0.
     expected = torch.tensor([(1 - alpha(0.5)) / (1 - alpha(0.8)), (1 - alpha(0.1)) / (1 - alpha(0.4)), 0.0])
     assert torch.allclose(kept, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["pgm", "mdlm"])
+@pytest.mark.parametrize("kind", ["pgm", "mdlm", "mdlm-time-conditioned"])
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_a_student_that_is_its_teacher_taking_one_step_has_zero_divergence_and_gradient(kind, name):
-    teacher = tiny_pgm() if kind == "pgm" else tiny_mdlm()
+    teacher = tiny_pgm() if kind == "pgm" else tiny_mdlm(time_conditioning=kind != "mdlm")
     student = copy.deepcopy(teacher).train()
-    from pgm.distill import StudentView
+    from pgm.distill import StudentView, divergence_sum
 
     batch, length = 6, teacher.config.length
     generator = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, teacher.config.vocab_size - 1, (batch, length), generator=generator)
     for steps, zero in ((1, True), (2, False)):
         noise = draw_distill_noise(batch, length, steps, generator=generator)
-        hidden = noise.hide < (1 - torch.tensor([alpha(float(t)) for t in noise.t]))[:, None]
-        targets = teacher_targets(teacher, tokens, hidden, noise, dt=0.2)
         student.zero_grad()
-        loss = divergence(StudentView(student)(tokens, ~hidden, hidden, None), targets, name).mean()
+        total, count = divergence_sum(StudentView(student), teacher, tokens, noise, 0.2, name, LogLinearSchedule())
+        hidden = noise.hide < (1 - torch.tensor([alpha(float(t)) for t in noise.t]))[:, None]
+        assert count == int(hidden.sum()) > 0
+        loss = total / count
         loss.backward()
         loss = loss.detach()
         worst_gradient = max(float(p.grad.abs().max()) for p in student.parameters() if p.grad is not None)
@@ -154,6 +154,18 @@ def test_divergences_against_their_closed_forms():
     assert divergence(student, teacher, "mse").item() == pytest.approx(2 * log2 ** 2 / 3)  # over the 3 real ids
     with pytest.raises(ValueError, match="divergence must be one of"):
         divergence(student, teacher, "js")
+
+
+def test_padding_and_given_tokens_are_never_hidden():
+    tokens = torch.randint(0, 40, (3, 12), generator=torch.Generator().manual_seed(0))
+    valid = torch.arange(12)[None] < torch.tensor([12, 7, 3])[:, None]
+    given = torch.zeros_like(valid)
+    given[:, 0] = True  # BOS
+    noise = draw_distill_noise(3, 12, 2, generator=torch.Generator().manual_seed(1))
+    noise.t[:] = 0.999  # nearly every token hidden
+    hidden = hidden_positions(tokens, noise, LogLinearSchedule(), given, valid)
+    assert not (hidden & ~valid).any() and not hidden[:, 0].any()
+    assert int(hidden.sum()) == int((valid & ~given).sum()) == 11 + 6 + 2
 
 
 def test_step_times_are_evenly_spaced_and_the_rounds_divide_the_steps():
@@ -213,6 +225,19 @@ def test_a_distillation_is_a_run_with_its_rounds(tiny_distillation, text_run):
     card = json.loads((run_dir / ROUNDS_DIR / "round-1" / "config.json").read_text())["card"]
     assert card["distillation"] == {"round": 1, "sampling_steps": 4, "teacher_steps": 8, "divergence": "kl-bwd"}
     assert (run_dir / "loss.png").is_file() and read_run_config(run_dir).distill.rounds == 2
+
+
+def test_the_teacher_and_each_round_take_the_weights_they_are_named_after(text_run, tmp_path):
+    run_dir = tmp_path / "student"
+    config = _config(text_run, ["teacher_weights=raw", "distill.grow_from=ema", "train.ema=0.5"])
+    distill(config, run_dir, log=lambda *a: None)
+    raw, ema = (load_file(str(text_run / f"checkpoints/step_0000020/{name}.safetensors")) for name in ("model", "ema"))
+    assert not all(torch.equal(raw[k], ema[k]) for k in raw)
+    for round_, weights in ((0, raw), (1, run_dir / "checkpoints/step_0000003/ema.safetensors"),
+                            (2, run_dir / "checkpoints/step_0000006/ema.safetensors")):
+        weights = weights if isinstance(weights, dict) else load_file(str(weights))
+        kept = load_file(str(run_dir / ROUNDS_DIR / f"round-{round_}" / "model.safetensors"))
+        assert all(torch.equal(kept[k], weights[k]) for k in kept), round_
 
 
 @pytest.mark.parametrize("killed_after", [3, 4])  # at the round boundary (teacher not yet grown), and after it
@@ -289,8 +314,9 @@ def ar_run(tmp_path_factory):
 
 def test_pgm_distill_then_sample_and_report_from_the_command_line(text_run, ar_run, tmp_path, pgm_main):
     out = tmp_path / "student"
-    code, printed, error = pgm_main("distill", text_run, "--preset", "distill-tiny", "--out", out)
+    code, printed, error = pgm_main("distill", text_run, "--preset", "distill-tiny", "--out", out, "divergence=kl-fwd")
     assert code == 0, error
+    assert read_run_config(out).distill.divergence == "kl-fwd"  # a setting after the options counts too
     assert "the 2-step student" in printed and (out / ROUNDS_DIR / "round-2" / "model.safetensors").is_file()
     code, printed, error = pgm_main("sample", out, "--steps", "2", "--num-samples", "2")
     assert code == 0 and "generated in 2 steps" in error, error
@@ -305,6 +331,8 @@ def test_pgm_distill_then_sample_and_report_from_the_command_line(text_run, ar_r
     assert (tmp_path / "report" / "distillation.png").is_file()
     code, _, error = pgm_main("distill", "--resume", "--out", out)
     assert code == 0, error  # already done: nothing to add
+    code, _, error = pgm_main("train", "--resume", "--out", out)
+    assert code == 2 and "is a distillation, run by pgm distill" in error, error
 
 
 def test_pgm_distill_refuses_in_one_sentence(text_run, ar_run, tmp_path, pgm_main):
@@ -321,6 +349,8 @@ def test_pgm_distill_refuses_in_one_sentence(text_run, ar_run, tmp_path, pgm_mai
         (("--resume", "--out", text_run), "is a training run, not a distillation"),
         ((text_run, "--resume", "--out", tmp_path), "drop the teacher"),
         ((tmp_path / "nothing",), "does not exist"),
+        ((text_run, "--steps", "3"), "unrecognized arguments: --steps 3"),
+        ((text_run, "distill.grow_from=ema"), "needs an average of the student's weights"),
     ]
     for args, message in cases:
         code, _, error = pgm_main("distill", *args, "--preset", "distill-tiny", "--out", tmp_path / "new") \

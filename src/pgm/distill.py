@@ -28,8 +28,7 @@ from .data import DataConfig, link_prepared, load_prepared, load_tokenizer, prep
 from .eval.perplexity import seed_for
 from .formats import CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, Origin, remove_partial, write_json
 from .models import build_model
-from .objectives.distill import (DistillNoise, distribution_log_probs, divergence, draw_distill_noise,
-                                 reveal_probabilities, teacher_times)
+from .objectives.distill import DistillNoise, distribution_log_probs, divergence, draw_distill_noise, teacher_times
 from .objectives.losses import model_config
 from .objectives.schedules import LogLinearSchedule
 from .objectives.text import sample_groups
@@ -100,8 +99,8 @@ def teacher_targets(teacher, tokens: torch.Tensor, hidden: torch.Tensor, noise: 
     still_hidden = hidden.clone()
     for k in range(steps):
         last = k == steps - 1
-        revealed = still_hidden & (noise.reveal[:, k] < reveal_probabilities(times[:, k], times[:, k + 1],
-                                                                              schedule)[:, None])
+        reveal_probability = schedule.reveal_probability(times[:, k], times[:, k + 1])
+        revealed = still_hidden & (noise.reveal[:, k] < reveal_probability[:, None])
         queried = still_hidden if last else revealed
         if not bool(queried.any()):
             continue
@@ -113,11 +112,24 @@ def teacher_targets(teacher, tokens: torch.Tensor, hidden: torch.Tensor, noise: 
     return targets
 
 
+def divergence_sum(student, teacher, tokens: torch.Tensor, noise: DistillNoise, dt: float, kind: str,
+                   schedule: LogLinearSchedule, always_clean: torch.Tensor | None = None,
+                   valid: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(the sum of the `kind` divergence over the hidden tokens, their count) of one batch: the
+    `student` (a StudentView) predicts each hidden token once at the noise's time, the teacher
+    as `teacher_targets`."""
+    hidden = hidden_positions(tokens, noise, schedule, always_clean, valid)
+    targets = teacher_targets(teacher, tokens, hidden, noise, dt, schedule)
+    predicted = student(tokens, ~hidden, hidden, schedule.sigma(noise.t))
+    return divergence(predicted, targets, kind).sum(), int(hidden.sum())
+
+
 def load_teacher(source: str | Path, weights: str):
-    """The text pipeline of a teacher to distil (a PGM or MDLM), on the CPU."""
+    """The text pipeline of a teacher to distil (a PGM or MDLM), on the CPU. `weights`: "ema",
+    "raw", or "auto" for what its samplers use (a run's average when it kept one)."""
     from .pipeline import load
 
-    pipe = load(source, device="cpu", weights=weights)
+    pipe = load(source, device="cpu", weights=None if weights == "auto" else weights)
     kind = pipe.config.kind
     if pipe.modality != "text" or kind not in DISTILLED_KINDS:
         what = "an image model" if pipe.modality != "text" else f"a model of kind {kind}"
@@ -147,9 +159,13 @@ def distillation_config(teacher: str | Path, train: TrainConfig, distill: Distil
             weights = distill.replace(teacher_weights=DistillConfig.parse_value(field, value)).teacher_weights
     pipe = load_teacher(teacher, weights)
     run_dir = pipe.model.origin.run_dir
-    data = read_run_config(run_dir).data if run_dir is not None else DataConfig(tokenizer="teacher")
+    data = DataConfig(tokenizer="teacher")
+    if run_dir is not None:  # its data, and whether its BOS was given (outside the partition)
+        trained = read_run_config(run_dir)
+        data, train = trained.data, train.replace(bos_always_clean=trained.train.bos_always_clean)
+    where = str(Path(teacher).resolve()) if Path(teacher).exists() else str(teacher)
     config = RunConfig(model=pipe.config, data=data, train=train,
-                       distill=distill.replace(teacher=str(teacher))).with_overrides(overrides)
+                       distill=distill.replace(teacher=where)).with_overrides(overrides)
     return dataclasses.replace(config, train=config.train.replace(max_steps=config.distill.total_steps)), pipe
 
 
@@ -176,10 +192,13 @@ class Distiller(Trainer):
     """A `Trainer` whose loss is SDTT against a teacher that the student replaces after each round."""
 
     VALIDATION_KEY = "val_divergence"
+    RESUME_COMMAND = "pgm distill"
 
     def __init__(self, config: RunConfig, run_dir: Path, info, device: torch.device, log, teacher=None):
         if config.distill is None:
             raise RunError(f"{run_dir} is a training run, not a distillation: continue it with pgm train --resume")
+        if config.distill.grow_from == "ema" and config.train.ema <= 0:
+            raise RunError("distill.grow_from=ema needs an average of the student's weights: set train.ema > 0")
         super().__init__(config, run_dir, info, device, log)
         self.settings = config.distill
         self.schedule = LogLinearSchedule()
@@ -229,11 +248,10 @@ class Distiller(Trainer):
                 self.ema = type(self.ema)(self.model, self.config.train.ema)
             if self.info.main:
                 self._keep_round(0)
-        view = StudentView(self.model)
-        self.network = view
-        if self.info.world_size > 1:
-            self.network = torch.nn.parallel.DistributedDataParallel(
-                view, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.teacher_pipe = None
+
+    def network_module(self) -> torch.nn.Module:
+        return StudentView(self.model)
 
     def checkpoint_state(self) -> dict:
         return {"teacher_round": self.teacher_round}
@@ -242,6 +260,8 @@ class Distiller(Trainer):
         return {"teacher": self.teacher.savable_state()}
 
     def restore(self, loaded: dict) -> None:
+        if "teacher" not in loaded["extra"] or "teacher_round" not in loaded["state"]:
+            raise RunError(f"{self.run_dir}'s latest checkpoint has no teacher: it was not written by pgm distill")
         self.teacher.load_state_dict(loaded["extra"]["teacher"])
         self.teacher_round = loaded["state"]["teacher_round"]
 
@@ -249,20 +269,21 @@ class Distiller(Trainer):
 
     def _grown_weights(self) -> dict:
         if self.settings.grow_from == "ema":
-            if self.ema is None:
-                raise RunError("distill.grow_from=ema needs an average of the weights: set train.ema > 0")
             return self.ema.state_dict(self.model)
         return self.model.state_dict()
 
     def _keep_round(self, round_: int) -> None:
-        """RUN/rounds/round-R: the teacher as it is now, a pretrained directory."""
+        """RUN/rounds/round-R: the teacher as it is now, a pretrained directory (round 0 is kept
+        while the first teacher's pipeline is at hand)."""
         settings = self.settings
-        description = ({"round": 0, "sampling_steps": settings.start_steps} if round_ == 0 else
-                       {"round": round_, "sampling_steps": settings.student_steps(round_ - 1),
-                        "teacher_steps": settings.teacher_steps(round_ - 1), "divergence": settings.divergence})
-        card = {"weights": settings.teacher_weights if round_ == 0 else settings.grow_from,
-                "source": f"{self.run_dir} (round {round_} of {settings.rounds})" if round_ else settings.teacher,
-                "distillation": description}
+        if round_ == 0:
+            description = {"round": 0, "sampling_steps": settings.start_steps}
+            weights, source = self.teacher_pipe.model.origin.card.get("weights"), settings.teacher
+        else:
+            description = {"round": round_, "sampling_steps": settings.student_steps(round_ - 1),
+                           "teacher_steps": settings.teacher_steps(round_ - 1), "divergence": settings.divergence}
+            weights, source = settings.grow_from, f"{self.run_dir} (round {round_} of {settings.rounds})"
+        card = {"weights": weights, "source": source, "distillation": description}
         self.teacher.origin = Origin(source=str(self.run_dir), tokenizer_dir=self.run_dir / TOKENIZER_DIR, card=card)
         self.teacher.save_pretrained(self.run_dir / ROUNDS_DIR / f"round-{round_}")
 
@@ -299,14 +320,12 @@ class Distiller(Trainer):
         self.hidden_in_batch = max(1, int(hidden.sum()))
         return noise
 
-    def _divergence_sum(self, network, teacher, tokens, valid, noise) -> tuple[torch.Tensor, int]:
-        hidden = hidden_positions(tokens, noise, self.schedule, self._always_clean(tokens), valid)
-        targets = teacher_targets(teacher, tokens, hidden, noise, self._dt(), self.schedule)
-        student = network(tokens, ~hidden, hidden, self.schedule.sigma(noise.t))
-        return divergence(student, targets, self.settings.divergence).sum(), int(hidden.sum())
+    def _divergence_sum(self, network, tokens, valid, noise) -> tuple[torch.Tensor, int]:
+        return divergence_sum(network, self.teacher, tokens, noise, self._dt(), self.settings.divergence,
+                              self.schedule, self._always_clean(tokens), valid)
 
     def batch_loss(self, tokens, valid, noise, **labeled) -> torch.Tensor:
-        total, _ = self._divergence_sum(self.network, self.teacher, tokens, valid, noise)
+        total, _ = self._divergence_sum(self.network, tokens, valid, noise)
         # DDP averages the processes' gradients: scaled by their number, the sum over every process
         # and micro-batch is the mean over the hidden tokens of the global batch.
         return total * self.info.world_size / self.hidden_in_batch
@@ -317,7 +336,7 @@ class Distiller(Trainer):
         record = super().validation_record()
         rows, length = self.eval_indices, self.config.model.length
         noise = draw_distill_noise(len(rows), length, self.settings.num_distill_steps,
-                                   generator=torch.Generator().manual_seed(seed_for(self.config.train.seed, 1 << 20)))
+                                   generator=torch.Generator().manual_seed(seed_for(self.config.train.seed, 0, 0, 2)))
         mine = list(range(self.info.rank, len(rows), self.info.world_size))
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.model.eval()
@@ -325,7 +344,7 @@ class Distiller(Trainer):
             for start in range(0, len(mine), self.micro):
                 part = mine[start:start + self.micro]
                 tokens, valid = self.data.val[[rows[i] for i in part]]
-                total, count = self._divergence_sum(StudentView(self.model), self.teacher, tokens.to(self.device),
+                total, count = self._divergence_sum(StudentView(self.model), tokens.to(self.device),
                                                     None if valid is None else valid.to(self.device),
                                                     noise[part].to(self.device))
                 totals += torch.tensor([float(total), count], dtype=torch.float64, device=self.device)
@@ -355,4 +374,4 @@ def _recipe(run_dir: Path) -> dict | None:
 
 
 __all__ = ["distill", "distillation_config", "load_teacher", "teacher_targets", "predicted_log_probs",
-           "hidden_positions", "Distiller", "ROUNDS_DIR"]
+           "hidden_positions", "divergence_sum", "Distiller", "ROUNDS_DIR"]

@@ -171,8 +171,8 @@ def _distillation(tiny: bool) -> tuple[TrainConfig, DistillConfig]:
         train = TrainConfig(batch_size=8, lr=1e-3, warmup_steps=2, ema=0.0, eval_every=3, eval_rows=8, save_every=3,
                             log_every=1, progress=False, max_steps=distill.total_steps)
     else:
-        distill = DistillConfig(start_steps=128, end_steps=8, round_steps=250)
-        train = TrainConfig(batch_size=32, lr=3e-4, warmup_steps=50, ema=0.0, eval_every=125, eval_rows=128,
+        distill = DistillConfig(start_steps=128, end_steps=8, round_steps=125)
+        train = TrainConfig(batch_size=32, lr=3e-4, warmup_steps=25, ema=0.0, eval_every=125, eval_rows=128,
                             save_every=125, log_every=10, max_steps=distill.total_steps)
     return train, distill
 

@@ -43,12 +43,8 @@ def ensure_run(item: str, out_dir: Path, tokens: int | None, log=print) -> Path:
     return run_dir
 
 
-def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int = 64, batch_size: int = 32,
-                passes: int = 4, seed: int = 0, device="cpu", log=print) -> dict:
-    pipe = load(run_dir, device=device)
-    kind, length = pipe.config.kind, pipe.config.length
-    val = pipe.validation(passes=passes, seed=seed)
-    log(f"{run_dir}: validation perplexity {val.perplexity:.2f}")
+def sampling_plan(kind: str, length: int, steps_list) -> list[tuple[int, int]]:
+    """(steps run, steps asked) for each distinct step count a model of `kind` can take."""
     positions = length - 1
     if kind == "ar":
         plan = {positions: positions}  # one token per step whatever the budget
@@ -56,8 +52,17 @@ def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int 
         plan = {min(steps, positions): steps for steps in sorted(steps_list, reverse=True)}
     else:
         plan = {steps: steps for steps in steps_list}
+    return sorted(plan.items())
+
+
+def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int = 64, batch_size: int = 32,
+                passes: int = 4, seed: int = 0, device="cpu", log=print) -> dict:
+    pipe = load(run_dir, device=device)
+    kind, length = pipe.config.kind, pipe.config.length
+    val = pipe.validation(passes=passes, seed=seed)
+    log(f"{run_dir}: validation perplexity {val.perplexity:.2f}")
     samples = []
-    for steps, asked in sorted(plan.items()):
+    for steps, asked in sampling_plan(kind, length, steps_list):
         options = dict(num_samples=num_samples, steps=None if kind == "ar" else steps, batch_size=batch_size,
                        seed=seed)
         result = pipe.generative_perplexity(evaluator, **options)
@@ -236,24 +241,23 @@ def measure_distillation(run_dir: Path, evaluator, *, steps_list=DISTILL_STEPS, 
     from .runs import read_run_config
 
     config = read_run_config(run_dir)
-    rounds = sorted((run_dir / ROUNDS_DIR).glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
+    rounds = sorted((p for p in (run_dir / ROUNDS_DIR).glob("round-*") if p.name[6:].isdigit()),
+                    key=lambda p: int(p.name[6:]))
     if not rounds:
         raise ValueError(f"{run_dir} has no rounds yet ({run_dir / ROUNDS_DIR}): distil first")
     measured = []
     for directory in rounds:
         pipe = load(directory, device=device)
         description = pipe.model.origin.card.get("distillation", {})
-        positions = pipe.config.length - 1
         samples = []
-        for steps in steps_list:
-            used = min(steps, positions) if pipe.config.kind == "pgm" else steps
+        for used, steps in sampling_plan(pipe.config.kind, pipe.config.length, steps_list):
             result = pipe.generative_perplexity(evaluator, num_samples=num_samples, steps=used, batch_size=batch_size,
                                                 seed=seed)
             samples.append({"steps": used, "asked_steps": steps, "gen_ppl": result.perplexity,
                             "entropy": result.entropy, "tokens_per_s": result.tokens_per_s})
             log(f"  {run_dir.name} {directory.name} {used:>4} steps: generative perplexity {result.perplexity:8.2f}, "
                 f"entropy {result.entropy:.3f}, {result.tokens_per_s:7.1f} tok/s")
-        measured.append({"round": description.get("round", int(directory.name.split("-")[1])),
+        measured.append({"round": description.get("round", int(directory.name[6:])),
                          "trained_for_steps": description.get("sampling_steps"), "samples": samples})
     return {"name": run_dir.name, "path": str(run_dir), "kind": config.model.kind, "teacher": config.distill.teacher,
             "distill": config.distill.to_dict(), "rounds": measured}

@@ -214,6 +214,9 @@ def open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
 
 def train(config: RunConfig, run_dir: Path, *, resume: bool = False, log=print) -> Path:
     """Train the model described by `config` into `run_dir`; returns the run directory."""
+    if config.distill is not None:
+        raise RunError("a configuration with a distill section is a distillation, run by pgm distill (pgm distill "
+                       f"--resume --out {run_dir} continues one), not pgm train")
     info, device = setup_distributed(config.train.device)
     run_dir = Path(run_dir)
     if not info.main:
@@ -232,6 +235,9 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, log=print) 
 
 class Trainer:
     """One training run, in the steps `train` takes them."""
+
+    VALIDATION_KEY = "val_nll"  # the validation record's number that the progress bar shows
+    RESUME_COMMAND = "pgm train"
 
     def __init__(self, config: RunConfig, run_dir: Path, info: Distributed, device: torch.device, log):
         self.config, self.run_dir, self.info, self.device, self.log = config, run_dir, info, device, log
@@ -287,12 +293,16 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                            weight_decay=tc.weight_decay, foreach=True)
         self.ema = EMA(self.model, tc.ema) if tc.ema > 0 else None
-        self.network = self.model
+        self.network = self.network_module()
         if info.world_size > 1:
             self.network = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.rows = RowSchedule(len(self.data.train), tc.seed)
         self.eval_indices = _evaluation_rows(len(self.data.val), tc.eval_rows)
+
+    def network_module(self) -> torch.nn.Module:
+        """What the loss calls (and DDP wraps): the model's forward."""
+        return self.model
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.config.train.precision)
@@ -375,8 +385,6 @@ class Trainer:
             record = {"step": self.step, **self.validation_record()}
         self.metrics.write(record)
         return record[self.VALIDATION_KEY]
-
-    VALIDATION_KEY = "val_nll"
 
     def validation_record(self) -> dict:
         """The validation ELBO (or loss) of the model as it is."""
@@ -465,8 +473,8 @@ class Trainer:
             if self.info.world_size == 1 and self.step > 0 and (latest is None
                                                                  or not latest.name.endswith(f"{self.step:07d}")):
                 self.save()
-                self.log(f"interrupted: saved step {self.step}; continue with `pgm train --out {self.run_dir} "
-                         "--resume`")
+                self.log(f"interrupted: saved step {self.step}; continue with `{self.RESUME_COMMAND} --out "
+                         f"{self.run_dir} --resume`")
             raise
         if progress is not None:
             progress.close()

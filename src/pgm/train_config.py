@@ -72,7 +72,9 @@ class DistillConfig(Config):
     rounds of 10k steps)."""
 
     teacher: str = ""  # the first teacher: a run or pretrained directory, or an authors' checkpoint (text)
-    teacher_weights: Literal["ema", "raw"] = "ema"  # of the first teacher (the authors distil the raw weights)
+    # Of the first teacher: "auto" for what its samplers use (a run's average when it kept one, a
+    # pretrained directory's only set); the authors distil the raw weights.
+    teacher_weights: Literal["auto", "ema", "raw"] = "auto"
     start_steps: int = 1024  # the first teacher's sampling steps
     end_steps: int = 32  # the last student's sampling steps
     num_distill_steps: int = 2  # teacher steps per student step

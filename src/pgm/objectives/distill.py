@@ -27,7 +27,7 @@ import dataclasses
 
 import torch
 
-from .schedules import LogLinearSchedule, sample_times
+from .text import draw_noise
 
 DIVERGENCES = ("kl-bwd", "kl-fwd", "tv", "mse")
 # The log-probability given to suppressed ids (the mask token): exp() of it is 0, as for -inf, but
@@ -57,23 +57,16 @@ class DistillNoise:
 def draw_distill_noise(batch_size: int, length: int, teacher_steps: int, *, t_min: float = 1e-3,
                        generator: torch.Generator | None = None) -> DistillNoise:
     """The noise of one distillation loss: antithetic times in [t_min, 1), as in training."""
-    t = sample_times(batch_size, antithetic=True, t_min=t_min, generator=generator)
-    hide = torch.rand(batch_size, length, generator=generator)
+    training = draw_noise(batch_size, length, t_min=t_min, generator=generator)
     reveal = torch.rand(batch_size, teacher_steps, length, generator=generator)
     draw = torch.rand(batch_size, length, generator=generator, dtype=torch.float64)
-    return DistillNoise(t, hide, reveal, draw)
+    return DistillNoise(training.t, training.u, reveal, draw)
 
 
 def teacher_times(t: torch.Tensor, dt: float, steps: int) -> torch.Tensor:
     """[B, steps + 1]: t, t - dt, ..., t - steps * dt, clamped at 0."""
     offsets = dt * torch.arange(steps + 1, dtype=t.dtype, device=t.device)
     return (t[:, None] - offsets).clamp(min=0)
-
-
-def reveal_probabilities(t: torch.Tensor, s: torch.Tensor, schedule: LogLinearSchedule) -> torch.Tensor:
-    """[B]: the probability that a token hidden at t is revealed by s <= t (1 where s = 0)."""
-    alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)
-    return torch.where(s <= 0, 1.0, (alpha_s - alpha_t) / (1 - alpha_t).clamp(min=1e-12))
 
 
 def distribution_log_probs(logits: torch.Tensor, suppressed_id: int) -> torch.Tensor:

@@ -40,9 +40,12 @@ class LogLinearSchedule:
         """
         return 1 / (1 - self.eps) - t
 
-    def reveal_probability(self, t: float, s: float) -> float:
-        """Probability that a token still masked at time t is revealed by time s < t."""
+    def reveal_probability(self, t, s):
+        """Probability that a token still masked at time t is revealed by time s < t: floats, or
+        tensors, where it is 1 wherever s = 0 (also where t = 0: nothing is left to reveal)."""
         alpha_t, alpha_s = 1 - (1 - self.eps) * t, 1 - (1 - self.eps) * s
+        if torch.is_tensor(t):
+            return torch.where(s <= 0, 1.0, (alpha_s - alpha_t) / (1 - alpha_t).clamp(min=1e-12))
         return (alpha_s - alpha_t) / (1 - alpha_t)
 
 
