@@ -16,7 +16,7 @@ import torch
 
 import pgm
 from conftest import redraw_zero_initialised
-from pgm.cli import build_parser
+from pgm.cli import build_parser, parse_arguments
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -110,7 +110,7 @@ def test_the_readme(front_door, kind, text):
         return
     argv = shlex.split(text)[1:]
     try:
-        build_parser().parse_args(argv)
+        parse_arguments(build_parser(), argv)
     except SystemExit:
         pytest.fail(f"the README's `{text}` does not parse")
     writes = (argv[3],) if argv[0] == "convert" else ()

@@ -528,15 +528,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, except that a key=value after an option (pgm distill TEACHER --out RUN
+    key=value), which argparse leaves over once the positionals are taken, is a setting too."""
     args, extra = parser.parse_known_args(argv)
     if extra:
-        # A key=value after an option (pgm distill TEACHER --out RUN key=value) is left over by
-        # argparse, whose positionals were all taken by then; it is a setting all the same.
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_arguments(parser, argv)
     if args.command is None:
         parser.print_help()
         return 0
