@@ -34,7 +34,7 @@ from .objectives.schedules import LogLinearSchedule
 from .objectives.text import sample_groups
 from .runs import RunConfig, RunError, latest_checkpoint, read_run_config, remove_partial_checkpoints
 from .sampling.categorical import sample_categorical
-from .train import Trainer, _remove_created, open_run_dir, setup_distributed
+from .train import Trainer, _remove_created, run_trainer
 from .train_config import DistillConfig, TrainConfig
 
 DISTILLED_KINDS = ("pgm", "mdlm")
@@ -172,20 +172,7 @@ def distillation_config(teacher: str | Path, train: TrainConfig, distill: Distil
 def distill(config: RunConfig, run_dir: Path, *, resume: bool = False, teacher=None, log=print) -> Path:
     """Distil `config.distill.teacher` into the run directory `run_dir` (see the module doc).
     `teacher`: its pipeline when the caller has loaded it already."""
-    info, device = setup_distributed(config.train.device)
-    run_dir = Path(run_dir)
-    if not info.main:
-        log = lambda *args, **kwargs: None  # noqa: E731 - one voice per run
-    try:
-        distiller = Distiller(open_run_dir(config, run_dir, resume), run_dir, info, device, log, teacher)
-        distiller.prepare_data()
-        distiller.build()
-        distiller.resume()
-        distiller.run()
-        return run_dir
-    finally:
-        if info.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    return run_trainer(Distiller, config, run_dir, resume=resume, log=log, teacher=teacher)
 
 
 class Distiller(Trainer):

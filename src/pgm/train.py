@@ -217,12 +217,17 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, log=print) 
     if config.distill is not None:
         raise RunError("a configuration with a distill section is a distillation, run by pgm distill (pgm distill "
                        f"--resume --out {run_dir} continues one), not pgm train")
+    return run_trainer(Trainer, config, run_dir, resume=resume, log=log)
+
+
+def run_trainer(trainer_class, config: RunConfig, run_dir: Path, *, resume: bool, log, **options) -> Path:
+    """Run a `Trainer` (or subclass, built with `options`) in this process's place in the run."""
     info, device = setup_distributed(config.train.device)
     run_dir = Path(run_dir)
     if not info.main:
         log = lambda *args, **kwargs: None  # noqa: E731 - one voice per run
     try:
-        trainer = Trainer(open_run_dir(config, run_dir, resume), run_dir, info, device, log)
+        trainer = trainer_class(open_run_dir(config, run_dir, resume), run_dir, info, device, log, **options)
         trainer.prepare_data()
         trainer.build()
         trainer.resume()
