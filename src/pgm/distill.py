@@ -24,17 +24,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import DataConfig, link_prepared, load_prepared, load_tokenizer, prepare_data
+from .data import DataConfig, link_prepared, load_tokenizer, prepare_data, prepared_recipe
 from .eval.perplexity import seed_for
-from .formats import CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, Origin, remove_partial, write_json
+from .formats import TOKENIZER_DIR, Origin
 from .models import build_model
 from .objectives.distill import DistillNoise, distribution_log_probs, divergence, draw_distill_noise, teacher_times
 from .objectives.losses import model_config
 from .objectives.schedules import LogLinearSchedule
 from .objectives.text import sample_groups
-from .runs import RunConfig, RunError, latest_checkpoint, read_run_config, remove_partial_checkpoints
+from .runs import RunConfig, RunError, latest_checkpoint, read_run_config
 from .sampling.categorical import sample_categorical
-from .train import Trainer, _remove_created, run_trainer
+from .train import Trainer, run_trainer
 from .train_config import DistillConfig, TrainConfig
 
 DISTILLED_KINDS = ("pgm", "mdlm")
@@ -196,31 +196,18 @@ class Distiller(Trainer):
 
     # --- set-up -------------------------------------------------------------------------------
 
-    def prepare_data(self) -> None:
+    def write_data(self, recipe: dict) -> None:
         """The data the student learns from, encoded with the teacher's tokenizer: the teacher's own
         run's rows, linked, when the recipe is the same; the configured data encoded anew otherwise."""
-        config, run_dir = self.config, self.run_dir
-        if self.info.main:
-            existed = {path: path.exists() for path in (run_dir, run_dir / TOKENIZER_DIR, run_dir / DATA_DIR)}
-            run_dir.mkdir(parents=True, exist_ok=True)
-            remove_partial(run_dir)
-            remove_partial_checkpoints(run_dir)
-            recipe = {"data": config.data.to_dict(), "length": config.model.length}
-            if _recipe(run_dir) != recipe:
-                teacher_run = self.teacher_pipe.model.origin.run_dir if self.teacher_pipe else None
-                try:
-                    if teacher_run is not None and _recipe(teacher_run) == recipe:
-                        link_prepared(teacher_run, run_dir)
-                    else:
-                        tokenizer = (self.teacher_pipe.tokenizer if self.teacher_pipe else
-                                     load_tokenizer(run_dir / TOKENIZER_DIR))
-                        prepare_data(config.data, config.model.length, run_dir, log=self.log, tokenizer=tokenizer)
-                except BaseException:
-                    _remove_created(existed)
-                    raise
-            write_json(run_dir / CONFIG_FILE, config.to_dict())
-        self.info.barrier()
-        self.data = load_prepared(run_dir)
+        teacher_run = self.teacher_pipe.model.origin.run_dir if self.teacher_pipe else None
+        if teacher_run is not None and prepared_recipe(teacher_run) == recipe:
+            link_prepared(teacher_run, self.run_dir)
+            return
+        tokenizer = self.teacher_pipe.tokenizer if self.teacher_pipe else load_tokenizer(self.run_dir / TOKENIZER_DIR)
+        prepare_data(self.config.data, self.config.model.length, self.run_dir, log=self.log, tokenizer=tokenizer)
+
+    def resolved_config(self) -> RunConfig:
+        return self.config  # the student is the teacher's model, whatever the data
 
     def build(self) -> None:
         """The student (the teacher's weights), its optimizer and average, and the teacher."""
@@ -349,15 +336,6 @@ class Distiller(Trainer):
     def status(self) -> dict:
         round_ = self.settings.round_of(self.step - 1)
         return {"round": round_ + 1, "student_steps": self.settings.student_steps(round_)}
-
-
-def _recipe(run_dir: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads((run_dir / DATA_DIR / "meta.json").read_text()).get("recipe")
-    except (OSError, ValueError):
-        return None
 
 
 __all__ = ["distill", "distillation_config", "load_teacher", "teacher_targets", "predicted_log_probs",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import PreparedData, load_prepared, prepare_data
+from .data import PreparedData, load_prepared, prepare_data, prepared_recipe
 from .devices import autocast, describe_precision, process_device
 from .eval.images import psnr
 from .eval.perplexity import seed_for, validation_elbo
@@ -261,19 +260,26 @@ class Trainer:
             remove_partial(run_dir)  # what a killed data step left (a hidden tokenizer directory)
             remove_partial_checkpoints(run_dir)
             recipe = {"data": config.data.to_dict(), "length": config.model.length}
-            meta_path = run_dir / DATA_DIR / "meta.json"
-            if not meta_path.is_file() or json.loads(meta_path.read_text()).get("recipe") != recipe:
+            if prepared_recipe(run_dir) != recipe:
                 try:
-                    prepare_data(config.data, config.model.length, run_dir, log=self.log,
-                                 image_encoder=self._image_encoder())
+                    self.write_data(recipe)
                 except BaseException:
                     _remove_created(existed)
                     raise
         self.info.barrier()
         self.data = load_prepared(run_dir)
-        self.config = resolve_config(config, self.data)
+        self.config = self.resolved_config()
         if self.info.main:
             write_json(run_dir / CONFIG_FILE, self.config.to_dict())
+
+    def write_data(self, recipe: dict) -> None:
+        """Prepare the data of `recipe` (this run's) into the run directory."""
+        config = self.config
+        prepare_data(config.data, config.model.length, self.run_dir, log=self.log, image_encoder=self._image_encoder())
+
+    def resolved_config(self) -> RunConfig:
+        """The configuration with what the prepared data decides filled in."""
+        return resolve_config(self.config, self.data)
 
     def _image_encoder(self):
         data = self.config.data

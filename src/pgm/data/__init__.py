@@ -120,6 +120,14 @@ def prepare_data(config: DataConfig, length: int, directory: Path, log=print, im
     return PreparedData(tokenizer, train, val, meta)
 
 
+def prepared_recipe(directory: Path) -> dict | None:
+    """The recipe (data settings and row length) of the data prepared in `directory`, if any."""
+    try:
+        return json.loads((directory / DATA_DIR / "meta.json").read_text()).get("recipe")
+    except (OSError, ValueError):
+        return None
+
+
 def link_prepared(source: Path, directory: Path) -> PreparedData:
     """The data another run prepared, in `directory` too: its tokenizer copied, its rows linked
     (hard links where the file system allows, copies elsewhere), each directory atomically."""
@@ -160,4 +168,4 @@ def unigram_nll(train: TokenRows, val: TokenRows, vocab_size: int) -> float:
 
 
 __all__ = ["DataConfig", "DataError", "PreparedData", "PixelTokenizer", "VQCodes", "prepare_data", "load_prepared",
-           "link_prepared", "Tokenizer", "TokenRows", "load_tokenizer", "unigram_nll"]
+           "link_prepared", "prepared_recipe", "Tokenizer", "TokenRows", "load_tokenizer", "unigram_nll"]
