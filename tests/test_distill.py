@@ -380,3 +380,24 @@ def test_two_processes_distil_as_one_process_does(text_run, tiny_distillation, t
     final = "checkpoints/step_0000006/model.safetensors"
     a, b = load_file(str(tiny_distillation / final)), load_file(str(run_dir / final))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_distillation_targets_are_computed_from_the_rounds_as_stated():
+    from pgm.report import check_distill_targets
+
+    def round_(cells):  # steps -> (gen_ppl, entropy, tokens/s)
+        return {"samples": [{"asked_steps": s, "gen_ppl": g, "entropy": e, "tokens_per_s": v}
+                            for s, (g, e, v) in cells.items()]}
+
+    pgm = {"name": "p", "kind": "pgm", "rounds": [
+        round_({16: (200.0, 4.0, 10.0), 32: (150.0, 4.0, 5.0), 128: (100.0, 4.0, 1.0)}),
+        round_({16: (200 / 2 ** 0.25, 4.1, 12.0), 32: (90.0, 3.96, 8.0), 128: (95.0, 4.0, 2.0)})]}
+    mdlm = {"name": "m", "kind": "mdlm", "rounds": [
+        round_({16: (300.0, 4.0, 1.0), 128: (250.0, 4.0, 1.0)}),
+        round_({16: (290.0, 4.0, 3.0), 32: (280.0, 4.0, 2.0), 128: (270.0, 4.0, 1.0)})]}
+    got = [(t["value"], t["met"]) for t in check_distill_targets([pgm, mdlm])]
+    assert got[0] == (pytest.approx(2.0), True) and got[1] == (pytest.approx(1.2), False)  # teachers 16 / 128
+    assert got[2] == (pytest.approx(0.25), False)  # log(200 / 168.2) / log(200 / 100)
+    assert got[3] == (pytest.approx(0.9), True)  # student at 32 / teacher at 128
+    assert got[4] == (pytest.approx(0.025), True)  # entropy: 4.1 / 4.0 at 16 steps
+    assert got[5] == (pytest.approx(2.0), False)  # tokens/s: 12 / 3 and 8 / 2 at 16 and 32, 2 / 1 at 128

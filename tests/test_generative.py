@@ -146,3 +146,21 @@ def test_report_trains_presets_on_a_token_budget_and_writes_its_tables(tmp_path)
             assert f" | {row['gen_ppl']:.2f} | {row['entropy']:.3f} | {row['tokens_per_s']:.1f} |" in markdown
     assert (out / "frontier.png").stat().st_size > 0 and (out / "steps.png").stat().st_size > 0
     assert "| target | measured | goal | met |" in result.stdout
+
+
+def test_report_targets_are_the_ratios_of_the_measured_rows():
+    from pgm.report import check_targets
+
+    def row(steps, gen_ppl, entropy, speed, full=None):
+        return {"steps": steps, "asked_steps": steps, "gen_ppl": gen_ppl, "entropy": entropy, "tokens_per_s": speed,
+                "tokens_per_s_logits_everywhere": full}
+
+    pgm = {"kind": "pgm", "val_ppl": 100.0, "samples": [row(16, 50.0, 4.0, 800.0), row(128, 40.0, 4.06, 300.0)]}
+    mdlm = {"kind": "mdlm", "val_ppl": 99.0, "samples": [row(16, 60.0, 4.0, 100.0, 80.0),
+                                                          row(128, 50.0, 4.0, 100.0, 60.0)]}
+    got = {t["what"].split(",")[0].split(" (")[0]: (t["value"], t["met"]) for t in check_targets([pgm, mdlm])}
+    assert got["PGM validation perplexity / MDLM's"] == (pytest.approx(100 / 99), True)
+    assert got["generative perplexity"] == (pytest.approx(0.8), True)
+    assert got["sample entropy"] == (pytest.approx(1.015), True)
+    assert got["sampling throughput PGM / MDLM"] == (pytest.approx(3.0), False)  # at 128: 300 / 100
+    assert got["the same against MDLM with logits at every position"] == (pytest.approx(5.0), True)  # 300 / 60
