@@ -9,13 +9,13 @@ from .hub import from_pretrained
 from .models import (MaskedDiffusionConfig, MaskedDiffusionTransformer, PartitionConfig, PartitionTransformer,
                      build_model, config_from_dict)
 from .objectives import LogLinearSchedule, MaskedDiffusionObjective, PartitionObjective
-from .pipeline import GenerationRequest, Pipeline, Samples, StepEvent, load
+from .pipeline import GenerationRequest, Pipeline, Samples, StepEvent, Stream, load
 from .sampling import SamplingOptions, sample_mdlm, sample_pgm
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "Pipeline", "GenerationRequest", "Samples", "StepEvent", "from_pretrained",
+    "load", "Pipeline", "GenerationRequest", "Samples", "StepEvent", "Stream", "from_pretrained",
     "MaskedDiffusionConfig", "MaskedDiffusionTransformer", "PartitionConfig", "PartitionTransformer",
     "build_model", "config_from_dict", "LogLinearSchedule", "MaskedDiffusionObjective", "PartitionObjective",
     "SamplingOptions", "sample_mdlm", "sample_pgm", "__version__",

@@ -1,4 +1,4 @@
-"""The `pgm` command line: train, distill, sample, eval, report, convert, bench.
+"""The `pgm` command line: train, distill, sample, eval, report, convert, serve, bench.
 
 Mistakes in what the user asked for (an unknown preset or setting, a wrong value, missing data,
 a directory that is not a run, a damaged checkpoint) end with one sentence on stderr and exit
@@ -326,6 +326,25 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .pipeline import load
+    from .serve import serve
+    from .serve.app import run_names
+
+    for name, value in (("--max-samples", args.max_samples), ("--capacity", args.capacity)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must lie in [0, 65535], got {args.port}")
+    pipelines = {}
+    for name, source in zip(run_names(args.sources), args.sources):
+        pipelines[name] = load(source, device=args.device, weights=args.weights, precision=args.precision)
+        print(f"loaded {name}: {pipelines[name]!r}", file=sys.stderr)
+    serve(pipelines, host=args.host, port=args.port, max_samples=args.max_samples, capacity=args.capacity,
+          log=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -501,6 +520,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "rotary_emb.inv_freq (images: default 16, the released models')")
     convert.add_argument("--image-size", type=int, help="VQ: the image size it reads (default 256, VQ-8's)")
     convert.set_defaults(handler=cmd_convert)
+
+    serve = commands.add_parser("serve", help="a local web page (and JSON API) that streams generation, and races "
+                                              "two runs")
+    serve.add_argument("sources", nargs="+", metavar="RUN", help="runs, pretrained directories or checkpoints to "
+                                                                 "serve (text or image models)")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="the port (0: a free one)")
+    serve.add_argument("--weights", choices=("ema", "raw"), help="the average or raw weights (default: the average "
+                                                                  "where there is one)")
+    serve.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    serve.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="auto: bf16 autocast on a GPU, float32 on a CPU")
+    serve.add_argument("--max-samples", type=int, default=16, help="the most samples one request may ask for")
+    serve.add_argument("--capacity", type=int, default=16, help="requests held at once; more are answered 503")
+    serve.set_defaults(handler=cmd_serve)
 
     bench = commands.add_parser("bench", help="speed of sampling or training, models side by side")
     bench.add_argument("what", choices=("sampling", "training", "images"))

@@ -168,6 +168,43 @@ class StepEvent:
         return cls(step, steps, elapsed, [[p for p, _ in row] for row in committed],
                    [[t for _, t in row] for row in committed], **extra)
 
+    def to_dict(self) -> dict:
+        """The event as JSON-ready values (a server's message): the code grid as nested lists, and of
+        the finished samples the texts (images are left to the caller), the timing and the settings."""
+        values = {"step": self.step, "steps": self.steps, "elapsed": self.elapsed, "positions": self.positions,
+                  "tokens": self.tokens, "done": self.done}
+        if self.pieces is not None:
+            values["pieces"] = self.pieces
+        if self.codes is not None:
+            values["codes"] = self.codes.tolist()
+        if self.samples is not None:
+            samples = self.samples
+            if all(isinstance(output, str) for output in samples.outputs):
+                values["texts"] = samples.outputs
+            values.update(seconds=samples.seconds, generated=samples.generated, settings=samples.settings)
+            if samples.labels is not None:
+                values["labels"] = samples.labels
+        return values
+
+
+class Stream:
+    """The events of one request (see `Pipeline.stream`): an iterator of `StepEvent`s whose
+    `close()` stops the work. `given` is what is known before the first step, as an event of step
+    -1: each row's BOS and prompt or template tokens, or an image's kept cells; `length` is the
+    positions of a row (text: the BOS included; images: the cells)."""
+
+    def __init__(self, given: StepEvent, length: int, events: Iterator[StepEvent]):
+        self.given, self.length, self._events = given, length, events
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> StepEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()
+
 
 def _positive(name: str, value, default=None):
     value = default if value is None else value
@@ -230,11 +267,12 @@ class Pipeline:
         synchronize(self.device)
         return plan.finish(tokens, time.perf_counter() - started)
 
-    def stream(self, **arguments) -> Iterator[StepEvent]:
-        """The request of `generate`, one `StepEvent` per step, then a last event with the samples.
-        Stopping the iteration stops the work. The checks run before the first event."""
+    def stream(self, **arguments) -> Stream:
+        """The request of `generate`, one `StepEvent` per step, then a last event with the samples
+        (a `Stream`: `given` holds the known tokens). Closing it stops the work. The checks run here,
+        before the first step."""
         plan = self._plan(GenerationRequest.from_arguments(arguments))
-        return self._stream(plan)
+        return Stream(plan.given(), plan.length, self._stream(plan))
 
     def _stream(self, plan: "_Plan") -> Iterator[StepEvent]:
         started = time.perf_counter()
@@ -319,12 +357,15 @@ class Pipeline:
 @dataclasses.dataclass
 class _Plan:
     """A checked request: `updates()` starts its sampling loop, `finish` turns the loop's result into
-    `Samples`, `event` one of its updates into a `StepEvent`."""
+    `Samples`, `event` one of its updates into a `StepEvent`, `given()` is the event of the known
+    tokens; `length` is the positions of a row."""
 
     steps: int
+    length: int
     updates: Any
     finish: Any
     event: Any
+    given: Any
 
 
 class TextPipeline(Pipeline):
@@ -363,12 +404,15 @@ class TextPipeline(Pipeline):
             return Samples(texts, tokens, known_mask, steps, seconds, int((~known_mask).sum()),
                            settings={"sampler": sampler, "order": order, "num_samples": copies})
 
-        def event(update: StepUpdate, elapsed: float) -> StepEvent:
-            committed = update.committed()
-            return StepEvent.of(committed, update.step, steps, elapsed,
+        def text_event(committed: list[list[tuple[int, int]]], step: int, elapsed: float) -> StepEvent:
+            return StepEvent.of(committed, step, steps, elapsed,
                                 pieces=[[self.tokenizer.decode([t]) for _, t in row] for row in committed])
 
-        return _Plan(steps, updates, finish, event)
+        def given() -> StepEvent:
+            return text_event(_known_pairs(known_tokens, known_mask), -1, 0.0)
+
+        return _Plan(steps, known_tokens.shape[1], updates, finish, lambda update, elapsed: text_event(update.committed(), update.step,
+                                                                                  elapsed), given)
 
     def _steps(self, steps, unknown: int, sampler: str) -> int:
         kind = self.config.kind
@@ -499,16 +543,19 @@ class ImagePipeline(Pipeline):
         grid = torch.full((len(labels), cells), -1, dtype=torch.long)
         if known_codes is not None:
             grid[known_cells] = known_codes[known_cells]
+        side = self.tokenizer.grid_size
 
         def event(update: StepUpdate, elapsed: float) -> StepEvent:
             committed = update.committed()
             for row, pairs in enumerate(committed):
                 for position, code in pairs:
                     grid[row, position] = code
-            side = self.tokenizer.grid_size
             return StepEvent.of(committed, update.step, steps, elapsed, codes=grid.view(-1, side, side).clone())
 
-        return _Plan(steps, updates, finish, event)
+        def given() -> StepEvent:
+            return StepEvent.of(_known_pairs(grid, grid >= 0), -1, steps, 0.0, codes=grid.view(-1, side, side).clone())
+
+        return _Plan(steps, cells, updates, finish, event, given)
 
     def _known_images(self, request: GenerationRequest) -> tuple[list[int], torch.Tensor]:
         """(labels, codes [N, grid^2]) of the images to complete: the run's first validation images
@@ -666,6 +713,12 @@ class VQPipeline(Pipeline):
             extractor, metric = load_feature_extractor(classifier=classifier, inception=inception,
                                                        device=self.device)
         return {"metric": metric, **reconstruction_quality(self.tokenizer, self.run_config.data, extractor)}
+
+
+def _known_pairs(tokens: torch.Tensor, known: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(position, token) pairs of the known entries of each row."""
+    return [[(p, t) for p, (t, k) in enumerate(zip(row, kept)) if k] for row, kept in zip(tokens.tolist(),
+                                                                                          known.tolist())]
 
 
 def _key(settings: dict) -> str:
