@@ -15,7 +15,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 import pgm
 from conftest import tiny_mdlm
@@ -241,6 +240,28 @@ def test_the_worker_gives_each_request_an_equal_share_and_times_its_own_steps():
     for name, cost in (("cheap", 0.002), ("dear", 0.006)):
         assert jobs[name].generated == 30 and 30 * cost <= jobs[name].sampling_seconds < 30 * cost * 2.5
     assert scheduler.counts["completed"] == 2
+
+
+def test_a_late_request_starts_level_with_the_others_instead_of_owning_the_worker():
+    log, done = [], threading.Event()
+    scheduler = Scheduler(thread=False)
+
+    class Stepping(FakeStream):
+        def __next__(self):
+            if self.step == 20:  # the early request has had 20 steps when the late one arrives
+                scheduler.submit(late)
+            return super().__next__()
+
+    late = Job(lambda: FakeStream("late", 0.001, 10, log), lambda *a: {},
+               lambda kind, message: kind == "done" and done.set())
+    scheduler.submit(Job(lambda: Stepping("early", 0.001, 60, log), lambda *a: {}, lambda *a: None))
+    worker = threading.Thread(target=scheduler.work)
+    worker.start()
+    done.wait(10)
+    scheduler.close()
+    worker.join()
+    after = log[log.index("late"):][:10]
+    assert after.count("early") >= 3  # they alternate from the start, not 20 late steps first
 
 
 def test_run_names_are_short_and_distinct():
@@ -504,7 +525,7 @@ def test_the_image_page_generates_classes_and_completes_a_validation_image(brows
         browser.find_element(By.CSS_SELECTOR, '#images-form input[name="steps"]').send_keys("8")
         browser.find_element(By.ID, "images-go").click()
         wait_for(browser, "return window.pgmLog.some(e => e.panel === 'images' && e.kind === 'done')")
-        updates = [e for e in log_of(browser, "images") if e["images"]]
+        updates = [e for e in log_of(browser, "images") if e.get("images")]
         assert len(updates) == 1 + 4 + 1 and all(e["images"] == 2 for e in updates)  # start, every 2nd step, done
         assert len(browser.find_elements(By.CSS_SELECTOR, "#images-output img")) == 2
 

@@ -116,7 +116,8 @@ class TextView {
   }
   log(message, kind) {
     const filled = this.rows.map(({slots}) => slots.filter((s) => s && !s.classList.contains("hole")).length);
-    window.pgmLog.push({panel: this.panel, kind, step: message.step, filled, texts: message.texts || null});
+    window.pgmLog.push({panel: this.panel, kind, step: message.step, filled, texts: message.texts || null,
+                        rate: message.tokens_per_second ?? null, at: performance.now()});
   }
   handle(kind, message) { this[kind](message); }
 }
@@ -131,6 +132,7 @@ function wire(name, run) {
     controller = new AbortController();
     const mine = controller;
     showError(error, null);
+    window.pgmLog.push({panel: name, kind: "submit", at: performance.now()});
     go.disabled = true; stop.disabled = false;
     try {
       await run(mine.signal);
