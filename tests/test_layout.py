@@ -87,6 +87,8 @@ NEVER = [
     ("pgm.objectives", ("pgm.models", "pgm.sampling", "pgm.train", "pgm.data")),
     ("pgm.sampling", ("pgm.train", "pgm.data", "pgm.hub", "pgm.pipeline")),
     ("pgm.formats", ("pgm",)),
+    ("pgm.pipeline", ("pgm.serve", "pgm.cli")),  # one way in for every front end, knowing none of them
+    ("pgm.serve", ("pgm.cli", "pgm.train", "pgm.report")),
 ]
 
 

@@ -168,8 +168,8 @@ def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_sample
     async def validation_image(request: Request) -> Response:
         name, pipe = pipeline_of({"run": request.path_params["run"]})
         index = request.path_params["index"]
-        if pipe.modality != "image":
-            raise Refused(f"{name} is a text run: it has no validation images", 404)
+        if pipe.modality != "image" or pipe.run is None:
+            raise Refused(f"{name} is not an image run: it has no validation images", 404)
         shown = min(VALIDATION_SHOWN, len(pipe.data.val))
         if index >= shown:
             raise Refused(f"the page offers validation images 0 to {shown - 1}", 404)
