@@ -109,7 +109,10 @@ def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_sample
             return _message(name, pipe, kind, event, job, previews and _preview_due(kind, event, preview_every))
 
         def deliver(kind, message):
-            loop.call_soon_threadsafe(messages.put_nowait, (kind, message))
+            try:
+                loop.call_soon_threadsafe(messages.put_nowait, (kind, message))
+            except RuntimeError:  # the event loop is gone: the server is stopping
+                job.cancelled.set()
 
         job = Job(start, describe, deliver)
         try:
