@@ -169,14 +169,12 @@ class StepEvent:
                    [[t for _, t in row] for row in committed], **extra)
 
     def to_dict(self) -> dict:
-        """The event as JSON-ready values (a server's message): the code grid as nested lists, and of
-        the finished samples the texts (images are left to the caller), the timing and the settings."""
+        """The event as JSON-ready values (a server's message), and of the finished samples the texts,
+        the timing and the settings. Images and the code grid are left to the caller to render."""
         values = {"step": self.step, "steps": self.steps, "elapsed": self.elapsed, "positions": self.positions,
                   "tokens": self.tokens, "done": self.done}
         if self.pieces is not None:
             values["pieces"] = self.pieces
-        if self.codes is not None:
-            values["codes"] = self.codes.tolist()
         if self.samples is not None:
             samples = self.samples
             if all(isinstance(output, str) for output in samples.outputs):
@@ -408,11 +406,13 @@ class TextPipeline(Pipeline):
             return StepEvent.of(committed, step, steps, elapsed,
                                 pieces=[[self.tokenizer.decode([t]) for _, t in row] for row in committed])
 
+        def event(update: StepUpdate, elapsed: float) -> StepEvent:
+            return text_event(update.committed(), update.step, elapsed)
+
         def given() -> StepEvent:
             return text_event(_known_pairs(known_tokens, known_mask), -1, 0.0)
 
-        return _Plan(steps, known_tokens.shape[1], updates, finish, lambda update, elapsed: text_event(update.committed(), update.step,
-                                                                                  elapsed), given)
+        return _Plan(steps, known_tokens.shape[1], updates, finish, event, given)
 
     def _steps(self, steps, unknown: int, sampler: str) -> int:
         kind = self.config.kind

@@ -226,7 +226,6 @@ def _message(name: str, pipe: Pipeline, kind: str, event, job: Job, preview: boo
     """What the page (or a script) is told of one event of a request: the event, with the time the
     request's own steps took as `elapsed` and the tokens generated so far."""
     values = event.to_dict()
-    values.pop("codes", None)
     values.update(run=name, elapsed=job.sampling_seconds, generated=job.generated)
     if kind == "start":
         values.update(rows=len(event.positions), length=job.stream.length, modality=pipe.modality)

@@ -128,7 +128,8 @@ class Scheduler:
             event = next(job.stream)
             job.sampling_seconds += time.perf_counter() - started
             job.generated += sum(len(row) for row in event.positions)
-            job.deliver("done" if event.done else "step", job.describe("done" if event.done else "step", event, job))
+            kind = "done" if event.done else "step"
+            job.deliver(kind, job.describe(kind, event, job))
             return "completed" if event.done else None
         except ValueError as error:
             job.deliver("invalid" if job.stream is None else "error", str(error))
