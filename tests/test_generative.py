@@ -146,6 +146,9 @@ def test_report_trains_presets_on_a_token_budget_and_writes_its_tables(tmp_path)
             assert f" | {row['gen_ppl']:.2f} | {row['entropy']:.3f} | {row['tokens_per_s']:.1f} |" in markdown
     assert (out / "frontier.png").stat().st_size > 0 and (out / "steps.png").stat().st_size > 0
     assert "| target | measured | goal | met |" in result.stdout
+    for target in report["targets"]:  # each target's row says what the JSON says
+        assert (f"| {target['what']} | {target['value']:.3f} | {target['goal']} | "
+                f"{'yes' if target['met'] else '**no**'} |") in markdown
 
 
 def test_report_targets_are_the_ratios_of_the_measured_rows():

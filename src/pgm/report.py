@@ -132,6 +132,14 @@ def _lowest_speed_ratio(pgm_steps: dict, mdlm_steps: dict, common: list[int], md
     return worst, ratios[worst]
 
 
+def _targets_table(targets: list[dict]) -> list[str]:
+    """The markdown lines of a report's targets (none: no table)."""
+    if not targets:
+        return []
+    return ["", "| target | measured | goal | met |", "|---|---:|---|---|"] + [
+        f"| {t['what']} | {t['value']:.3f} | {t['goal']} | {'yes' if t['met'] else '**no**'} |" for t in targets]
+
+
 def format_markdown(report: dict, plots: list[str]) -> str:
     runs = report["runs"]
     lines = ["# PGM, MDLM and AR side by side", "",
@@ -159,11 +167,7 @@ def format_markdown(report: dict, plots: list[str]) -> str:
             note = " (self-scored)" if run["self_scored"] else ""
             lines.append(f"| {run['name']}{note} | {steps} | {row['gen_ppl']:.2f} | {row['entropy']:.3f} | "
                          f"{row['tokens_per_s']:.1f} | {ratios[0]} | {ratios[1]} |")
-    if report["targets"]:
-        lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
-        for target in report["targets"]:
-            lines.append(f"| {target['what']} | {target['value']:.3f} | {target['goal']} | "
-                         f"{'yes' if target['met'] else '**no**'} |")
+    lines += _targets_table(report["targets"])
     lines += ["", "Notes: PGM decodes at least one token per step, so a budget past the number of positions "
               "runs one step per position; AR takes one step per token. `x MDLM speed` compares with our MDLM, "
               "which computes logits only where tokens are revealed; the last column with the paper's MDLM, "
@@ -331,11 +335,7 @@ def format_distill_markdown(report: dict, plots: list[str]) -> str:
             cells = [f"{r['gen_ppl']:.1f} ({r['entropy']:.2f}, {r['tokens_per_s']:.0f})" for r in round_["samples"]]
             name = "teacher" if round_["round"] == 0 else str(round_["round"])
             lines.append(f"| {name} | {round_['trained_for_steps']} | " + " | ".join(cells) + " |")
-    if report["targets"]:
-        lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
-        for target in report["targets"]:
-            lines.append(f"| {target['what']} | {target['value']:.3f} | {target['goal']} | "
-                         f"{'yes' if target['met'] else '**no**'} |")
+    lines += _targets_table(report["targets"])
     lines += ["", "PGM decodes at least one token per step: a step count past the positions runs one step per "
               "position."]
     lines += [""] + [f"![{plot}]({plot})" for plot in plots]
