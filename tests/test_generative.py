@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_pgm
 from pgm.data.tokenizers import train_bpe
 from pgm.eval import generative_perplexity, load_evaluator, unigram_entropy
+from pgm.eval.generative import ratio_stderr
 from pgm.eval.generative import same_tokenizer
 from pgm.models import CausalConfig, CausalTransformer
 from pgm.objectives import AutoregressiveObjective
@@ -40,6 +41,12 @@ def ar_evaluator_dir(directory, tokenizer, *, length=24, train_on=None, steps=0)
             optimizer.step()
     model.eval().save_pretrained(directory, tokenizer=tokenizer)
     return directory
+
+
+def test_the_standard_error_of_a_per_token_mean_by_hand():
+    # mean 15 / 6 = 2.5; residuals -0.5, -1, 1.5; sqrt(3.5 / 6) / mean count 2
+    assert math.isclose(ratio_stderr([2.0, 4.0, 9.0], [1, 2, 3]), math.sqrt(3.5 / 6) / 2)
+    assert ratio_stderr([3.0], [4]) == 0.0
 
 
 def test_unigram_entropy_known_values():
@@ -90,8 +97,11 @@ def test_generative_perplexity_of_samples_under_a_uniform_evaluator(tokenizer, t
     assert math.isclose(result.perplexity, tokenizer.model_vocab_size - 1, rel_tol=1e-5)
     assert result.generated_tokens == 5 * 19 and result.evaluator_tokens == 5 * 19
     assert 0 < result.entropy <= math.log(19)
+    assert result.nll_stderr < 1e-9  # every token costs log(V - 1): no spread between samples
     again = generative_perplexity(model, tokenizer, evaluator, **run)
     assert again.entropy == result.entropy  # the seed fixes the samples
+    assert generative_perplexity(model, tokenizer, evaluator, cache_refresh=1, **run).entropy == result.entropy
+    assert generative_perplexity(model, tokenizer, evaluator, cache_refresh="never", **run).entropy != result.entropy
 
 
 def test_a_hugging_face_causal_lm_scores_like_our_own(tokenizer, tmp_path):
@@ -127,23 +137,28 @@ def test_report_trains_presets_on_a_token_budget_and_writes_its_tables(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "pgm", "report", "text-tiny", "mdlm-tiny", "ar-tiny", "--evaluator", "ar-tiny",
          "--tokens", "2560", "--steps", "4", "16", "64", "--num-samples", "4", "--batch-size", "2", "--passes", "2",
-         "--out", str(out)], capture_output=True, text=True, timeout=600)
+         "--cache-refresh", "2", "never", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     runs = {run["kind"]: run for run in report["runs"]}
     assert set(runs) == {"pgm", "mdlm", "ar"}
     assert all(run["tokens_seen"] == 10 * 8 * 32 for run in runs.values())  # 2560 tokens = 10 steps of 8 x 32
-    assert [row["steps"] for row in runs["pgm"]["samples"]] == [4, 16, 31]  # at most one step per position
+    # at most one step per position; each step count exact, then with the cache refreshed every 2 steps and never
+    assert [(row["steps"], row["cache_refresh"]) for row in runs["pgm"]["samples"]] == [
+        (steps, refresh) for steps in (4, 16, 31) for refresh in (None, 2, "never")]
+    assert all(row["cache_refresh"] is None for row in runs["mdlm"]["samples"])
     assert "| 31 (64 asked) |" in (out / "report.md").read_text()
     for row in runs["mdlm"]["samples"]:  # the paper's MDLM (logits everywhere) draws the same samples
         assert math.isclose(row["gen_ppl_logits_everywhere"], row["gen_ppl"], rel_tol=1e-6)
     assert [row["steps"] for row in runs["mdlm"]["samples"]] == [4, 16, 64]
     assert [row["steps"] for row in runs["ar"]["samples"]] == [31] and runs["ar"]["self_scored"]
     assert [t["what"].split(",")[0] for t in report["targets"]][:1] == ["PGM validation perplexity / MDLM's"]
+    assert sum("tokens/s of the fastest cache" in t["what"] for t in report["targets"]) == 3  # one per step count
     markdown = (out / "report.md").read_text()
     for run in report["runs"]:
         for row in run["samples"]:
-            assert f" | {row['gen_ppl']:.2f} | {row['entropy']:.3f} | {row['tokens_per_s']:.1f} |" in markdown
+            cache = "-" if row["cache_refresh"] is None else f"refresh {row['cache_refresh']}"
+            assert f" | {cache} | {row['gen_ppl']:.2f} | {row['entropy']:.3f} | {row['tokens_per_s']:.1f} |" in markdown
     assert (out / "frontier.png").stat().st_size > 0 and (out / "steps.png").stat().st_size > 0
     assert "| target | measured | goal | met |" in result.stdout
     for target in report["targets"]:  # each target's row says what the JSON says
@@ -167,3 +182,19 @@ def test_report_targets_are_the_ratios_of_the_measured_rows():
     assert got["sample entropy"] == (pytest.approx(1.015), True)
     assert got["sampling throughput PGM / MDLM"] == (pytest.approx(3.0), False)  # at 128: 300 / 100
     assert got["the same against MDLM with logits at every position"] == (pytest.approx(5.0), True)  # 300 / 60
+
+
+def test_the_cache_target_takes_the_fastest_refresh_as_good_as_exact_sampling():
+    from pgm.report import cache_targets
+
+    def row(refresh, gen_ppl, entropy, speed):
+        return {"steps": 64, "asked_steps": 64, "cache_refresh": refresh, "gen_ppl": gen_ppl, "entropy": entropy,
+                "tokens_per_s": speed}
+
+    samples = [row(None, 100.0, 4.0, 100.0), row(2, 105.0, 4.05, 180.0), row(4, 101.0, 3.9, 300.0),
+               row("never", 120.0, 4.0, 500.0)]  # refresh 4: entropy 2.5% off; never: perplexity 20% worse
+    (target,) = cache_targets([{"kind": "pgm", "name": "p", "samples": samples}])
+    assert target["value"] == pytest.approx(1.8) and not target["met"] and "(refresh 2)" in target["what"]
+    samples[1]["gen_ppl"] = 111.0  # now nothing qualifies
+    (target,) = cache_targets([{"kind": "pgm", "name": "p", "samples": samples}])
+    assert target["value"] == 0.0 and "none qualifies" in target["what"]

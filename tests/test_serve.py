@@ -62,6 +62,19 @@ def server(text_run, mdlm_dir):
         yield url, pipelines
 
 
+def test_generate_takes_the_encoder_cache_and_refuses_it_for_a_masked_model(server):
+    url, pipelines = server
+    body = {"run": "tiny", "prompt": "It was", "steps": 8, "seed": 2, "cache_refresh": "never"}
+    answer = httpx.post(f"{url}/generate", json=body, timeout=60).json()
+    assert answer["texts"] == pipelines["tiny"].generate(prompt="It was", steps=8, seed=2, cache_refresh="never")
+    assert answer["settings"]["cache_refresh"] == "never"
+    refused = httpx.post(f"{url}/generate", json={**body, "run": "tiny-mdlm"}, timeout=60)
+    assert refused.status_code == 400
+    message = refused.json()["error"]
+    assert message.startswith("the encoder cache (cache_refresh) is for PGM models; ") and message.endswith(
+        "tiny-mdlm holds a mdlm model")
+
+
 def events_of(lines) -> list[tuple[str, dict]]:
     """The (event, data) pairs of the lines of a server-sent event stream."""
     kind, found = None, []
@@ -510,6 +523,29 @@ def test_the_race_runs_both_models_side_by_side_and_gives_the_ratio(browser, pag
     steps = {side: [e for e in log_of(browser, f"race-{side}") if e["kind"] == "step"] for side in "ab"}
     assert len(steps["a"]) == 12 and 1 < len(steps["b"]) <= 12  # MDLM sends no event for a step that reveals nothing
     assert steps["a"][-1]["filled"] == [31] and steps["b"][-1]["filled"] == [31]
+
+
+def test_the_race_puts_a_pgm_with_its_encoder_cache_against_itself(browser, page_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    url, pipelines = page_server
+    open_page(browser, url, "race")
+    assert not browser.find_element(By.ID, "race-a-cache").find_element(By.XPATH, "..").get_attribute("hidden")
+    assert browser.find_element(By.ID, "race-b-cache").find_element(By.XPATH, "..").get_attribute("hidden")  # MDLM
+    Select(browser.find_element(By.ID, "race-b")).select_by_value("tiny")
+    Select(browser.find_element(By.ID, "race-a-cache")).select_by_value("never")
+    browser.find_element(By.ID, "race-prompt").send_keys("It was")
+    browser.find_element(By.CSS_SELECTOR, '#race-form input[name="steps"]').send_keys("12")
+    browser.find_element(By.ID, "race-go").click()
+    wait_for(browser, "return document.getElementById('race-result').dataset.ratio")
+    done = {side: next(e for e in log_of(browser, f"race-{side}") if e["kind"] == "done") for side in "ab"}
+    expected = {"a": pipelines["tiny"].generate(prompt="It was", steps=12, cache_refresh="never"),
+                "b": pipelines["tiny"].generate(prompt="It was", steps=12)}
+    assert expected["a"] != expected["b"]  # the cache changes the draws, so the lanes can be told apart
+    assert {side: entry["texts"] for side, entry in done.items()} == expected
+    assert "with its cache (refresh: never)" in browser.find_element(By.ID, "race-a-name").text
+    assert "cache" not in browser.find_element(By.ID, "race-b-name").text
 
 
 def test_the_image_page_generates_classes_and_completes_a_validation_image(browser, image_runs):

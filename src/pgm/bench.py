@@ -57,11 +57,13 @@ def _block_flops(tokens: float, keys: float, hidden: int, mlp_ratio: int = 4) ->
     return tokens * (2 * (4 + 2 * mlp_ratio) * hidden ** 2 + 4 * keys * hidden)
 
 
-def pgm_step_flops(shape: Shape, clean: int, queries: int) -> float:
-    """One PGM call for one row: the encoder over `clean` tokens, `queries` decoded positions."""
+def pgm_step_flops(shape: Shape, clean: int, queries: int, encoded: int | None = None) -> float:
+    """One PGM call for one row: the encoder over `encoded` of the `clean` tokens (all of them
+    unless an encoder cache holds the others), `queries` decoded positions."""
     h = shape.hidden
-    encoder = shape.pgm_encoder * _block_flops(clean, clean, h)
-    key_values = (shape.pgm_decoder + 1) * clean * 4 * h * h  # every decoder layer + GroupSwap project K, V
+    encoded = clean if encoded is None else encoded
+    encoder = shape.pgm_encoder * _block_flops(encoded, clean, h)
+    key_values = (shape.pgm_decoder + 1) * encoded * 4 * h * h  # every decoder layer + GroupSwap project K, V
     per_query = (2 * h * h  # GroupSwap output
                  + 4 * clean * h  # its attention
                  + shape.pgm_decoder * (2 * (2 + 8) * h * h + 4 * clean * h)  # q, out, MLP, attention per layer
@@ -69,12 +71,15 @@ def pgm_step_flops(shape: Shape, clean: int, queries: int) -> float:
     return encoder + key_values + queries * per_query
 
 
-def pgm_flops(shape: Shape, batch: int, length: int, counts: list[int]) -> float:
-    total, clean = 0.0, 1  # the BOS starts the clean set
+def pgm_flops(shape: Shape, batch: int, length: int, counts: list[int], cache_refresh=None) -> float:
+    """Work of a PGM run from a BOS; with `cache_refresh` (steps, or "never"), a call encodes
+    only the tokens committed since the last call, except every cache_refresh-th (and the first)."""
+    total, clean, last, calls = 0.0, 1, 0, 0  # the BOS starts the clean set
     for k in counts:
         if k:
-            total += batch * pgm_step_flops(shape, clean, k)
-            clean += k
+            full = cache_refresh is None or calls == 0 or (cache_refresh != "never" and calls % cache_refresh == 0)
+            total += batch * pgm_step_flops(shape, clean, k, None if full else clean - last)
+            last, clean, calls = clean, clean + k, calls + 1
     return total
 
 
@@ -149,29 +154,33 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: Shape = Shape(),
                    repeats: int = 3, warmup: int = 1, device="cpu", models=("pgm", "mdlm", "mdlm-full", "ar"),
-                   log=print) -> dict:
+                   cache_refreshes=("never",), log=print) -> dict:
+    """Tokens/s of each of `models`; "pgm-cache" is PGM with its encoder cache, once for each of
+    `cache_refreshes` (re-encode the clean set every N steps, or never)."""
     device = resolve_device(device)
     peak = matmul_throughput(device, shape.hidden)
     log(f"matmul throughput {peak / 1e9:.1f} GFLOP/s on {device}")
     rows = []
     options = SamplingOptions()
     for length in lengths:
-        built = {kind: build(kind, shape, length).to(device) for kind in set(models)}
+        built = {kind: build(kind, shape, length).to(device) for kind in {k.removesuffix("-cache") for k in models}}
+        variants = [(kind, refresh) for kind in models
+                    for refresh in (cache_refreshes if kind == "pgm-cache" else (None,))]
         known = torch.zeros(batch, length, dtype=torch.long, device=device)
         known_mask = torch.zeros_like(known, dtype=torch.bool)
         known_mask[:, 0] = True  # a BOS, as in training
         for steps in steps_list:
-            for kind in models:
+            for kind, refresh in variants:
                 if kind == "ar" and steps != steps_list[0]:
                     continue  # one step per token whatever the step budget
-                model = built[kind]
+                model = built[kind.removesuffix("-cache")]
 
-                def run(stats, kind=kind, model=model):
+                def run(stats, kind=kind, model=model, refresh=refresh):
                     generator = torch.Generator(device=device).manual_seed(0)
                     common = dict(known_tokens=known, known_mask=known_mask, options=options, generator=generator)
                     with autocast(device):
-                        if kind == "pgm":
-                            sample_pgm(model, steps=steps, stats=stats, **common)
+                        if kind.startswith("pgm"):
+                            sample_pgm(model, steps=steps, stats=stats, cache_refresh=refresh, **common)
                         elif kind == "mdlm":
                             sample_mdlm(model, steps=steps, stats=stats, **common)
                         elif kind == "mdlm-full":
@@ -180,8 +189,8 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
                             sample_autoregressive(model, stats=stats, **common)
 
                 seconds, stats = time_sampler(run, device, repeats, warmup)
-                if kind == "pgm":
-                    flops = pgm_flops(shape, batch, length, uniform_counts(length - 1, steps))
+                if kind.startswith("pgm"):
+                    flops = pgm_flops(shape, batch, length, uniform_counts(length - 1, steps), refresh)
                 elif kind == "ar":
                     flops = ar_flops(shape, batch, length)
                 else:
@@ -189,12 +198,13 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
                 generated = batch * (length - 1)
                 rows.append({
                     "model": kind, "parameters": model.num_parameters(), "length": length,
-                    "steps": length - 1 if kind == "ar" else steps, "batch": batch,
+                    "steps": length - 1 if kind == "ar" else steps, "cache_refresh": refresh, "batch": batch,
                     "seconds_per_batch": seconds, "tokens_per_s": generated / seconds,
                     "forward_calls": stats.get("forward_calls"), "gflops_per_batch": flops / 1e9,
                     "floor_tokens_per_s": generated / (flops / peak), "peak_memory_mb": peak_memory_mb(device),
                 })
-                log(f"  {kind:<10} L={length:<5} steps={rows[-1]['steps']:<5} {rows[-1]['tokens_per_s']:>9.1f} tok/s")
+                log(f"  {kind:<10} L={length:<5} steps={rows[-1]['steps']:<5} refresh={refresh or '-':<6} "
+                    f"{rows[-1]['tokens_per_s']:>9.1f} tok/s")
     for row in rows:
         reference = next((r for r in rows if r["model"] == "mdlm" and r["length"] == row["length"]
                           and r["steps"] == row["steps"]), None)
@@ -202,20 +212,26 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
             reference = next((r for r in rows if r["model"] == "mdlm" and r["length"] == row["length"]), None)
         row["ratio_to_mdlm"] = row["tokens_per_s"] / reference["tokens_per_s"] if reference else None
         row["work_ratio_to_mdlm"] = reference["gflops_per_batch"] / row["gflops_per_batch"] if reference else None
+        exact = next((r for r in rows if r["model"] == "pgm" and r["length"] == row["length"]
+                      and r["steps"] == row["steps"]), None)
+        row["ratio_to_pgm"] = row["tokens_per_s"] / exact["tokens_per_s"] if exact and row["model"] != "ar" else None
     return {**machine(device), "matmul_gflops": peak / 1e9, "shape": dataclasses.asdict(shape), "results": rows}
 
 
 def format_sampling_table(report: dict) -> str:
     lines = [f"device {report['device']} ({report['processor']}, {report['threads']} threads), {report['dtype']}, "
              f"matmul {report['matmul_gflops']:.0f} GFLOP/s; generated tokens only",
-             f"{'model':<10}{'params':>8}{'L':>6}{'steps':>7}{'tok/s':>9}{'s/batch':>9}{'x MDLM':>8}"
+             f"{'model':<10}{'params':>8}{'L':>6}{'steps':>7}{'refresh':>8}{'tok/s':>9}{'s/batch':>9}"
+             f"{'x MDLM':>8}{'x PGM':>7}"
              f"{'work x':>8}{'calls':>7}{'GFLOP':>8}{'floor':>8}{'% floor':>8}{'peak MB':>9}"]
     for r in report["results"]:
         ratio = f"{r['ratio_to_mdlm']:.2f}" if r["ratio_to_mdlm"] else "-"
         work = f"{r['work_ratio_to_mdlm']:.2f}" if r["work_ratio_to_mdlm"] else "-"
+        to_pgm = f"{r['ratio_to_pgm']:.2f}" if r.get("ratio_to_pgm") else "-"
         memory = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "-"
         lines.append(f"{r['model']:<10}{r['parameters'] / 1e6:>7.1f}M{r['length']:>6}{r['steps']:>7}"
-                     f"{r['tokens_per_s']:>9.1f}{r['seconds_per_batch']:>9.2f}{ratio:>8}{work:>8}"
+                     f"{r.get('cache_refresh') or '-':>8}"
+                     f"{r['tokens_per_s']:>9.1f}{r['seconds_per_batch']:>9.2f}{ratio:>8}{to_pgm:>7}{work:>8}"
                      f"{r['forward_calls'] or '-':>7}{r['gflops_per_batch']:>8.0f}{r['floor_tokens_per_s']:>8.0f}"
                      f"{100 * r['tokens_per_s'] / r['floor_tokens_per_s']:>7.0f}%{memory:>9}")
     return "\n".join(lines)
@@ -228,11 +244,15 @@ def plot_sampling(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len({r["length"] for r in report["results"]}), figsize=(11, 4), squeeze=False)
+    def label(row):
+        return row["model"] if row.get("cache_refresh") is None else f"{row['model']} (refresh {row['cache_refresh']})"
+
     for axis, length in zip(axes[0], sorted({r["length"] for r in report["results"]})):
-        for model in dict.fromkeys(r["model"] for r in report["results"]):
+        for name in dict.fromkeys(label(r) for r in report["results"]):
             points = [(r["steps"], r["tokens_per_s"]) for r in report["results"]
-                      if r["model"] == model and r["length"] == length]
-            axis.plot(*zip(*sorted(points)), "o-" if len(points) > 1 else "s", label=model)
+                      if label(r) == name and r["length"] == length]
+            if points:
+                axis.plot(*zip(*sorted(points)), "o-" if len(points) > 1 else "s", label=name)
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_title(f"length {length}")

@@ -151,7 +151,7 @@ def _print_images(args, pipe, samples) -> int:
     return 0
 
 
-SAMPLE_FLAGS = ("num_samples", "steps", "sampler", "sample_batch_size")
+SAMPLE_FLAGS = ("num_samples", "steps", "sampler", "sample_batch_size", "cache_refresh", "cache_growth")
 IMAGE_FLAGS = ("guidance", "guidance_schedule", "temperature", "classifier", "reference", "shards", "shard_size",
                "hide_newest", "redraw")
 
@@ -197,7 +197,8 @@ def cmd_eval(args) -> int:
     if passes != 0:  # 0 skips it; a negative number is refused
         _print_validation(pipe, pipe.validation(passes=passes, rows=args.rows, batch_size=args.batch_size,
                                                 seed=args.seed))
-    sampling = _given(args, num_samples="num_samples", steps="steps", sampler="sampler", batch_size="sample_batch_size")
+    sampling = _given(args, num_samples="num_samples", steps="steps", sampler="sampler", batch_size="sample_batch_size",
+                      cache_refresh="cache_refresh", cache_growth="cache_growth")
     if pipe.modality == "vq":
         scores = pipe.reconstruction(fid=args.fid, inception=args.inception, **_given(args, classifier="classifier"))
         print(f"codebook: {100 * scores['usage']:.1f}% of {scores['codebook_size']} codes used on the validation "
@@ -234,7 +235,8 @@ def cmd_eval(args) -> int:
     elif pipe.modality == "text" and args.evaluator:
         generated = pipe.generative_perplexity(args.evaluator, seed=args.seed, **sampling)
         print(f"generative perplexity {generated.perplexity:.2f} under {args.evaluator} ({generated.num_samples} "
-              f"samples, {generated.steps} steps, {generated.evaluator_tokens} evaluator tokens)")
+              f"samples, {generated.steps} steps, {generated.evaluator_tokens} evaluator tokens; NLL "
+              f"{generated.nll:.4f} +- {generated.nll_stderr:.4f} nats/token)")
         print(f"sample entropy {generated.entropy:.3f} nats; sampling {generated.tokens_per_s:.0f} generated tokens/s")
     return 0
 
@@ -289,8 +291,9 @@ def cmd_report(args) -> int:
     if any(distillations):
         if not all(distillations):
             raise ValueError("a report compares either distillations (their rounds) or trained runs, not both")
-        if args.tokens is not None or args.passes is not None:
-            raise ValueError("--tokens and --passes apply to trained runs; a distillation report measures samples")
+        if args.tokens is not None or args.passes is not None or args.cache_refresh:
+            raise ValueError("--tokens, --passes and --cache-refresh apply to trained runs; a distillation report "
+                             "measures samples")
     if not evaluator.startswith("hf:"):
         evaluator = str(reports.ensure_run(evaluator, out_dir, args.tokens))
     if any(distillations):
@@ -304,7 +307,7 @@ def cmd_report(args) -> int:
         report = reports.build_report(runs, evaluator, steps_list=args.steps or reports.STEPS,
                                       num_samples=args.num_samples, batch_size=args.batch_size,
                                       passes=4 if args.passes is None else args.passes, seed=args.seed,
-                                      device=args.device)
+                                      cache_refreshes=args.cache_refresh or (), device=args.device)
         path = reports.write_report(report, out_dir)
     print(path.read_text().split("\n![")[0].rstrip())
     print(f"wrote {path}")
@@ -353,6 +356,8 @@ def cmd_bench(args) -> int:
                          "its models from --hidden, --heads and the block counts")
     if args.sampler is not None and args.what != "images":
         raise ValueError("--sampler applies to bench images")
+    if args.cache_refresh is not None and (args.what != "sampling" or "pgm-cache" not in args.models):
+        raise ValueError("--cache-refresh applies to the pgm-cache model of bench sampling (--models ... pgm-cache)")
     out_dir = Path(args.out_dir)
     if args.shape is not None and args.what != "images":
         raise ValueError("--shape applies to bench images")
@@ -367,7 +372,8 @@ def cmd_bench(args) -> int:
         shape = bench.Shape(hidden=args.hidden, heads=args.heads, pgm_encoder=args.pgm_blocks[0],
                             pgm_decoder=args.pgm_blocks[1], baseline_blocks=args.baseline_blocks, vocab=args.vocab)
         report = bench.bench_sampling(lengths=args.lengths, shape=shape, warmup=args.warmup, models=args.models,
-                                      **common, **_given(args, steps_list="steps", batch="batch_size"))
+                                      **common, **_given(args, steps_list="steps", batch="batch_size",
+                                                         cache_refreshes="cache_refresh"))
         print(bench.format_sampling_table(report))
         path = bench.write_report(report, out_dir, "sampling")
         bench.plot_sampling(report, out_dir / "sampling.png")
@@ -391,6 +397,8 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sampling.pgm import refresh_interval
+
     parser = argparse.ArgumentParser(prog="pgm", description="Partition Generative Models and their baselines.")
     parser.add_argument("--version", action="version", version=f"partition-gm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -451,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "images 32)")
     evaluate.add_argument("--sampler", help="the samples' sampler (as in pgm sample)")
     evaluate.add_argument("--sample-batch-size", type=int, help="samples drawn at a time (default 32)")
+    evaluate.add_argument("--cache-refresh", type=refresh_interval, metavar="N",
+                          help="PGM samples: the encoder cache, re-encoding every N steps or never (as in pgm sample)")
+    evaluate.add_argument("--cache-growth", type=float, help="with --cache-refresh: also re-encode when the clean set "
+                                                               "has grown by this fraction")
     evaluate.add_argument("--fid", action="store_true",
                           help="images: FD and IS under the in-repo classifier's features (not Inception FID)")
     evaluate.add_argument("--classifier", help="images: the feature classifier (default runs/fid-classifier, "
@@ -486,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--batch-size", type=int, default=32, help="samples drawn at a time")
     report.add_argument("--passes", type=int, help="Monte-Carlo passes of the validation ELBO (default 4)")
     report.add_argument("--tokens", type=int, help="training budget in tokens for presets (default: the preset's)")
+    report.add_argument("--cache-refresh", type=refresh_interval, nargs="+", metavar="N",
+                        help="PGM runs: also sample with the encoder cache at each refresh interval (e.g. 1 2 4 never)")
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--device", default="cpu")
     report.set_defaults(handler=cmd_report)
@@ -543,8 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, help="sampling: default 8; images: 32 (batch 1 is timed too)")
     bench.add_argument("--sampler", choices=("halton", "confidence"), help="images: the sampler (default halton)")
     bench.add_argument("--models", nargs="+", default=["pgm", "mdlm", "mdlm-full", "ar"],
-                       choices=("pgm", "mdlm", "mdlm-full", "ar"),
-                       help="mdlm: logits only where tokens are revealed; mdlm-full: logits everywhere")
+                       choices=("pgm", "pgm-cache", "mdlm", "mdlm-full", "ar"),
+                       help="mdlm: logits only where tokens are revealed; mdlm-full: logits everywhere; pgm-cache: "
+                            "PGM with its encoder cache")
+    bench.add_argument("--cache-refresh", type=refresh_interval, nargs="+", metavar="N",
+                       help="sampling, pgm-cache: re-encode the clean set every N steps, or never (default); several: "
+                            "a pgm-cache row for each")
     bench.add_argument("--hidden", type=int, default=256)
     bench.add_argument("--heads", type=int, default=4)
     bench.add_argument("--pgm-blocks", type=int, nargs=2, default=[4, 4], metavar=("ENCODER", "DECODER"))

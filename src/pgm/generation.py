@@ -119,18 +119,23 @@ def check_text_sampler(kind: str, sampler: str | None, order: str) -> str:
 
 def iterate_text(model, *, known_tokens: torch.Tensor, known_mask: torch.Tensor, steps: int | None,
                  sampler: str | None = None, order: str = "random", options: SamplingOptions = SamplingOptions(),
-                 generator: torch.Generator | None = None, stats: dict | None = None):
+                 generator: torch.Generator | None = None, cache_refresh: int | str | None = None,
+                 cache_growth: float | None = None, stats: dict | None = None):
     """The sampling loop of `model`'s kind with `sampler` (see SAMPLERS): a generator of
-    `StepUpdate`s that returns the tokens. `steps` is ignored by AR (one token per step)."""
+    `StepUpdate`s that returns the tokens. `steps` is ignored by AR (one token per step);
+    `cache_refresh`, `cache_growth`: a PGM's encoder cache (see `iterate_pgm`)."""
     kind = model.config.kind
     sampler = check_text_sampler(kind, sampler, order)
     device = next(model.parameters()).device
     common = dict(known_tokens=known_tokens.to(device), known_mask=known_mask.to(device), options=options,
                   generator=generator, stats=stats)
     if kind == "pgm":
+        common.update(cache_refresh=cache_refresh, cache_growth=cache_growth)
         if sampler == "reference":
             return iterate_pgm(model, steps=steps, order=order, view="reference", **common)
         return iterate_pgm(model, steps=steps, counts=sampler, order=order, **common)
+    if cache_refresh is not None:
+        raise ValueError(f"the encoder cache (cache_refresh) is for PGM models, not {kind}")
     if kind == "ar":
         return iterate_autoregressive(model, use_cache=sampler == "kv-cache", **common)
     return iterate_mdlm(model, steps=steps, cache=sampler != "ancestral-nocache",

@@ -48,6 +48,7 @@ from .objectives import objective_for
 from .runs import read_run_config
 from .sampling import SamplingOptions, StepUpdate, generate_codes, iterate_codes, run_to_end
 from .sampling.image import IMAGE_SAMPLERS, REGIONS
+from .sampling.pgm import NEVER, check_cache_refresh, refresh_interval
 from .vq_tokenizer import VQTokenizer, load_vq_tokenizer
 
 TEXT_STEPS = 128  # default steps: min(positions to generate, 128)
@@ -104,6 +105,12 @@ class GenerationRequest:
     hide_newest: bool = _field(False, "image PGM: hide the newest clean token at every step, as the authors' released "
                                       "image PGM does (an off-by-one their FIDs were measured with)", "image",
                                action="store_true")
+    cache_refresh: int | str | None = _field(
+        None, "PGM: keep each clean token's encoder states between steps (faster, approximate) and re-encode the "
+              f"whole clean set every N steps, or {NEVER!r}; 1 is exact sampling (default: no cache)",
+        type=refresh_interval, metavar="N")
+    cache_growth: float | None = _field(None, "with cache_refresh: also re-encode when the clean set has grown by "
+                                              "this fraction since the last full encoding (e.g. 0.5)", type=float)
     redraw: bool = _field(False, "MaskGIT: draw every decoded cell again at each step, as the PGM paper's MaskGIT "
                                  "baseline did (upstream Halton-MaskGIT, the default, draws only the new cells)",
                           "image", action="store_true")
@@ -295,6 +302,14 @@ class Pipeline:
             raise ValueError(f"{given[0]} applies to {other} models; {self.name} holds {article} {self.modality} "
                              f"{self.config.kind} model")
 
+    def _cache(self, refresh, growth) -> dict:
+        """The encoder-cache arguments (cache_refresh, cache_growth), checked against the model."""
+        check_cache_refresh(refresh, growth)
+        if refresh is not None and self.config.kind != "pgm":
+            raise ValueError(f"the encoder cache (cache_refresh) is for PGM models; {self.name} holds a "
+                             f"{self.config.kind} model")
+        return {"cache_refresh": refresh, "cache_growth": growth}
+
     def _options(self, request: GenerationRequest) -> SamplingOptions:
         """The sampling options of a request, with the types of its plain arguments checked (a
         server passes what a client sent)."""
@@ -389,18 +404,21 @@ class TextPipeline(Pipeline):
         unknown = int((~known_mask).sum(1).max())
         steps = self._steps(request.steps, unknown, sampler)
         options = self._options(request)
+        cache = self._cache(request.cache_refresh, request.cache_growth)
+        if sampler == "reference" and request.cache_refresh is not None:
+            raise ValueError("the reference sampler runs the training view, which has no encoder cache")
 
         def updates():
             return iterate_text(self.model, known_tokens=known_tokens, known_mask=known_mask, steps=steps,
                                 sampler=sampler, order=order, options=options,
-                                generator=self._generator(request.seed))
+                                generator=self._generator(request.seed), **cache)
 
         def finish(tokens, seconds):
             tokens = tokens.cpu()
             texts = decode_samples(tokens, self.tokenizer, known_mask, stop_at_eos=request.stop_at_eos,
                                    mark_generated=request.mark)
             return Samples(texts, tokens, known_mask, steps, seconds, int((~known_mask).sum()),
-                           settings={"sampler": sampler, "order": order, "num_samples": copies})
+                           settings={"sampler": sampler, "order": order, "num_samples": copies, **cache})
 
         def text_event(committed: list[list[tuple[int, int]]], step: int, elapsed: float) -> StepEvent:
             return StepEvent.of(committed, step, steps, elapsed,
@@ -444,16 +462,20 @@ class TextPipeline(Pipeline):
                                batch_size=batch_size, device=self.device, autocast=self.autocast)
 
     def generative_perplexity(self, evaluator, *, num_samples: int = 64, steps: int | None = None,
-                              sampler: str | None = None, batch_size: int = 32, seed: int = 0):
+                              sampler: str | None = None, batch_size: int = 32, seed: int = 0,
+                              cache_refresh: int | str | None = None, cache_growth: float | None = None):
         """Unconditional samples scored by an evaluator (an AR run, hf:NAME, or an `Evaluator`
-        already loaded): see `pgm.eval.generative`."""
+        already loaded): see `pgm.eval.generative`. `cache_refresh`, `cache_growth`: a PGM's
+        encoder cache, as in `generate`."""
         _positive("num_samples", num_samples)
         _positive("batch_size", batch_size)
         sampler = check_text_sampler(self.config.kind, sampler, "random")
         steps = self._steps(steps, self.config.length - 1, sampler)
+        cache = self._cache(cache_refresh, cache_growth)
         scorer = load_evaluator(str(evaluator), device=self.device) if isinstance(evaluator, (str, Path)) else evaluator
         return generative_perplexity(self.model, self.tokenizer, scorer, num_samples=num_samples, steps=steps,
-                                     batch_size=batch_size, sampler=sampler, seed=seed, autocast=self.autocast)
+                                     batch_size=batch_size, sampler=sampler, seed=seed, autocast=self.autocast,
+                                     **cache)
 
 
 class ImagePipeline(Pipeline):
@@ -502,6 +524,7 @@ class ImagePipeline(Pipeline):
         sampler, guidance, schedule = self._settings(request.sampler, request.guidance, request.guidance_schedule)
         options = self._options(request)
         faithful = self._faithful(request.hide_newest, request.redraw)
+        cache = self._cache(request.cache_refresh, request.cache_growth)
         if request.images is not None and request.known is None:
             raise ValueError("images are completed from the region given by known (e.g. known='left')")
         known_codes = known_cells = originals = None
@@ -529,7 +552,7 @@ class ImagePipeline(Pipeline):
             known = {} if known_codes is None else dict(known_codes=known_codes, known_cells=known_cells)
             return iterate_codes(self.model, label_tensor, steps=steps, sampler=sampler, guidance=guidance,
                                  guidance_schedule=schedule, options=options, generator=self._generator(request.seed),
-                                 **faithful, **known)
+                                 **faithful, **cache, **known)
 
         def finish(codes, seconds):
             codes = codes.cpu()
@@ -537,7 +560,7 @@ class ImagePipeline(Pipeline):
             known = known_cells if known_cells is not None else torch.zeros_like(codes, dtype=torch.bool)
             return Samples(to_pictures(images), codes, known, steps, seconds, int((~known).sum()),
                            settings={"sampler": sampler, "guidance": guidance, "guidance_schedule": schedule,
-                                     "num_samples": copies},
+                                     "num_samples": copies, **cache},
                            labels=labels, images=images, originals=originals)
 
         grid = torch.full((len(labels), cells), -1, dtype=torch.long)
@@ -612,7 +635,8 @@ class ImagePipeline(Pipeline):
     def image_quality(self, *, classifier: str | Path = DEFAULT_CLASSIFIER, inception: str | Path | None = None,
                       num_samples: int = 1000, steps: int | None = None, sampler: str | None = None,
                       guidance: float | None = None, guidance_schedule: str | None = None, temperature: float = 1.0,
-                      batch_size: int = 32, seed: int = 0) -> dict:
+                      batch_size: int = 32, seed: int = 0, cache_refresh: int | str | None = None,
+                      cache_growth: float | None = None) -> dict:
         """FD and IS of `num_samples` generated images (labelled like the run's first validation
         images) against the validation images, beside the VQ tokenizer's floor; see
         `pgm.eval.images.image_quality`. With the metric's name and the settings used."""
@@ -621,14 +645,15 @@ class ImagePipeline(Pipeline):
         sampler, guidance, guidance_schedule = self._settings(sampler, guidance, guidance_schedule)
         SamplingOptions(temperature=temperature)  # checks it
         steps = self._steps(steps, self.tokenizer.num_tokens)
+        cache = self._cache(cache_refresh, cache_growth)
         extractor, metric = load_feature_extractor(classifier=classifier, inception=inception, device=self.device)
         with self.autocast():
             scores = image_quality(self.model, self.tokenizer, self.data, self.run_config.data, extractor,
                                    num_samples=num_samples, steps=steps, sampler=sampler, guidance=guidance,
                                    guidance_schedule=guidance_schedule, seed=seed, batch_size=batch_size,
-                                   temperature=temperature)
+                                   temperature=temperature, **cache)
         return {"metric": metric, "steps": steps, "sampler": sampler, "guidance": guidance,
-                "guidance_schedule": guidance_schedule, "temperature": temperature, **scores}
+                "guidance_schedule": guidance_schedule, "temperature": temperature, **cache, **scores}
 
     def fid(self, reference: str | Path, *, inception: str | Path | None = None,
             classifier: str | Path = DEFAULT_CLASSIFIER, num_samples: int = 50_000, steps: int | None = None,

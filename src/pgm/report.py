@@ -2,9 +2,11 @@
 
 For each run: the validation perplexity (the ELBO bound for PGM and MDLM, exact for AR), then,
 for every step count, N unconditional samples drawn in float64, their generative perplexity
-under one evaluator, their mean unigram entropy and the sampling throughput. Written as
+under one evaluator, their mean unigram entropy and the sampling throughput; for PGM runs,
+optionally the same with the encoder cache at each of a list of refresh intervals. Written as
 report.json, report.md (tables and the paper's targets, met or not) and two plots: generative
-perplexity against tokens/s (the paper's Figure 1) and each metric against steps.
+perplexity against tokens/s (the paper's Figure 1, with a curve through the cache's refresh
+intervals at each step count) and each metric against steps.
 
 Runs can be given as directories or as preset names, which are trained first into
 OUT/runs/NAME (continued if already there) with an optional budget of training tokens, so one
@@ -56,7 +58,7 @@ def sampling_plan(kind: str, length: int, steps_list) -> list[tuple[int, int]]:
 
 
 def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int = 64, batch_size: int = 32,
-                passes: int = 4, seed: int = 0, device="cpu", log=print) -> dict:
+                passes: int = 4, seed: int = 0, cache_refreshes=(), device="cpu", log=print) -> dict:
     pipe = load(run_dir, device=device)
     kind, length = pipe.config.kind, pipe.config.length
     val = pipe.validation(passes=passes, seed=seed)
@@ -65,17 +67,20 @@ def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int 
     for steps, asked in sampling_plan(kind, length, steps_list):
         options = dict(num_samples=num_samples, steps=None if kind == "ar" else steps, batch_size=batch_size,
                        seed=seed)
-        result = pipe.generative_perplexity(evaluator, **options)
-        row = {"steps": steps, "asked_steps": asked, "gen_ppl": result.perplexity, "entropy": result.entropy,
-               "tokens_per_s": result.tokens_per_s, "evaluator_tokens": result.evaluator_tokens,
-               "sampling_seconds": result.sampling_seconds}
-        if kind == "mdlm":  # the paper's MDLM computes logits at every position: same samples, more work
-            full = pipe.generative_perplexity(evaluator, sampler="ancestral-full", **options)
-            row["tokens_per_s_logits_everywhere"] = full.tokens_per_s
-            row["gen_ppl_logits_everywhere"] = full.perplexity  # equal up to float rounding of the logits
-        samples.append(row)
-        log(f"  {kind} {steps:>4} steps: generative perplexity {result.perplexity:8.2f}, entropy "
-            f"{result.entropy:.3f}, {result.tokens_per_s:7.1f} tok/s")
+        for refresh in (None, *cache_refreshes) if kind == "pgm" else (None,):
+            result = pipe.generative_perplexity(evaluator, cache_refresh=refresh, **options)
+            row = {"steps": steps, "asked_steps": asked, "cache_refresh": refresh, "gen_ppl": result.perplexity,
+                   "nll": result.nll, "nll_stderr": result.nll_stderr, "entropy": result.entropy,
+                   "tokens_per_s": result.tokens_per_s, "evaluator_tokens": result.evaluator_tokens,
+                   "sampling_seconds": result.sampling_seconds}
+            if kind == "mdlm":  # the paper's MDLM computes logits at every position: same samples, more work
+                full = pipe.generative_perplexity(evaluator, sampler="ancestral-full", **options)
+                row["tokens_per_s_logits_everywhere"] = full.tokens_per_s
+                row["gen_ppl_logits_everywhere"] = full.perplexity  # equal up to float rounding of the logits
+            samples.append(row)
+            cache = f" cache refresh {refresh}" if refresh is not None else ""
+            log(f"  {kind} {steps:>4} steps{cache}: generative perplexity {result.perplexity:8.2f}, entropy "
+                f"{result.entropy:.3f}, {result.tokens_per_s:7.1f} tok/s")
     card = pipe.model.origin.card
     return {"name": run_dir.name, "path": str(run_dir), "kind": kind, "parameters": pipe.model.num_parameters(),
             "checkpoint": Path(pipe.source).name, "tokens_seen": card["tokens_seen"], "length": length,
@@ -84,15 +89,18 @@ def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int 
 
 
 def build_report(runs: list[Path], evaluator_spec: str, *, steps_list=STEPS, num_samples: int = 64,
-                 batch_size: int = 32, passes: int = 4, seed: int = 0, device="cpu", log=print) -> dict:
+                 batch_size: int = 32, passes: int = 4, seed: int = 0, cache_refreshes=(), device="cpu",
+                 log=print) -> dict:
     evaluator = load_evaluator(evaluator_spec, device=device)
     measured = [measure_run(run, evaluator, steps_list=steps_list, num_samples=num_samples, batch_size=batch_size,
-                            passes=passes, seed=seed, device=device, log=log) for run in runs]
+                            passes=passes, seed=seed, cache_refreshes=cache_refreshes, device=device, log=log)
+                for run in runs]
     evaluator_path = Path(evaluator_spec).resolve() if not evaluator_spec.startswith("hf:") else None
     for run in measured:
         run["self_scored"] = evaluator_path is not None and Path(run["path"]).resolve() == evaluator_path
     return {"evaluator": evaluator_spec, "num_samples": num_samples, "batch_size": batch_size, "seed": seed,
-            "passes": passes, "runs": measured, "targets": check_targets(measured)}
+            "passes": passes, "cache_refreshes": list(cache_refreshes), "runs": measured,
+            "targets": check_targets(measured)}
 
 
 def _first(runs: list[dict], kind: str) -> dict | None:
@@ -122,6 +130,30 @@ def check_targets(runs: list[dict]) -> list[dict]:
         worst, ratio = _lowest_speed_ratio(pgm_steps, mdlm_steps, common, "tokens_per_s_logits_everywhere")
         targets.append({"what": f"the same against MDLM with logits at every position (the paper's), at {worst}",
                         "value": ratio, "goal": ">= 4", "met": ratio >= 4})
+    return targets + cache_targets(runs)
+
+
+def cache_targets(runs: list[dict]) -> list[dict]:
+    """For each PGM run and step count measured with the encoder cache: the speed-up of the
+    fastest refresh interval whose samples are as good as exact sampling's (generative
+    perplexity within 10%, entropy within 2%: the cache issue's bar)."""
+    targets = []
+    for run in runs:
+        if run["kind"] != "pgm":
+            continue
+        exact = _by_steps(run)
+        for asked, reference in exact.items():
+            cached = [row for row in run["samples"] if row["asked_steps"] == asked and row.get("cache_refresh")]
+            if not cached:
+                continue
+            good = [row for row in cached if row["gen_ppl"] <= 1.1 * reference["gen_ppl"]
+                    and abs(row["entropy"] / reference["entropy"] - 1) <= 0.02]
+            best = max(good, key=lambda row: row["tokens_per_s"], default=None)
+            ratio = best["tokens_per_s"] / reference["tokens_per_s"] if best else 0.0
+            which = f"refresh {best['cache_refresh']}" if best else "none qualifies"
+            targets.append({"what": f"{run['name']} at {reference['steps']} steps: tokens/s of the fastest cache "
+                                    f"within 10% generative perplexity and 2% entropy of exact ({which}) / exact",
+                            "value": ratio, "goal": ">= 2", "met": ratio >= 2})
     return targets
 
 
@@ -154,9 +186,9 @@ def format_markdown(report: dict, plots: list[str]) -> str:
         lines.append(f"| {run['name']} | {run['kind']} | {run['parameters'] / 1e6:.2f}M | "
                      f"{run['tokens_seen'] / 1e6:.2f}M | {run['checkpoint']} | {val} |")
     mdlm = _first(runs, "mdlm")
-    mdlm_rows = {row["asked_steps"]: row for row in mdlm["samples"]} if mdlm else {}
-    lines += ["", "| run | steps | generative perplexity | entropy | tokens/s | x MDLM speed | x MDLM, logits "
-              "everywhere |", "|---|---:|---:|---:|---:|---:|---:|"]
+    mdlm_rows = _by_steps(mdlm) if mdlm else {}
+    lines += ["", "| run | steps | encoder cache | generative perplexity | entropy | tokens/s | x MDLM speed | "
+              "x MDLM, logits everywhere |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for run in runs:
         for row in run["samples"]:
             reference = mdlm_rows.get(row["asked_steps"]) if run["kind"] != "ar" else None
@@ -165,14 +197,17 @@ def format_markdown(report: dict, plots: list[str]) -> str:
             steps = str(row["steps"]) + (f" ({row['asked_steps']} asked)" if row["asked_steps"] != row["steps"]
                                          and run["kind"] != "ar" else "")
             note = " (self-scored)" if run["self_scored"] else ""
-            lines.append(f"| {run['name']}{note} | {steps} | {row['gen_ppl']:.2f} | {row['entropy']:.3f} | "
+            refresh = row.get("cache_refresh")
+            cache = "-" if refresh is None else f"refresh {refresh}"
+            lines.append(f"| {run['name']}{note} | {steps} | {cache} | {row['gen_ppl']:.2f} | {row['entropy']:.3f} | "
                          f"{row['tokens_per_s']:.1f} | {ratios[0]} | {ratios[1]} |")
     lines += _targets_table(report["targets"])
     lines += ["", "Notes: PGM decodes at least one token per step, so a budget past the number of positions "
               "runs one step per position; AR takes one step per token. `x MDLM speed` compares with our MDLM, "
               "which computes logits only where tokens are revealed; the last column with the paper's MDLM, "
               "which computes them everywhere (the same samples). A self-scored run is scored by its own "
-              "model, which flatters it."]
+              "model, which flatters it. Encoder cache: a PGM step encodes only the tokens committed since the "
+              "last step and re-encodes the whole clean set every N steps (refresh 1 is exact sampling)."]
     lines += [""] + [f"![{plot}]({plot})" for plot in plots]
     return "\n".join(lines) + "\n"
 
@@ -183,20 +218,32 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4.5))
-    for run in report["runs"]:
-        rows = run["samples"]
-        axis.plot([r["tokens_per_s"] for r in rows], [r["gen_ppl"] for r in rows], "o-", label=run["name"])
-        for r in rows:
-            axis.annotate(str(r["steps"]), (r["tokens_per_s"], r["gen_ppl"]), textcoords="offset points",
-                          xytext=(3, 3), fontsize=7)
-    axis.set_xscale("log")
-    axis.set_yscale("log")
-    axis.set_xlabel("generated tokens / s")
-    axis.set_ylabel(f"generative perplexity ({report['evaluator']})")
-    axis.set_title("quality against speed (labels: steps)")
-    axis.grid(alpha=0.3)
-    axis.legend()
+    lengths = sorted({run["length"] for run in report["runs"]})
+    figure, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.8), squeeze=False)
+    for axis, length in zip(axes[0], lengths):
+        for run in (run for run in report["runs"] if run["length"] == length):
+            rows = list(_by_steps(run).values())
+            line, = axis.plot([r["tokens_per_s"] for r in rows], [r["gen_ppl"] for r in rows], "o-", label=run["name"])
+            for r in rows:
+                axis.annotate(str(r["steps"]), (r["tokens_per_s"], r["gen_ppl"]), textcoords="offset points",
+                              xytext=(3, 3), fontsize=7)
+            for steps, exact in _by_steps(run).items():  # the cache's curve: exact, then each refresh interval
+                curve = [exact] + [r for r in run["samples"] if r["asked_steps"] == steps and r.get("cache_refresh")]
+                if len(curve) == 1:
+                    continue
+                axis.plot([r["tokens_per_s"] for r in curve], [r["gen_ppl"] for r in curve], "^--", alpha=0.8,
+                          color=line.get_color(), label=f"{run['name']}, {exact['steps']} steps, encoder cache")
+                for r in curve[1:]:
+                    axis.annotate(f"r{r['cache_refresh']}" if r["cache_refresh"] != "never" else "never",
+                                  (r["tokens_per_s"], r["gen_ppl"]), textcoords="offset points", xytext=(3, -9),
+                                  fontsize=7, color=line.get_color())
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("generated tokens / s")
+        axis.set_ylabel(f"generative perplexity ({report['evaluator']})")
+        axis.set_title(f"length {length}: quality against speed (labels: steps; rN: cache refresh every N)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out_dir / "frontier.png", dpi=100)
     plt.close(figure)
@@ -205,7 +252,7 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
     for key, axis, label in (("gen_ppl", axes[0], "generative perplexity"), ("entropy", axes[1], "entropy (nats)"),
                              ("tokens_per_s", axes[2], "generated tokens / s")):
         for run in report["runs"]:
-            rows = run["samples"]
+            rows = list(_by_steps(run).values())
             axis.plot([r["steps"] for r in rows], [r[key] for r in rows], "o-" if len(rows) > 1 else "s",
                       label=run["name"])
         axis.set_xscale("log", base=2)
@@ -280,8 +327,8 @@ def build_distill_report(runs: list[Path], evaluator_spec: str, *, steps_list=DI
 
 
 def _by_steps(measured: dict) -> dict:
-    """A run's (or a round's) sample rows by the steps asked."""
-    return {row["asked_steps"]: row for row in measured["samples"]}
+    """A run's (or a round's) sample rows by the steps asked, without the encoder cache."""
+    return {row["asked_steps"]: row for row in measured["samples"] if row.get("cache_refresh") is None}
 
 
 def check_distill_targets(runs: list[dict]) -> list[dict]:

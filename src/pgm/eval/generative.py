@@ -38,6 +38,7 @@ from ..sampling import SamplingOptions, run_to_end
 class GenerativeResult:
     perplexity: float  # exp of the evaluator's NLL per token over all samples
     nll: float  # nats per evaluator token
+    nll_stderr: float  # its standard error over the samples (a ratio estimate; 0 for one sample)
     evaluator_tokens: int
     entropy: float  # mean over samples of the unigram entropy of its generated tokens (nats)
     num_samples: int
@@ -197,6 +198,17 @@ class HuggingFaceEvaluator(Evaluator):
         return self.model(input_ids=inputs).logits
 
 
+def ratio_stderr(sums: list[float], counts: list[int]) -> float:
+    """Standard error of sum(sums) / sum(counts), the per-token mean over samples of different
+    lengths, by the delta method: sqrt(sum((s_i - m c_i)^2) / (n (n - 1))) / mean(c)."""
+    n = len(sums)
+    if n < 2:
+        return 0.0
+    mean = sum(sums) / sum(counts)
+    spread = sum((s - mean * c) ** 2 for s, c in zip(sums, counts)) / (n * (n - 1))
+    return math.sqrt(spread) / (sum(counts) / n)
+
+
 def load_evaluator(spec: str, *, device="cpu", batch_size: int | None = None) -> Evaluator:
     """`hf:NAME` for a Hugging Face causal LM, otherwise the path of an AR run."""
     if spec.startswith("hf:"):
@@ -207,9 +219,12 @@ def load_evaluator(spec: str, *, device="cpu", batch_size: int | None = None) ->
 def generative_perplexity(model, tokenizer, evaluator: Evaluator, *, num_samples: int, steps: int,
                           batch_size: int = 32, sampler: str | None = None, order: str = "random",
                           options: SamplingOptions = SamplingOptions(float64=True), seed: int = 0,
-                          length: int | None = None, autocast=contextlib.nullcontext) -> GenerativeResult:
+                          length: int | None = None, autocast=contextlib.nullcontext,
+                          cache_refresh: int | str | None = None, cache_growth: float | None = None
+                          ) -> GenerativeResult:
     """Draw `num_samples` unconditional samples (after a BOS) and score them with `evaluator`.
-    `autocast` makes the context manager the sampling runs under."""
+    `autocast` makes the context manager the sampling runs under; `cache_refresh` and
+    `cache_growth` set a PGM's encoder cache (see `pgm.sampling.iterate_pgm`)."""
     length = length or model.config.length
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -224,7 +239,8 @@ def generative_perplexity(model, tokenizer, evaluator: Evaluator, *, num_samples
         started = time.perf_counter()
         with autocast():
             tokens = run_to_end(iterate_text(model, known_tokens=known, known_mask=known_mask, steps=steps,
-                                             sampler=sampler, order=order, options=options, generator=generator))
+                                             sampler=sampler, order=order, options=options, generator=generator,
+                                             cache_refresh=cache_refresh, cache_growth=cache_growth))
         synchronize(device)
         seconds += time.perf_counter() - started
         samples.append(tokens.cpu())
@@ -232,6 +248,7 @@ def generative_perplexity(model, tokenizer, evaluator: Evaluator, *, num_samples
     nll, counts = evaluator.score(evaluator.sequences_from_samples(samples, tokenizer))
     entropies = [unigram_entropy(row[1:]) for row in samples.tolist()]
     total = sum(counts)
-    return GenerativeResult(perplexity=math.exp(sum(nll) / total), nll=sum(nll) / total, evaluator_tokens=total,
+    return GenerativeResult(perplexity=math.exp(sum(nll) / total), nll=sum(nll) / total,
+                            nll_stderr=ratio_stderr(nll, counts), evaluator_tokens=total,
                             entropy=sum(entropies) / len(entropies), num_samples=num_samples, steps=steps,
                             generated_tokens=num_samples * (length - 1), sampling_seconds=seconds)

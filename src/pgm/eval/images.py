@@ -53,11 +53,13 @@ def reconstruction_quality(vq, data_config, extractor=None) -> dict:
 @torch.no_grad()
 def image_quality(model, vq, data, data_config, extractor, *, num_samples: int, steps: int, sampler: str,
                   guidance: float, guidance_schedule: str, seed: int, batch_size: int = 64,
-                  temperature: float = 1.0) -> dict:
+                  temperature: float = 1.0, cache_refresh: int | str | None = None,
+                  cache_growth: float | None = None) -> dict:
     """FD and IS under `extractor`'s features (the in-repo classifier, or Inception) of
     `num_samples` generated images, labelled like the first validation images, against every
     real validation image; and the same for the VQ reconstructions of those validation images:
-    the floor the tokenizer puts under any model of its codes."""
+    the floor the tokenizer puts under any model of its codes. `cache_refresh`, `cache_growth`:
+    a PGM's encoder cache (see `pgm.sampling.iterate_pgm`)."""
     real_images, _, _ = split_images(data_config, train_split=False)
     real = to_unit_range(real_images)
     count = min(num_samples, len(data.val))
@@ -67,7 +69,8 @@ def image_quality(model, vq, data, data_config, extractor, *, num_samples: int, 
     started = time.perf_counter()
     codes = torch.cat([generate_codes(model, torch.tensor(labels[start:start + batch_size]), steps=steps,
                                       sampler=sampler, guidance=guidance, guidance_schedule=guidance_schedule,
-                                      options=options, generator=generator).cpu()
+                                      options=options, generator=generator, cache_refresh=cache_refresh,
+                                      cache_growth=cache_growth).cpu()
                        for start in range(0, count, batch_size)])
     images = vq.decode(codes)
     seconds = time.perf_counter() - started

@@ -39,7 +39,10 @@ class KVCache:
 
     def __init__(self, num_blocks: int, capacity: int):
         self.layers = [LayerCache(capacity) for _ in range(num_blocks)]
-        self.filled = 0
+
+    @property
+    def filled(self) -> int:
+        return self.layers[0].filled
 
 
 class CausalTransformer(SelfAttentionStack):
@@ -62,9 +65,7 @@ class CausalTransformer(SelfAttentionStack):
             if cache is None:
                 x = block(x, cond_vector, rope, causal=True)
             else:
-                x = block(x, cond_vector, rope, cache=cache.layers[index], start=start)
-        if cache is not None:
-            cache.filled = start + length
+                x = block(x, cond_vector, rope, cache=cache.layers[index])
         return self.output_layer(x, cond_vector)
 
     def new_cache(self, length: int) -> KVCache:

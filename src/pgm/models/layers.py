@@ -193,21 +193,29 @@ def zero_init_(linear: nn.Linear) -> nn.Linear:
 
 
 class LayerCache:
-    """One block's keys and values [B, heads, capacity, d], allocated at the first write."""
+    """One block's keys and values [B, heads, capacity, d] for the positions processed so far
+    (an autoregressive model's cache), allocated at the first write."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.keys = self.values = None
+        self.filled = 0
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, heads, n, d] at positions start..start+n; return everything up to there."""
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append k, v [B, heads, n, d] for the next n positions; return every key and value so
+        far and the mask of the n queries: each sees the cache and its own past (one query sees
+        everything, no mask needed)."""
         if self.keys is None:
             shape = (*k.shape[:2], self.capacity, k.shape[-1])
             self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
-        end = start + k.shape[2]
+        start, end = self.filled, self.filled + k.shape[2]
         self.keys[:, :, start:end] = k
         self.values[:, :, start:end] = v
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        self.filled = end
+        mask = None
+        if end - start > 1:
+            mask = torch.arange(end, device=k.device) <= torch.arange(start, end, device=k.device)[:, None]
+        return self.keys[:, :, :end], self.values[:, :, :end], mask
 
 
 class SelfAttentionBlock(nn.Module):
@@ -225,10 +233,10 @@ class SelfAttentionBlock(nn.Module):
         self.adaLN_modulation = zero_init_(nn.Linear(cond_dim, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None = None, causal: bool = False, cache: LayerCache | None = None,
-                start: int = 0) -> torch.Tensor:
+                mask: torch.Tensor | None = None, causal: bool = False, cache=None) -> torch.Tensor:
         # x [B, L, H]; cond [B or 1, C]; rope cos/sin [B or 1, 1, L, d]; mask [B, 1, L, L] or None.
-        # With `cache`, x holds positions start..start+L, attending causally to everything cached.
+        # With `cache` (a `LayerCache`, or anything with its `extend`), x's keys and values are
+        # stored there and x attends to what `extend` returns, under the mask it returns.
         modulation = modulations(self.adaLN_modulation, cond)[:, None]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=-1)
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_a, scale_a))
@@ -238,11 +246,7 @@ class SelfAttentionBlock(nn.Module):
         q, k = apply_rotary(qkv[:2], rope)  # q and k share the positions: one rotation for both
         v = qkv[2]
         if cache is not None:
-            k, v = cache.extend(k, v, start)
-            length = q.shape[2]
-            if length > 1:  # a chunk of new positions: each sees the cache and its own past
-                positions = start + torch.arange(length, device=x.device)
-                mask = torch.arange(start + length, device=x.device) <= positions[:, None]
+            k, v, mask = cache.extend(k, v)
         attn = attend(q, k, v, mask, causal)
         x = gated_residual(x, gate_a, F.dropout(self.attn_out(attn), self.dropout, self.training))
         h = self.mlp(modulate(self.norm2(x), shift_m, scale_m))

@@ -12,6 +12,14 @@ sees only the clean tokens, the decoder only the queried positions. Because a qu
 training view attends exactly the other group's encoder states, and those states depend only
 on that group, `predict` with clean set = group 0 reproduces the training view's logits at
 group-1 positions.
+
+Cached inference view, `model.predict_cached(cache, ...)`: the same, except that a clean token's
+encoder states (the keys and values of every block, and what the decoder reads of its output)
+are kept in an `EncoderCache` from the call that encoded it. A call encodes only the tokens
+that became clean since the last one, attending to the cached keys and values of the older
+tokens and to each other; a refresh re-encodes the whole clean set. Without refreshes, a token
+is encoded as if by an encoder in which each token attends only to tokens that were clean no
+later than itself: an approximation of the bidirectional encoder, exact for the first call.
 """
 
 from __future__ import annotations
@@ -128,14 +136,16 @@ class GroupSwap(nn.Module):
         filled = memory.masked_fill(~members, float("-inf")).where(nonempty[:, None], 0.0)
         return torch.logsumexp(filled, dim=1).where(nonempty, 0.0)
 
-    def forward(self, memory, key_rope, query_positions, query_rope, mask, summary):
-        batch = memory.shape[0]
-        q = self.queries(query_positions, summary)
-        q = split_heads(q.expand(batch, -1, -1), self.num_heads)
+    def keys_values(self, memory: torch.Tensor, key_rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values [B, heads, Lk, d] of the encoder states `memory`."""
         k, v = self.hidden_to_key_value(memory).chunk(2, dim=-1)
-        k, v = split_heads(k, self.num_heads), split_heads(v, self.num_heads)
-        out = attend(apply_rotary(q, query_rope), apply_rotary(k, key_rope), v, mask)
-        return self.output_linear(out)
+        return apply_rotary(split_heads(k, self.num_heads), key_rope), split_heads(v, self.num_heads)
+
+    def forward(self, keys_values, query_positions, query_rope, mask, summary):
+        k, v = keys_values
+        q = self.queries(query_positions, summary)
+        q = split_heads(q.expand(k.shape[0], -1, -1), self.num_heads)
+        return self.output_linear(attend(apply_rotary(q, query_rope), k, v, mask))
 
 
 class Decoder(nn.Module):
@@ -146,11 +156,84 @@ class Decoder(nn.Module):
             CrossAttentionBlock(config.hidden_size, config.num_heads, config.cond_dim, config.mlp_ratio, config.dropout)
             for _ in range(config.decoder_blocks))
 
-    def forward(self, memory, cond, key_rope, query_positions, query_rope, mask, summary):
-        x = self.group_swap(memory, key_rope, query_positions, query_rope, mask, summary)
-        for layer in self.layers:
-            x = layer(x, layer.project_keys_values(memory, key_rope), cond, query_rope, mask)
+    def keys_values(self, memory: torch.Tensor, key_rope) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What GroupSwap and then each layer read of the encoder states: keys and values
+        [B, heads, Lk, d] each."""
+        return [self.group_swap.keys_values(memory, key_rope)] + [
+            layer.project_keys_values(memory, key_rope) for layer in self.layers]
+
+    def forward(self, keys_values, cond, query_positions, query_rope, mask, summary):
+        x = self.group_swap(keys_values[0], query_positions, query_rope, mask, summary)
+        for layer, layer_keys_values in zip(self.layers, keys_values[1:]):
+            x = layer(x, layer_keys_values, cond, query_rope, mask)
         return x
+
+
+@dataclasses.dataclass
+class _Writes:
+    """Where a call stores the states of the tokens it encodes, and what it attends to: internal
+    slots `start`.. (rows in step) or `index` [B, n] (ragged rows; padding goes to the sink slot);
+    keys are the slots below `width`, those where `key_mask` [B, 1, 1, width] holds (None: all).
+    `only_new`: the call encodes every key itself (a refresh), so attention needs no cache reads."""
+
+    start: int | None
+    index: torch.Tensor | None
+    width: int
+    key_mask: torch.Tensor | None
+    only_new: bool
+
+
+class EncoderCache:
+    """Clean-set states of a PGM kept between sampling steps, slot by slot in the sampler's
+    packed order (internal slot 0 holds the register, with registers; the last slot is a sink
+    for ragged rows' padding). `encoded`: how many of each row's clean slots hold states (an int,
+    or [B] when rows differ)."""
+
+    def __init__(self, length: int, registers: bool):
+        self.offset = int(registers)
+        self.capacity = length + self.offset + 1
+        self.sink = self.capacity - 1
+        self.empty = True
+        self.encoded: int | torch.Tensor = 0
+        self.writes: _Writes | None = None
+        self.blocks: list[_BlockStates] = []
+        self.memory: torch.Tensor | None = None  # final encoder states [B, capacity, H], when GroupSwap reads them
+        self.readers: list[tuple[torch.Tensor, torch.Tensor]] = []  # the decoder's keys/values, one pair per reader
+
+    def store(self, buffer: torch.Tensor | None, new: torch.Tensor, dim: int) -> torch.Tensor:
+        """Write `new` (the encoded tokens along `dim`) into `buffer`, allocated at the first
+        write with `capacity` slots along `dim`; returns the buffer."""
+        if buffer is None:
+            shape = list(new.shape)
+            shape[dim] = self.capacity
+            buffer = new.new_zeros(shape)  # masked slots must hold finite values: NaN * 0 is NaN
+        writes = self.writes
+        if writes.index is None:
+            buffer.narrow(dim, writes.start, new.shape[dim]).copy_(new)
+        else:
+            shape = [1] * new.dim()
+            shape[0], shape[dim] = writes.index.shape
+            buffer.scatter_(dim, writes.index.view(shape).expand_as(new), new)
+        return buffer
+
+    def keys(self, buffer: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+        """What a query reads along `dim`: the new states themselves on a refresh, otherwise the
+        buffer's first `width` slots."""
+        return new if self.writes.only_new else buffer.narrow(dim, 0, self.writes.width)
+
+
+class _BlockStates:
+    """One encoder block's cached keys and values, in the shape `SelfAttentionBlock` asks for."""
+
+    def __init__(self, cache: EncoderCache):
+        self.cache = cache
+        self.keys_buffer = self.values_buffer = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor):
+        cache = self.cache
+        self.keys_buffer = cache.store(self.keys_buffer, k, 2)
+        self.values_buffer = cache.store(self.values_buffer, v, 2)
+        return cache.keys(self.keys_buffer, k, 2), cache.keys(self.values_buffer, v, 2), cache.writes.key_mask
 
 
 class PartitionTransformer(TimeConditionedModel):
@@ -215,7 +298,7 @@ class PartitionTransformer(TimeConditionedModel):
             summary = torch.where(groups[:, registers:, None], of_group0[:, None], of_group1[:, None])
         # The registers are never predicted: queries start at the first token position.
         query_rope = tuple(c[:, :, registers:] for c in rope)
-        x = self.decoder(memory, cond_vector, rope, positions[registers:], query_rope,
+        x = self.decoder(self.decoder.keys_values(memory, rope), cond_vector, positions[registers:], query_rope,
                          ~same_group[:, None, registers:], summary)
         return self.output_layer(x, cond_vector)
 
@@ -256,7 +339,86 @@ class PartitionTransformer(TimeConditionedModel):
             members = valid if valid is not None else torch.ones(batch, num_clean, dtype=torch.bool,
                                                                  device=clean_tokens.device)
             summary = self.decoder.group_swap.summarise(memory, members)[:, None]
-        x = self.decoder(memory, cond_vector, key_rope, query_positions, query_rope, mask, summary)
+        x = self.decoder(self.decoder.keys_values(memory, key_rope), cond_vector, query_positions, query_rope, mask,
+                         summary)
+        return self.output_layer(x, cond_vector)
+
+    def new_cache(self) -> EncoderCache:
+        """An empty cache for `predict_cached`: one per sampling run (its rows are the run's)."""
+        cache = EncoderCache(self.config.length, bool(self.config.registers))
+        cache.blocks = [_BlockStates(cache) for _ in self.encoder.blocks]
+        return cache
+
+    def predict_cached(self, cache: EncoderCache, slot_tokens: torch.Tensor, slot_positions: torch.Tensor,
+                       visible: int | torch.Tensor, query_positions: torch.Tensor, cond: torch.Tensor | None = None,
+                       *, refresh: bool = False) -> torch.Tensor:
+        """`predict` with the clean set's encoder states kept in `cache` between calls.
+
+        slot_tokens, slot_positions: [B, N] the clean set packed left in slots that only grow
+        (a sampler's buffers); visible: how many slots of each row are clean now (int or [B]).
+        Slots from `cache.encoded` to `visible` are encoded now, against the cached keys and
+        values of the slots before them and each other; `refresh` re-encodes every visible slot,
+        and then the logits are `predict`'s. The first call on an empty cache is a refresh.
+        """
+        batch = slot_tokens.shape[0]
+        device = slot_tokens.device
+        refresh = refresh or cache.empty
+        start = 0 if refresh else cache.encoded
+        offset = cache.offset
+        with_register = refresh and self.config.registers  # the clean set's register is encoded with the rest
+        if isinstance(start, torch.Tensor) or isinstance(visible, torch.Tensor):  # ragged rows
+            start = torch.as_tensor(start, device=device).expand(batch)
+            visible = torch.as_tensor(visible, device=device).expand(batch)
+            columns = start[:, None] + torch.arange(int((visible - start).max()), device=device)
+            fresh = columns < visible[:, None]
+            columns = columns.clamp(max=slot_tokens.shape[1] - 1)
+            new_tokens, new_positions = slot_tokens.gather(1, columns), slot_positions.gather(1, columns)
+            index = torch.where(fresh, columns + offset, cache.sink)
+            if with_register:
+                index = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=device), index], dim=1)
+            width = int(visible.max()) + offset
+            key_mask = (torch.arange(width, device=device) < visible[:, None] + offset)[:, None, None]
+            cache.writes = _Writes(None, index, width, key_mask, only_new=refresh)
+        else:
+            new_tokens, new_positions = slot_tokens[:, start:visible], slot_positions[:, start:visible]
+            cache.writes = _Writes(0 if with_register else start + offset, None, visible + offset, None,
+                                   only_new=refresh)
+        writes = cache.writes
+        registers = self.config.registers
+        new_positions = new_positions + registers
+        x = self.vocab_embed(new_tokens)
+        if with_register:  # row 1 at sequence position 1, as in `predict`
+            x = torch.cat([self.reg_tokens.weight[1:].to(x.dtype).expand(batch, -1, -1), x], dim=1)
+            new_positions = torch.cat([torch.ones(batch, 1, dtype=new_positions.dtype, device=device), new_positions],
+                                      dim=1)
+        cond_vector = self.conditioning(cond, batch)
+        summarise = self.decoder.group_swap.content_dependent
+        if x.shape[1] or refresh:
+            key_rope = self.rotary_emb(new_positions)
+            for block, states in zip(self.encoder.blocks, cache.blocks):
+                x = block(x, cond_vector, key_rope, cache=states)
+            if summarise:  # the final states themselves are read only by a content-dependent GroupSwap
+                cache.memory = cache.store(cache.memory, x, 1)
+            new_readers = self.decoder.keys_values(x, key_rope)
+            old_readers = cache.readers or [(None, None)] * len(new_readers)
+            cache.readers = [(cache.store(old_k, k, 2), cache.store(old_v, v, 2))
+                             for (old_k, old_v), (k, v) in zip(old_readers, new_readers)]
+            readers = [(cache.keys(old_k, k, 2), cache.keys(old_v, v, 2))
+                       for (old_k, old_v), (k, v) in zip(cache.readers, new_readers)]
+            memory = cache.keys(cache.memory, x, 1) if summarise else None
+            cache.empty = False
+        else:
+            readers = [tuple(buffer.narrow(2, 0, writes.width) for buffer in pair) for pair in cache.readers]
+            memory = cache.memory.narrow(1, 0, writes.width) if summarise else None
+        cache.encoded = visible
+        summary = None
+        if summarise:
+            members = (writes.key_mask[:, 0, 0] if writes.key_mask is not None
+                       else torch.ones(batch, writes.width, dtype=torch.bool, device=device))
+            summary = self.decoder.group_swap.summarise(memory, members)[:, None]
+        query_positions = query_positions + registers
+        x = self.decoder(readers, cond_vector, query_positions, self.rotary_emb(query_positions), writes.key_mask,
+                         summary)
         return self.output_layer(x, cond_vector)
 
     def _check_common(self, name, tokens, cond, batch) -> None:

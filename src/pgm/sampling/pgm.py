@@ -22,6 +22,13 @@ Three views of the same loop:
 - `view="masked"` drives a masked model (MaskGIT) with the same loop: the clean set is written
   into a full-length input whose other positions hold the mask id.
 
+An approximate encoder cache (`cache_refresh`, efficient view only) keeps each clean token's
+encoder states from the step that encoded it (`PartitionTransformer.predict_cached`): a step
+encodes only the tokens committed since the last one, and every `cache_refresh` steps (or when
+the clean set has grown by the fraction `cache_growth` since the last refresh) the whole clean
+set is encoded again. `cache_refresh=1` re-encodes at every step: exact PGM sampling, through
+the cache's code. The first step always encodes the known tokens (BOS, prompt) in full.
+
 Class-conditional models take their labels as `cond`; classifier-free guidance runs the
 conditional and the null-class rows as one doubled batch and mixes the logits as
 (1 + w) l_cond - w l_null, with w constant or ramped linearly from 0 at the first step to w at
@@ -44,6 +51,25 @@ QUEUED_ORDERS = ("random", "left-to-right")
 SCORED_ORDERS = ("confidence", "margin", "entropy")
 ORDERS = QUEUED_ORDERS + SCORED_ORDERS
 VIEWS = ("efficient", "reference", "masked")
+NEVER = "never"  # a cache_refresh that keeps the cache to the end
+
+
+def refresh_interval(text: str) -> int | str:
+    """A cache_refresh given as text (a command line's): a number of steps, or "never"."""
+    return text if text == NEVER else int(text)
+
+
+def check_cache_refresh(refresh, growth=None) -> None:
+    """Refuse a cache_refresh that is not a positive step count or "never", and a cache_growth
+    that is not a positive fraction or comes without a cache."""
+    if refresh is not None and refresh != NEVER and (isinstance(refresh, bool) or not isinstance(refresh, int)
+                                                     or refresh < 1):
+        raise ValueError(f"cache_refresh must be a positive number of steps or {NEVER!r}, got {refresh!r}")
+    if growth is not None:
+        if refresh is None:
+            raise ValueError("cache_growth refreshes the encoder cache: give cache_refresh too (e.g. 'never')")
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth > 0:
+            raise ValueError(f"cache_growth must be a positive fraction of the clean set, got {growth!r}")
 
 
 def guidance_weight(guidance: float, step: int, steps: int, schedule: str) -> float:
@@ -74,7 +100,8 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
                guidance_schedule: Literal["linear", "constant"] = "linear",
                first_step_temperature_scale: float = 1.0, confidence_noise: float = 0.0,
                suppress: tuple[int, ...] | None = None, view: str = "efficient", hide_newest: bool = False,
-               redraw: bool = False, stats: dict | None = None):
+               redraw: bool = False, cache_refresh: int | str | None = None, cache_growth: float | None = None,
+               stats: dict | None = None):
     """Generate [num_samples, length] token ids in `steps` steps: a generator that yields a
     `StepUpdate` (the positions and tokens committed) after every step that decodes something,
     and returns the tokens.
@@ -89,8 +116,10 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
     temperature at step 0 (the authors' image samplers use 2: they halve the first logits).
     `confidence_noise` adds Gumbel noise, annealed to 0 over the steps, to the log-confidence
     of the "confidence" order (MaskGIT's randomisation; the authors use 5 for images).
-    `suppress`: ids never drawn (default: the mask id). `stats`, when given, receives the
-    number of network calls under "forward_calls".
+    `suppress`: ids never drawn (default: the mask id). `cache_refresh`, `cache_growth`: the
+    approximate encoder cache (see the module's docstring); None: exact sampling without it.
+    `stats`, when given, receives the number of network calls under "forward_calls" (and with
+    the cache, the number of full encodings under "cache_refreshes").
 
     Two departures of the authors' image samplers, each reproducible on request:
     `hide_newest` hides the most recently appended clean token from every step (their image PGM
@@ -110,6 +139,9 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
         raise ValueError("hide_newest reproduces the image PGM's inference; a masked model has no clean set to hide")
     if redraw and (view != "masked" or not (fixed_order or order in QUEUED_ORDERS)):
         raise ValueError("redraw applies to a masked model (MaskGIT) decoding in a queued or fixed order")
+    check_cache_refresh(cache_refresh, cache_growth)
+    if cache_refresh is not None and (view != "efficient" or not hasattr(model, "predict_cached")):
+        raise ValueError("the encoder cache (cache_refresh) needs a PGM sampled in the efficient view")
     config = model.config
     known_tokens, known_mask = resolve_known(config, num_samples, length, known_tokens, known_mask,
                                              model_device(model))
@@ -142,8 +174,15 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
     slot_tokens[:, :length] = known_tokens.gather(1, packed)
     step_counts = StepCounts(known_mask.sum(1), length, steps, counts, generator)
 
+    cache = model.new_cache() if cache_refresh is not None else None
+    refresh_every = None if cache_refresh == NEVER else cache_refresh
+    refresh_now = False
+
     def network(tokens, positions, num_clean, lengths, queries, step_cond):
         """Logits [b, Q, V] at `queries` given the first num_clean (or `lengths`) slots of each row."""
+        if cache is not None:
+            return model.predict_cached(cache, tokens, positions, num_clean if lengths is None else lengths, queries,
+                                        step_cond, refresh=refresh_now)
         if view == "efficient":
             return model.predict(tokens[:, :num_clean], positions[:, :num_clean], queries, lengths, step_cond,
                                  check_inputs=False)
@@ -162,13 +201,14 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
         return full.gather(1, queries[..., None].expand(-1, -1, full.shape[-1]))
 
     def logits_at(num_clean, lengths, queries, step_cond, weight):
-        if not weight:
+        # With a cache, the null rows run at every step (w = 0 too) so that their cache keeps up.
+        if not weight and not (guidance and cache is not None):
             return network(slot_tokens, slot_positions, num_clean, lengths, queries, step_cond)
         def twice(t):
             return None if t is None else torch.cat([t, t])
         both = network(twice(slot_tokens), twice(slot_positions), num_clean, twice(lengths), twice(queries),
                        guided_cond)
-        return guided_logits(*both.chunk(2), weight)
+        return guided_logits(*both.chunk(2), weight) if weight else both[:batch]
 
     if fixed_order or order in QUEUED_ORDERS:
         if fixed_order:
@@ -186,7 +226,7 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
 
     num_clean = step_counts.initial_clean  # an int when all rows are equal, else a [B] tensor
     decoded = torch.zeros(batch, dtype=torch.long, device=device)
-    calls = 0
+    calls = refreshes = since_refresh = refreshed_size = 0
     for step in range(steps):
         k, width = step_counts.next(step)
         if width == 0:
@@ -203,6 +243,13 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
         clean_width, lengths = (num_clean, None) if equal else (int(num_clean.max()), num_clean)
         if hide_newest:  # the newest clean token is no key of this step (see the docstring)
             lengths = (torch.full((batch,), num_clean, device=device) if equal else num_clean) - 1
+        if cache is not None:
+            refresh_now = (calls == 1 or (refresh_every is not None and since_refresh >= refresh_every)
+                           or (cache_growth is not None and clean_width > (1 + cache_growth) * refreshed_size))
+            if refresh_now:
+                refreshes += 1
+                since_refresh, refreshed_size = 0, clean_width
+            since_refresh += 1
         offsets = torch.arange(width, device=device)
         update = None  # what the step reports, when it is more than the new draws
         if redraw:
@@ -248,5 +295,7 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
 
     if stats is not None:
         stats["forward_calls"] = calls
+        if cache is not None:
+            stats["cache_refreshes"] = refreshes
     out = torch.empty(batch, length, dtype=torch.long, device=device)
     return out.scatter_(1, slot_positions[:, :length], slot_tokens[:, :length])

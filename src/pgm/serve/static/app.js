@@ -149,6 +149,24 @@ function fillSelect(select, values, labels) {
   select.replaceChildren(...values.map((value, i) => new Option(labels ? labels[i] : value, value)));
 }
 
+// A PGM's encoder cache: re-encode the clean set every N steps, or never (blank: exact, no cache).
+const CACHE_CHOICES = [["", "none (exact)"], ["1", "refresh every step"], ["2", "refresh every 2"],
+                       ["4", "refresh every 4"], ["8", "refresh every 8"], ["16", "refresh every 16"],
+                       ["never", "never refresh"]];
+
+function cacheSetting(select) {
+  // The cache_refresh argument of a cache select: {} for none, a number of steps, or "never".
+  const value = select.value;
+  return value === "" ? {} : {cache_refresh: value === "never" ? value : Number(value)};
+}
+
+function cacheFor(select, run) {
+  // Only a PGM has an encoder cache: the select shows and counts for PGM runs only.
+  const pgm = run?.kind === "pgm";
+  select.closest("label").hidden = !pgm;
+  if (!pgm) select.value = "";
+}
+
 async function setUp() {
   const {runs} = await (await fetch("/runs")).json();
   const text = runs.filter((r) => r.modality === "text"), image = runs.filter((r) => r.modality === "image");
@@ -157,6 +175,9 @@ async function setUp() {
   const byName = Object.fromEntries(runs.map((r) => [r.name, r]));
   for (const select of document.querySelectorAll(".text-runs")) fillSelect(select, text.map((r) => r.name));
   for (const select of document.querySelectorAll(".image-runs")) fillSelect(select, image.map((r) => r.name));
+  for (const select of document.querySelectorAll(".cache-refresh")) {
+    fillSelect(select, CACHE_CHOICES.map(([value]) => value), CACHE_CHOICES.map(([, label]) => label));
+  }
 
   // Tabs: only those with runs to show.
   const available = {write: text.length > 0, race: text.length > 1, images: image.length > 0};
@@ -174,11 +195,15 @@ async function setUp() {
   show(available[wanted] ? wanted : Object.keys(available).find((panel) => available[panel]));
 
   // Write: one run.
-  const orders = () => fillSelect(document.querySelector("#write-form .orders"), byName[$("write-run").value]?.orders || []);
-  $("write-run").addEventListener("change", orders);
-  orders();
+  const writeRun = () => {
+    fillSelect(document.querySelector("#write-form .orders"), byName[$("write-run").value]?.orders || []);
+    cacheFor($("write-cache"), byName[$("write-run").value]);
+  };
+  $("write-run").addEventListener("change", writeRun);
+  writeRun();
   const writer = new TextView($("write-output"), $("write-status"), "write");
-  wire("write", (signal) => streamRequest(textRequest($("write-form"), $("write-prompt")),
+  wire("write", (signal) => streamRequest({...textRequest($("write-form"), $("write-prompt")),
+                                           ...cacheSetting($("write-cache"))},
                                           (kind, message) => writer.handle(kind, message), signal));
 
   // Race: the same request on two runs at once, a PGM on the left and a masked model on the right by default.
@@ -188,23 +213,30 @@ async function setUp() {
     $("race-b").value = (text.find((r) => r.name !== pgm.name && r.kind === "mdlm") ||
                          text.find((r) => r.name !== pgm.name)).name;
   }
+  for (const side of ["a", "b"]) {
+    const lane = () => cacheFor($(`race-${side}-cache`), byName[$(`race-${side}`).value]);
+    $(`race-${side}`).addEventListener("change", lane);
+    lane();
+  }
   wire("race", async (signal) => {
     const body = textRequest($("race-form"), $("race-prompt"));
     const lanes = ["a", "b"].map((side) => {
-      const name = $(`race-${side}`).value;
-      $(`race-${side}-name`).textContent = `${name} (${byName[name].kind})`;
-      return {name, view: new TextView($(`race-${side}-output`), $(`race-${side}-status`), `race-${side}`)};
+      const name = $(`race-${side}`).value, cache = cacheSetting($(`race-${side}-cache`));
+      const label = name + ("cache_refresh" in cache ? ` with its cache (refresh: ${cache.cache_refresh})` : "");
+      $(`race-${side}-name`).textContent = `${label} (${byName[name].kind})`;
+      const view = new TextView($(`race-${side}-output`), $(`race-${side}-status`), `race-${side}`);
+      return {name, cache, label, view};
     });
     $("race-result").textContent = "";
     const finished = [];
-    const results = await Promise.all(lanes.map(({name, view}) =>
-      streamRequest({...body, run: name}, (kind, message) => view.handle(kind, message), signal)
-        .then((message) => { finished.push(name); return message; })));
+    const results = await Promise.all(lanes.map(({name, cache, label, view}) =>
+      streamRequest({...body, ...cache, run: name}, (kind, message) => view.handle(kind, message), signal)
+        .then((message) => { finished.push(label); return {...message, label}; })));
     const [left, right] = results;
     const ratio = left.tokens_per_second / right.tokens_per_second;
     const [fast, slow] = ratio >= 1 ? [left, right] : [right, left];
-    $("race-result").textContent = `${finished[0]} finished first · ${fast.run} generated ` +
-      `${(fast.tokens_per_second / slow.tokens_per_second).toFixed(2)}x the tokens/s of ${slow.run} ` +
+    $("race-result").textContent = `${finished[0]} finished first · ${fast.label} generated ` +
+      `${(fast.tokens_per_second / slow.tokens_per_second).toFixed(2)}x the tokens/s of ${slow.label} ` +
       `(${left.tokens_per_second.toFixed(0)} vs ${right.tokens_per_second.toFixed(0)} tokens/s)`;
     $("race-result").dataset.ratio = ratio.toFixed(4);
   });
