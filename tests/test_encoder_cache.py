@@ -190,26 +190,33 @@ def test_the_benchmark_counts_a_cached_call_as_its_new_tokens_against_the_whole_
     assert pgm_flops(shape, 2, 10, counts) == 2 * (call(1, 1, 2) + call(3, 3, 3) + call(6, 6, 4))
     assert pgm_flops(shape, 2, 10, counts, "never") == 2 * (call(1, 1, 2) + call(3, 2, 3) + call(6, 3, 4))
     assert pgm_flops(shape, 2, 10, counts, 2) == 2 * (call(1, 1, 2) + call(3, 2, 3) + call(6, 6, 4))
+    # growth 1: a refresh once the clean set is more than twice its size at the last one (3 > 2, not 6 > 6)
+    assert pgm_flops(shape, 2, 10, counts, "never", 1.0) == 2 * (call(1, 1, 2) + call(3, 3, 3) + call(6, 3, 4))
 
 
 def test_bench_sampling_runs_the_cached_pgm_beside_the_exact_one(tmp_path, pgm_main):
     code, out, _ = pgm_main("bench", "sampling", "--models", "pgm", "pgm-cache", "--cache-refresh", "2", "never",
-                            "--lengths", "16", "--steps", "4", "--batch-size", "2", "--hidden", "32", "--heads", "2",
+                            "--cache-growth", "0.5", "--lengths", "16", "--steps", "4", "--batch-size", "2", "--hidden", "32", "--heads", "2",
                             "--pgm-blocks", "1", "1", "--vocab", "64", "--repeats", "1", "--warmup", "0", "--out-dir",
                             tmp_path)
     assert code == 0
-    rows = {(row["model"], row["cache_refresh"]): row
+    rows = {(row["model"], row["cache_refresh"], row["cache_growth"]): row
             for row in json.loads((tmp_path / "sampling.json").read_text())["results"]}
-    assert set(rows) == {("pgm", None), ("pgm-cache", 2), ("pgm-cache", "never")}
-    exact, every_2, never = rows[("pgm", None)], rows[("pgm-cache", 2)], rows[("pgm-cache", "never")]
+    assert set(rows) == {("pgm", None, None), ("pgm-cache", 2, None), ("pgm-cache", "never", None),
+                         ("pgm-cache", "never", 0.5)}
+    # clean sets of 1, 4, 8 and 12 tokens: every 2 steps refreshes twice, growth 0.5 at 1, 4 and 8
+    assert {key[1:]: row["cache_refreshes"] for key, row in rows.items()} == {
+        (None, None): None, (2, None): 2, ("never", None): 1, ("never", 0.5): 3}
+    exact, every_2, never = rows[("pgm", None, None)], rows[("pgm-cache", 2, None)], rows[("pgm-cache", "never", None)]
     assert every_2["forward_calls"] == 4 and exact["ratio_to_pgm"] == 1
     assert every_2["ratio_to_pgm"] == every_2["tokens_per_s"] / exact["tokens_per_s"]
     assert never["gflops_per_batch"] < every_2["gflops_per_batch"] < exact["gflops_per_batch"]
     table = [line.split() for line in out.splitlines() if line.startswith("pgm")]
-    assert [(line[0], *line[2:5]) for line in table[-3:]] == [("pgm", "16", "4", "-"), ("pgm-cache", "16", "4", "2"),
-                                                             ("pgm-cache", "16", "4", "never")]
+    assert [(line[0], *line[2:5]) for line in table[-4:]] == [
+        ("pgm", "16", "4", "-"), ("pgm-cache", "16", "4", "2"), ("pgm-cache", "16", "4", "never"),
+        ("pgm-cache", "16", "4", "g0.5")]
     code, _, err = pgm_main("bench", "sampling", "--cache-refresh", "2", "--out-dir", tmp_path)
-    assert code == 2 and "--cache-refresh applies to the pgm-cache model of bench sampling" in err
+    assert code == 2 and "--cache-refresh and --cache-growth apply to the pgm-cache model of bench sampling" in err
 
 
 def test_pgm_sample_takes_the_cache_and_refuses_it_where_it_does_not_apply(text_run, pgm_main, tmp_path):

@@ -137,15 +137,17 @@ def test_report_trains_presets_on_a_token_budget_and_writes_its_tables(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "pgm", "report", "text-tiny", "mdlm-tiny", "ar-tiny", "--evaluator", "ar-tiny",
          "--tokens", "2560", "--steps", "4", "16", "64", "--num-samples", "4", "--batch-size", "2", "--passes", "2",
-         "--cache-refresh", "2", "never", "--out", str(out)], capture_output=True, text=True, timeout=600)
+         "--cache-refresh", "2", "never", "--cache-growth", "0.5", "--out", str(out)], capture_output=True, text=True,
+        timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     runs = {run["kind"]: run for run in report["runs"]}
     assert set(runs) == {"pgm", "mdlm", "ar"}
     assert all(run["tokens_seen"] == 10 * 8 * 32 for run in runs.values())  # 2560 tokens = 10 steps of 8 x 32
-    # at most one step per position; each step count exact, then with the cache refreshed every 2 steps and never
-    assert [(row["steps"], row["cache_refresh"]) for row in runs["pgm"]["samples"]] == [
-        (steps, refresh) for steps in (4, 16, 31) for refresh in (None, 2, "never")]
+    # at most one step per position; each step count exact, then with the cache refreshed every 2 steps, never,
+    # and whenever the clean set has grown by half
+    assert [(row["steps"], row["cache_refresh"], row["cache_growth"]) for row in runs["pgm"]["samples"]] == [
+        (steps, *cache) for steps in (4, 16, 31) for cache in ((None, None), (2, None), ("never", None), ("never", 0.5))]
     assert all(row["cache_refresh"] is None for row in runs["mdlm"]["samples"])
     assert "| 31 (64 asked) |" in (out / "report.md").read_text()
     for row in runs["mdlm"]["samples"]:  # the paper's MDLM (logits everywhere) draws the same samples
@@ -157,7 +159,8 @@ def test_report_trains_presets_on_a_token_budget_and_writes_its_tables(tmp_path)
     markdown = (out / "report.md").read_text()
     for run in report["runs"]:
         for row in run["samples"]:
-            cache = "-" if row["cache_refresh"] is None else f"refresh {row['cache_refresh']}"
+            cache = ("-" if row["cache_refresh"] is None else f"refresh at growth {row['cache_growth']}"
+                     if row["cache_growth"] else f"refresh {row['cache_refresh']}")
             assert f" | {cache} | {row['gen_ppl']:.2f} | {row['entropy']:.3f} | {row['tokens_per_s']:.1f} |" in markdown
     assert (out / "frontier.png").stat().st_size > 0 and (out / "steps.png").stat().st_size > 0
     assert "| target | measured | goal | met |" in result.stdout

@@ -22,6 +22,7 @@ from .devices import autocast, describe_precision, resolve_device, synchronize
 from .formats import write_json
 from .models import CausalConfig, MaskedDiffusionConfig, PartitionConfig, build_model
 from .sampling import SamplingOptions, sample_autoregressive, sample_mdlm, sample_pgm
+from .sampling.pgm import cache_label
 
 
 @dataclasses.dataclass
@@ -71,15 +72,21 @@ def pgm_step_flops(shape: Shape, clean: int, queries: int, encoded: int | None =
     return encoder + key_values + queries * per_query
 
 
-def pgm_flops(shape: Shape, batch: int, length: int, counts: list[int], cache_refresh=None) -> float:
-    """Work of a PGM run from a BOS; with `cache_refresh` (steps, or "never"), a call encodes
-    only the tokens committed since the last call, except every cache_refresh-th (and the first)."""
-    total, clean, last, calls = 0.0, 1, 0, 0  # the BOS starts the clean set
+def pgm_flops(shape: Shape, batch: int, length: int, counts: list[int], cache_refresh=None,
+              cache_growth: float | None = None) -> float:
+    """Work of a PGM run from a BOS; with the encoder cache (`cache_refresh`: steps, or "never"),
+    a call encodes only the tokens committed since the last call, except the first, every
+    cache_refresh-th since the last refresh, and those where the clean set has grown past
+    (1 + cache_growth) times its size at the last refresh (the sampler's schedule)."""
+    total, clean, last, since, refreshed = 0.0, 1, 0, 0, 0  # the BOS starts the clean set
     for k in counts:
         if k:
-            full = cache_refresh is None or calls == 0 or (cache_refresh != "never" and calls % cache_refresh == 0)
+            full = (cache_refresh is None or last == 0 or (cache_refresh != "never" and since >= cache_refresh)
+                    or (cache_growth is not None and clean > (1 + cache_growth) * refreshed))
+            if full:
+                since, refreshed = 0, clean
             total += batch * pgm_step_flops(shape, clean, k, None if full else clean - last)
-            last, clean, calls = clean, clean + k, calls + 1
+            last, clean, since = clean, clean + k, since + 1
     return total
 
 
@@ -154,9 +161,14 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: Shape = Shape(),
                    repeats: int = 3, warmup: int = 1, device="cpu", models=("pgm", "mdlm", "mdlm-full", "ar"),
-                   cache_refreshes=("never",), log=print) -> dict:
+                   cache_refreshes=None, cache_growths=(), log=print) -> dict:
     """Tokens/s of each of `models`; "pgm-cache" is PGM with its encoder cache, once for each of
-    `cache_refreshes` (re-encode the clean set every N steps, or never)."""
+    `cache_refreshes` (re-encode the clean set every N steps, or never: the default without
+    growths) and once for each of `cache_growths` (never by count, only when the clean set has
+    grown by that fraction since the last refresh)."""
+    if cache_refreshes is None:
+        cache_refreshes = () if cache_growths else ("never",)
+    cache_settings = [(refresh, None) for refresh in cache_refreshes] + [("never", g) for g in cache_growths]
     device = resolve_device(device)
     peak = matmul_throughput(device, shape.hidden)
     log(f"matmul throughput {peak / 1e9:.1f} GFLOP/s on {device}")
@@ -164,23 +176,24 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
     options = SamplingOptions()
     for length in lengths:
         built = {kind: build(kind, shape, length).to(device) for kind in {k.removesuffix("-cache") for k in models}}
-        variants = [(kind, refresh) for kind in models
-                    for refresh in (cache_refreshes if kind == "pgm-cache" else (None,))]
+        variants = [(kind, setting) for kind in models
+                    for setting in (cache_settings if kind == "pgm-cache" else [(None, None)])]
         known = torch.zeros(batch, length, dtype=torch.long, device=device)
         known_mask = torch.zeros_like(known, dtype=torch.bool)
         known_mask[:, 0] = True  # a BOS, as in training
         for steps in steps_list:
-            for kind, refresh in variants:
+            for kind, (refresh, growth) in variants:
                 if kind == "ar" and steps != steps_list[0]:
                     continue  # one step per token whatever the step budget
                 model = built[kind.removesuffix("-cache")]
 
-                def run(stats, kind=kind, model=model, refresh=refresh):
+                def run(stats, kind=kind, model=model, refresh=refresh, growth=growth):
                     generator = torch.Generator(device=device).manual_seed(0)
                     common = dict(known_tokens=known, known_mask=known_mask, options=options, generator=generator)
                     with autocast(device):
                         if kind.startswith("pgm"):
-                            sample_pgm(model, steps=steps, stats=stats, cache_refresh=refresh, **common)
+                            sample_pgm(model, steps=steps, stats=stats, cache_refresh=refresh, cache_growth=growth,
+                                       **common)
                         elif kind == "mdlm":
                             sample_mdlm(model, steps=steps, stats=stats, **common)
                         elif kind == "mdlm-full":
@@ -190,7 +203,7 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
 
                 seconds, stats = time_sampler(run, device, repeats, warmup)
                 if kind.startswith("pgm"):
-                    flops = pgm_flops(shape, batch, length, uniform_counts(length - 1, steps), refresh)
+                    flops = pgm_flops(shape, batch, length, uniform_counts(length - 1, steps), refresh, growth)
                 elif kind == "ar":
                     flops = ar_flops(shape, batch, length)
                 else:
@@ -198,12 +211,13 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
                 generated = batch * (length - 1)
                 rows.append({
                     "model": kind, "parameters": model.num_parameters(), "length": length,
-                    "steps": length - 1 if kind == "ar" else steps, "cache_refresh": refresh, "batch": batch,
+                    "steps": length - 1 if kind == "ar" else steps, "cache_refresh": refresh,
+                    "cache_growth": growth, "cache_refreshes": stats.get("cache_refreshes"), "batch": batch,
                     "seconds_per_batch": seconds, "tokens_per_s": generated / seconds,
                     "forward_calls": stats.get("forward_calls"), "gflops_per_batch": flops / 1e9,
                     "floor_tokens_per_s": generated / (flops / peak), "peak_memory_mb": peak_memory_mb(device),
                 })
-                log(f"  {kind:<10} L={length:<5} steps={rows[-1]['steps']:<5} refresh={refresh or '-':<6} "
+                log(f"  {kind:<10} L={length:<5} steps={rows[-1]['steps']:<5} cache={cache_label(refresh, growth):<6} "
                     f"{rows[-1]['tokens_per_s']:>9.1f} tok/s")
     for row in rows:
         reference = next((r for r in rows if r["model"] == "mdlm" and r["length"] == row["length"]
@@ -221,7 +235,7 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
 def format_sampling_table(report: dict) -> str:
     lines = [f"device {report['device']} ({report['processor']}, {report['threads']} threads), {report['dtype']}, "
              f"matmul {report['matmul_gflops']:.0f} GFLOP/s; generated tokens only",
-             f"{'model':<10}{'params':>8}{'L':>6}{'steps':>7}{'refresh':>8}{'tok/s':>9}{'s/batch':>9}"
+             f"{'model':<10}{'params':>8}{'L':>6}{'steps':>7}{'cache':>8}{'tok/s':>9}{'s/batch':>9}"
              f"{'x MDLM':>8}{'x PGM':>7}"
              f"{'work x':>8}{'calls':>7}{'GFLOP':>8}{'floor':>8}{'% floor':>8}{'peak MB':>9}"]
     for r in report["results"]:
@@ -230,7 +244,7 @@ def format_sampling_table(report: dict) -> str:
         to_pgm = f"{r['ratio_to_pgm']:.2f}" if r.get("ratio_to_pgm") else "-"
         memory = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "-"
         lines.append(f"{r['model']:<10}{r['parameters'] / 1e6:>7.1f}M{r['length']:>6}{r['steps']:>7}"
-                     f"{r.get('cache_refresh') or '-':>8}"
+                     f"{cache_label(r.get('cache_refresh'), r.get('cache_growth')):>8}"
                      f"{r['tokens_per_s']:>9.1f}{r['seconds_per_batch']:>9.2f}{ratio:>8}{to_pgm:>7}{work:>8}"
                      f"{r['forward_calls'] or '-':>7}{r['gflops_per_batch']:>8.0f}{r['floor_tokens_per_s']:>8.0f}"
                      f"{100 * r['tokens_per_s'] / r['floor_tokens_per_s']:>7.0f}%{memory:>9}")
@@ -245,7 +259,8 @@ def plot_sampling(report: dict, path: Path) -> None:
 
     figure, axes = plt.subplots(1, len({r["length"] for r in report["results"]}), figsize=(11, 4), squeeze=False)
     def label(row):
-        return row["model"] if row.get("cache_refresh") is None else f"{row['model']} (refresh {row['cache_refresh']})"
+        cache = cache_label(row.get("cache_refresh"), row.get("cache_growth"))
+        return row["model"] if cache == "-" else f"{row['model']} ({cache})"
 
     for axis, length in zip(axes[0], sorted({r["length"] for r in report["results"]})):
         for name in dict.fromkeys(label(r) for r in report["results"]):

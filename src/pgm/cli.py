@@ -291,9 +291,9 @@ def cmd_report(args) -> int:
     if any(distillations):
         if not all(distillations):
             raise ValueError("a report compares either distillations (their rounds) or trained runs, not both")
-        if args.tokens is not None or args.passes is not None or args.cache_refresh:
-            raise ValueError("--tokens, --passes and --cache-refresh apply to trained runs; a distillation report "
-                             "measures samples")
+        if args.tokens is not None or args.passes is not None or args.cache_refresh or args.cache_growth:
+            raise ValueError("--tokens, --passes, --cache-refresh and --cache-growth apply to trained runs; a "
+                             "distillation report measures samples")
     if not evaluator.startswith("hf:"):
         evaluator = str(reports.ensure_run(evaluator, out_dir, args.tokens))
     if any(distillations):
@@ -307,7 +307,8 @@ def cmd_report(args) -> int:
         report = reports.build_report(runs, evaluator, steps_list=args.steps or reports.STEPS,
                                       num_samples=args.num_samples, batch_size=args.batch_size,
                                       passes=4 if args.passes is None else args.passes, seed=args.seed,
-                                      cache_refreshes=args.cache_refresh or (), device=args.device)
+                                      cache_refreshes=args.cache_refresh or (), cache_growths=args.cache_growth or (),
+                                      device=args.device)
         path = reports.write_report(report, out_dir)
     print(path.read_text().split("\n![")[0].rstrip())
     print(f"wrote {path}")
@@ -356,8 +357,9 @@ def cmd_bench(args) -> int:
                          "its models from --hidden, --heads and the block counts")
     if args.sampler is not None and args.what != "images":
         raise ValueError("--sampler applies to bench images")
-    if args.cache_refresh is not None and (args.what != "sampling" or "pgm-cache" not in args.models):
-        raise ValueError("--cache-refresh applies to the pgm-cache model of bench sampling (--models ... pgm-cache)")
+    if (args.cache_refresh or args.cache_growth) and (args.what != "sampling" or "pgm-cache" not in args.models):
+        raise ValueError("--cache-refresh and --cache-growth apply to the pgm-cache model of bench sampling "
+                         "(--models ... pgm-cache)")
     out_dir = Path(args.out_dir)
     if args.shape is not None and args.what != "images":
         raise ValueError("--shape applies to bench images")
@@ -373,7 +375,7 @@ def cmd_bench(args) -> int:
                             pgm_decoder=args.pgm_blocks[1], baseline_blocks=args.baseline_blocks, vocab=args.vocab)
         report = bench.bench_sampling(lengths=args.lengths, shape=shape, warmup=args.warmup, models=args.models,
                                       **common, **_given(args, steps_list="steps", batch="batch_size",
-                                                         cache_refreshes="cache_refresh"))
+                                                         cache_refreshes="cache_refresh", cache_growths="cache_growth"))
         print(bench.format_sampling_table(report))
         path = bench.write_report(report, out_dir, "sampling")
         bench.plot_sampling(report, out_dir / "sampling.png")
@@ -500,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tokens", type=int, help="training budget in tokens for presets (default: the preset's)")
     report.add_argument("--cache-refresh", type=refresh_interval, nargs="+", metavar="N",
                         help="PGM runs: also sample with the encoder cache at each refresh interval (e.g. 1 2 4 never)")
+    report.add_argument("--cache-growth", type=float, nargs="+", metavar="F",
+                        help="PGM runs: also sample with the encoder cache refreshed only when the clean set has grown "
+                             "by F since the last refresh")
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--device", default="cpu")
     report.set_defaults(handler=cmd_report)
@@ -561,8 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mdlm: logits only where tokens are revealed; mdlm-full: logits everywhere; pgm-cache: "
                             "PGM with its encoder cache")
     bench.add_argument("--cache-refresh", type=refresh_interval, nargs="+", metavar="N",
-                       help="sampling, pgm-cache: re-encode the clean set every N steps, or never (default); several: "
-                            "a pgm-cache row for each")
+                       help="sampling, pgm-cache: re-encode the clean set every N steps, or never (the default "
+                            "without --cache-growth); several: a pgm-cache row for each")
+    bench.add_argument("--cache-growth", type=float, nargs="+", metavar="F",
+                       help="sampling, pgm-cache: a row for each F that re-encodes only when the clean set has grown "
+                            "by F since the last refresh")
     bench.add_argument("--hidden", type=int, default=256)
     bench.add_argument("--heads", type=int, default=4)
     bench.add_argument("--pgm-blocks", type=int, nargs=2, default=[4, 4], metavar=("ENCODER", "DECODER"))

@@ -59,6 +59,14 @@ def refresh_interval(text: str) -> int | str:
     return text if text == NEVER else int(text)
 
 
+def cache_label(refresh, growth=None) -> str:
+    """An encoder-cache setting in a table: "-" (none), the refresh interval, or gF (never by
+    count, a refresh whenever the clean set has grown by the fraction F)."""
+    if refresh is None:
+        return "-"
+    return f"g{growth:g}" if growth is not None else str(refresh)
+
+
 def check_cache_refresh(refresh, growth=None) -> None:
     """Refuse a cache_refresh that is not a positive step count or "never", and a cache_growth
     that is not a positive fraction or comes without a cache."""
