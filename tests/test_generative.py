@@ -162,6 +162,8 @@ def test_report_trains_presets_on_a_token_budget_and_writes_its_tables(tmp_path)
             cache = ("-" if row["cache_refresh"] is None else f"refresh at growth {row['cache_growth']}"
                      if row["cache_growth"] else f"refresh {row['cache_refresh']}")
             assert f" | {cache} | {row['gen_ppl']:.2f} | {row['entropy']:.3f} | {row['tokens_per_s']:.1f} |" in markdown
+            assert f" | {row['nll']:.3f} +- {row['nll_stderr']:.3f} |" in markdown
+            assert math.isclose(math.exp(row["nll"]), row["gen_ppl"], rel_tol=1e-9) and row["nll_stderr"] > 0
     assert (out / "frontier.png").stat().st_size > 0 and (out / "steps.png").stat().st_size > 0
     assert "| target | measured | goal | met |" in result.stdout
     for target in report["targets"]:  # each target's row says what the JSON says
@@ -188,7 +190,7 @@ def test_report_targets_are_the_ratios_of_the_measured_rows():
 
 
 def test_the_cache_target_takes_the_fastest_refresh_as_good_as_exact_sampling():
-    from pgm.report import cache_targets
+    from pgm.report import cache_targets, check_targets
 
     def row(refresh, gen_ppl, entropy, speed):
         return {"steps": 64, "asked_steps": 64, "cache_refresh": refresh, "gen_ppl": gen_ppl, "entropy": entropy,
@@ -198,6 +200,7 @@ def test_the_cache_target_takes_the_fastest_refresh_as_good_as_exact_sampling():
                row("never", 120.0, 4.0, 500.0)]  # refresh 4: entropy 2.5% off; never: perplexity 20% worse
     (target,) = cache_targets([{"kind": "pgm", "name": "p", "samples": samples}])
     assert target["value"] == pytest.approx(1.8) and not target["met"] and "(refresh 2)" in target["what"]
+    assert check_targets([{"kind": "pgm", "name": "p", "samples": samples}]) == [target]  # no MDLM needed
     samples[1]["gen_ppl"] = 111.0  # now nothing qualifies
     (target,) = cache_targets([{"kind": "pgm", "name": "p", "samples": samples}])
     assert target["value"] == 0.0 and "none qualifies" in target["what"]
