@@ -215,6 +215,10 @@ def test_bench_sampling_runs_the_cached_pgm_beside_the_exact_one(tmp_path, pgm_m
     assert [(line[0], *line[2:5]) for line in table[-4:]] == [
         ("pgm", "16", "4", "-"), ("pgm-cache", "16", "4", "2"), ("pgm-cache", "16", "4", "never"),
         ("pgm-cache", "16", "4", "g0.5")]
+    code, out, err = pgm_main("bench", "sampling", "--models", "pgm", "pgm-cache", "--cache-growth", "-1", "--out-dir",
+                              tmp_path)
+    assert code == 2 and "cache_growth must be a positive fraction of the clean set, got -1.0" in err
+    assert "matmul throughput" not in out  # refused before anything ran
     code, _, err = pgm_main("bench", "sampling", "--cache-refresh", "2", "--out-dir", tmp_path)
     assert code == 2 and "--cache-refresh and --cache-growth apply to the pgm-cache model of bench sampling" in err
 
@@ -236,3 +240,10 @@ def test_pgm_sample_takes_the_cache_and_refuses_it_where_it_does_not_apply(text_
                                                                                   "training view")):
         code, _, err = sample(*options)
         assert code == 2 and message in err and "Traceback" not in err, (options, err)
+
+
+def test_pgm_report_refuses_a_bad_refresh_before_measuring_anything(text_run, pgm_main, tmp_path):
+    code, out, err = pgm_main("report", text_run, "--evaluator", text_run, "--cache-refresh", "0", "--out",
+                              tmp_path / "report")
+    assert code == 2 and "cache_refresh must be a positive number of steps or 'never', got 0" in err
+    assert not (tmp_path / "report").exists() and "validation perplexity" not in out + err

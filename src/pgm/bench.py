@@ -22,7 +22,7 @@ from .devices import autocast, describe_precision, resolve_device, synchronize
 from .formats import write_json
 from .models import CausalConfig, MaskedDiffusionConfig, PartitionConfig, build_model
 from .sampling import SamplingOptions, sample_autoregressive, sample_mdlm, sample_pgm
-from .sampling.pgm import cache_label
+from .sampling.pgm import cache_label, check_cache_refresh
 
 
 @dataclasses.dataclass
@@ -169,6 +169,8 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
     if cache_refreshes is None:
         cache_refreshes = () if cache_growths else ("never",)
     cache_settings = [(refresh, None) for refresh in cache_refreshes] + [("never", g) for g in cache_growths]
+    for setting in cache_settings:
+        check_cache_refresh(*setting)  # before anything is timed
     device = resolve_device(device)
     peak = matmul_throughput(device, shape.hidden)
     log(f"matmul throughput {peak / 1e9:.1f} GFLOP/s on {device}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from .eval.generative import load_evaluator
 from .formats import CONFIG_FILE, write_atomic, write_json
 from .pipeline import load
-from .sampling.pgm import cache_label
+from .sampling.pgm import cache_label, check_cache_refresh
 
 STEPS = (16, 32, 64, 128, 256)
 
@@ -98,6 +98,10 @@ def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int 
 def build_report(runs: list[Path], evaluator_spec: str, *, steps_list=STEPS, num_samples: int = 64,
                  batch_size: int = 32, passes: int = 4, seed: int = 0, cache_refreshes=(), cache_growths=(),
                  device="cpu", log=print) -> dict:
+    for refresh in cache_refreshes:  # before anything is measured
+        check_cache_refresh(refresh)
+    for growth in cache_growths:
+        check_cache_refresh("never", growth)
     evaluator = load_evaluator(evaluator_spec, device=device)
     measured = [measure_run(run, evaluator, steps_list=steps_list, num_samples=num_samples, batch_size=batch_size,
                             passes=passes, seed=seed, cache_refreshes=cache_refreshes, cache_growths=cache_growths,
