@@ -189,14 +189,14 @@ class EncoderCache:
     for ragged rows' padding). `encoded`: how many of each row's clean slots hold states (an int,
     or [B] when rows differ)."""
 
-    def __init__(self, length: int, registers: bool):
+    def __init__(self, length: int, registers: bool, encoder_blocks: int):
         self.offset = int(registers)
         self.capacity = length + self.offset + 1
         self.sink = self.capacity - 1
         self.empty = True
         self.encoded: int | torch.Tensor = 0
         self.writes: _Writes | None = None
-        self.blocks: list[_BlockStates] = []
+        self.blocks = [_BlockStates(self) for _ in range(encoder_blocks)]
         self.memory: torch.Tensor | None = None  # final encoder states [B, capacity, H], when GroupSwap reads them
         self.readers: list[tuple[torch.Tensor, torch.Tensor]] = []  # the decoder's keys/values, one pair per reader
 
@@ -345,9 +345,7 @@ class PartitionTransformer(TimeConditionedModel):
 
     def new_cache(self) -> EncoderCache:
         """An empty cache for `predict_cached`: one per sampling run (its rows are the run's)."""
-        cache = EncoderCache(self.config.length, bool(self.config.registers))
-        cache.blocks = [_BlockStates(cache) for _ in self.encoder.blocks]
-        return cache
+        return EncoderCache(self.config.length, bool(self.config.registers), len(self.encoder.blocks))
 
     def predict_cached(self, cache: EncoderCache, slot_tokens: torch.Tensor, slot_positions: torch.Tensor,
                        visible: int | torch.Tensor, query_positions: torch.Tensor, cond: torch.Tensor | None = None,
