@@ -20,7 +20,7 @@ import torch
 
 import pgm
 from pgm.sampling import SamplingOptions, sample_pgm
-from pgm.sampling.pgm import refresh_interval
+from pgm.sampling.pgm import cache_settings, refresh_interval
 
 
 def measure(model, bos: int, *, steps: int, refresh, growth, num_samples: int, batch_size: int, seed: int) -> dict:
@@ -87,7 +87,10 @@ def main() -> None:
     pipe = pgm.load(args.run)
     if pipe.config.kind != "pgm":
         parser.error(f"{args.run} holds a {pipe.config.kind} model; the encoder cache is a PGM's")
-    settings = [(refresh, None) for refresh in args.refresh] + [("never", growth) for growth in args.growth]
+    try:
+        settings = cache_settings(args.refresh, args.growth)
+    except ValueError as error:
+        parser.error(str(error))
     rows = []
     with torch.no_grad():
         for steps in args.steps:

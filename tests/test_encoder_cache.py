@@ -101,6 +101,8 @@ def test_a_cached_call_equals_a_plain_encoding_against_the_cached_states(mode):
         theirs = reference_forward.pgm_forward(state, 4, 2, 2, tokens[:, :10], positions[:, :10], queries, encoder,
                                                shown[:, None, :].expand(-1, 3, -1), mode)
         assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+        # nothing new to encode: the call reads every state from the cache
+        assert torch.allclose(model.predict_cached(cache, tokens, positions, calls[-1], queries), ours, atol=1e-6)
         plain = reference_forward.pgm_forward(state, 4, 2, 2, tokens[:, :10], positions[:, :10], queries,
                                               shown[:, None, :] & shown[:, :, None] | torch.eye(10, dtype=torch.bool),
                                               shown[:, None, :].expand(-1, 3, -1), mode)

@@ -22,7 +22,7 @@ from .devices import autocast, describe_precision, resolve_device, synchronize
 from .formats import write_json
 from .models import CausalConfig, MaskedDiffusionConfig, PartitionConfig, build_model
 from .sampling import SamplingOptions, sample_autoregressive, sample_mdlm, sample_pgm
-from .sampling.pgm import cache_label, check_cache_refresh
+from .sampling.pgm import NEVER, RefreshSchedule, cache_label, cache_settings
 
 
 @dataclasses.dataclass
@@ -75,18 +75,15 @@ def pgm_step_flops(shape: Shape, clean: int, queries: int, encoded: int | None =
 def pgm_flops(shape: Shape, batch: int, length: int, counts: list[int], cache_refresh=None,
               cache_growth: float | None = None) -> float:
     """Work of a PGM run from a BOS; with the encoder cache (`cache_refresh`: steps, or "never"),
-    a call encodes only the tokens committed since the last call, except the first, every
-    cache_refresh-th since the last refresh, and those where the clean set has grown past
-    (1 + cache_growth) times its size at the last refresh (the sampler's schedule)."""
-    total, clean, last, since, refreshed = 0.0, 1, 0, 0, 0  # the BOS starts the clean set
+    a call encodes only the tokens committed since the last call, except the refreshes of the
+    sampler's own `RefreshSchedule`."""
+    schedule = RefreshSchedule(cache_refresh, cache_growth) if cache_refresh is not None else None
+    total, clean, last = 0.0, 1, 0  # the BOS starts the clean set
     for k in counts:
         if k:
-            full = (cache_refresh is None or last == 0 or (cache_refresh != "never" and since >= cache_refresh)
-                    or (cache_growth is not None and clean > (1 + cache_growth) * refreshed))
-            if full:
-                since, refreshed = 0, clean
+            full = schedule is None or schedule.due(clean)
             total += batch * pgm_step_flops(shape, clean, k, None if full else clean - last)
-            last, clean, since = clean, clean + k, since + 1
+            last, clean = clean, clean + k
     return total
 
 
@@ -167,10 +164,8 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
     growths) and once for each of `cache_growths` (never by count, only when the clean set has
     grown by that fraction since the last refresh)."""
     if cache_refreshes is None:
-        cache_refreshes = () if cache_growths else ("never",)
-    cache_settings = [(refresh, None) for refresh in cache_refreshes] + [("never", g) for g in cache_growths]
-    for setting in cache_settings:
-        check_cache_refresh(*setting)  # before anything is timed
+        cache_refreshes = () if cache_growths else (NEVER,)
+    caches = cache_settings(cache_refreshes, cache_growths)  # checked before anything is timed
     device = resolve_device(device)
     peak = matmul_throughput(device, shape.hidden)
     log(f"matmul throughput {peak / 1e9:.1f} GFLOP/s on {device}")
@@ -179,7 +174,7 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
     for length in lengths:
         built = {kind: build(kind, shape, length).to(device) for kind in {k.removesuffix("-cache") for k in models}}
         variants = [(kind, setting) for kind in models
-                    for setting in (cache_settings if kind == "pgm-cache" else [(None, None)])]
+                    for setting in (caches if kind == "pgm-cache" else [(None, None)])]
         known = torch.zeros(batch, length, dtype=torch.long, device=device)
         known_mask = torch.zeros_like(known, dtype=torch.bool)
         known_mask[:, 0] = True  # a BOS, as in training

@@ -22,7 +22,7 @@ from pathlib import Path
 from .eval.generative import load_evaluator
 from .formats import CONFIG_FILE, write_atomic, write_json
 from .pipeline import load
-from .sampling.pgm import cache_label, check_cache_refresh
+from .sampling.pgm import cache_label, cache_settings
 
 STEPS = (16, 32, 64, 128, 256)
 
@@ -60,8 +60,9 @@ def sampling_plan(kind: str, length: int, steps_list) -> list[tuple[int, int]]:
 
 
 def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int = 64, batch_size: int = 32,
-                passes: int = 4, seed: int = 0, cache_refreshes=(), cache_growths=(), device="cpu",
-                log=print) -> dict:
+                passes: int = 4, seed: int = 0, caches=(), device="cpu", log=print) -> dict:
+    """A run's validation perplexity and its samples at each step count; a PGM's also with each
+    (cache_refresh, cache_growth) of `caches`."""
     pipe = load(run_dir, device=device)
     kind, length = pipe.config.kind, pipe.config.length
     val = pipe.validation(passes=passes, seed=seed)
@@ -70,10 +71,7 @@ def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int 
     for steps, asked in sampling_plan(kind, length, steps_list):
         options = dict(num_samples=num_samples, steps=None if kind == "ar" else steps, batch_size=batch_size,
                        seed=seed)
-        settings = [(None, None)]
-        if kind == "pgm":
-            settings += [(refresh, None) for refresh in cache_refreshes] + [("never", g) for g in cache_growths]
-        for refresh, growth in settings:
+        for refresh, growth in [(None, None)] + (list(caches) if kind == "pgm" else []):
             result = pipe.generative_perplexity(evaluator, cache_refresh=refresh, cache_growth=growth, **options)
             row = {"steps": steps, "asked_steps": asked, "cache_refresh": refresh, "cache_growth": growth,
                    "gen_ppl": result.perplexity,
@@ -98,14 +96,10 @@ def measure_run(run_dir: Path, evaluator, *, steps_list=STEPS, num_samples: int 
 def build_report(runs: list[Path], evaluator_spec: str, *, steps_list=STEPS, num_samples: int = 64,
                  batch_size: int = 32, passes: int = 4, seed: int = 0, cache_refreshes=(), cache_growths=(),
                  device="cpu", log=print) -> dict:
-    for refresh in cache_refreshes:  # before anything is measured
-        check_cache_refresh(refresh)
-    for growth in cache_growths:
-        check_cache_refresh("never", growth)
+    caches = cache_settings(cache_refreshes, cache_growths)  # checked before anything is measured
     evaluator = load_evaluator(evaluator_spec, device=device)
     measured = [measure_run(run, evaluator, steps_list=steps_list, num_samples=num_samples, batch_size=batch_size,
-                            passes=passes, seed=seed, cache_refreshes=cache_refreshes, cache_growths=cache_growths,
-                            device=device, log=log)
+                            passes=passes, seed=seed, caches=caches, device=device, log=log)
                 for run in runs]
     evaluator_path = Path(evaluator_spec).resolve() if not evaluator_spec.startswith("hf:") else None
     for run in measured:

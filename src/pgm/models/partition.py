@@ -189,16 +189,16 @@ class EncoderCache:
     for ragged rows' padding). `encoded`: how many of each row's clean slots hold states (an int,
     or [B] when rows differ)."""
 
-    def __init__(self, length: int, registers: bool, encoder_blocks: int):
+    def __init__(self, length: int, registers: bool, encoder_blocks: int, readers: int):
         self.offset = int(registers)
         self.capacity = length + self.offset + 1
         self.sink = self.capacity - 1
         self.empty = True
         self.encoded: int | torch.Tensor = 0
         self.writes: _Writes | None = None
-        self.blocks = [_BlockStates(self) for _ in range(encoder_blocks)]
+        self.blocks = [_KeyValueStates(self) for _ in range(encoder_blocks)]
+        self.readers = [_KeyValueStates(self) for _ in range(readers)]  # GroupSwap's, then each decoder layer's
         self.memory: torch.Tensor | None = None  # final encoder states [B, capacity, H], when GroupSwap reads them
-        self.readers: list[tuple[torch.Tensor, torch.Tensor]] = []  # the decoder's keys/values, one pair per reader
 
     def store(self, buffer: torch.Tensor | None, new: torch.Tensor, dim: int) -> torch.Tensor:
         """Write `new` (the encoded tokens along `dim`) into `buffer`, allocated at the first
@@ -222,18 +222,25 @@ class EncoderCache:
         return new if self.writes.only_new else buffer.narrow(dim, 0, self.writes.width)
 
 
-class _BlockStates:
-    """One encoder block's cached keys and values, in the shape `SelfAttentionBlock` asks for."""
+class _KeyValueStates:
+    """Cached keys and values [B, heads, capacity, d] of one encoder block or one decoder reader;
+    `extend` is the hook `SelfAttentionBlock` calls."""
 
     def __init__(self, cache: EncoderCache):
         self.cache = cache
         self.keys_buffer = self.values_buffer = None
 
     def extend(self, k: torch.Tensor, v: torch.Tensor):
+        """Store the new tokens' k, v; return the keys, values and key mask a query reads."""
         cache = self.cache
         self.keys_buffer = cache.store(self.keys_buffer, k, 2)
         self.values_buffer = cache.store(self.values_buffer, v, 2)
         return cache.keys(self.keys_buffer, k, 2), cache.keys(self.values_buffer, v, 2), cache.writes.key_mask
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a query reads when the call encoded nothing."""
+        width = self.cache.writes.width
+        return self.keys_buffer.narrow(2, 0, width), self.values_buffer.narrow(2, 0, width)
 
 
 class PartitionTransformer(TimeConditionedModel):
@@ -345,7 +352,8 @@ class PartitionTransformer(TimeConditionedModel):
 
     def new_cache(self) -> EncoderCache:
         """An empty cache for `predict_cached`: one per sampling run (its rows are the run's)."""
-        return EncoderCache(self.config.length, bool(self.config.registers), len(self.encoder.blocks))
+        return EncoderCache(self.config.length, bool(self.config.registers), len(self.encoder.blocks),
+                            1 + len(self.decoder.layers))
 
     def predict_cached(self, cache: EncoderCache, slot_tokens: torch.Tensor, slot_positions: torch.Tensor,
                        visible: int | torch.Tensor, query_positions: torch.Tensor, cond: torch.Tensor | None = None,
@@ -397,16 +405,12 @@ class PartitionTransformer(TimeConditionedModel):
                 x = block(x, cond_vector, key_rope, cache=states)
             if summarise:  # the final states themselves are read only by a content-dependent GroupSwap
                 cache.memory = cache.store(cache.memory, x, 1)
-            new_readers = self.decoder.keys_values(x, key_rope)
-            old_readers = cache.readers or [(None, None)] * len(new_readers)
-            cache.readers = [(cache.store(old_k, k, 2), cache.store(old_v, v, 2))
-                             for (old_k, old_v), (k, v) in zip(old_readers, new_readers)]
-            readers = [(cache.keys(old_k, k, 2), cache.keys(old_v, v, 2))
-                       for (old_k, old_v), (k, v) in zip(cache.readers, new_readers)]
+            readers = [states.extend(k, v)[:2]
+                       for states, (k, v) in zip(cache.readers, self.decoder.keys_values(x, key_rope))]
             memory = cache.keys(cache.memory, x, 1) if summarise else None
             cache.empty = False
         else:
-            readers = [tuple(buffer.narrow(2, 0, writes.width) for buffer in pair) for pair in cache.readers]
+            readers = [states.read() for states in cache.readers]
             memory = cache.memory.narrow(1, 0, writes.width) if summarise else None
         cache.encoded = visible
         summary = None

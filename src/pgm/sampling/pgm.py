@@ -80,6 +80,35 @@ def check_cache_refresh(refresh, growth=None) -> None:
             raise ValueError(f"cache_growth must be a positive fraction of the clean set, got {growth!r}")
 
 
+def cache_settings(refreshes=(), growths=()) -> list[tuple]:
+    """(cache_refresh, cache_growth) pairs, each checked: one per refresh interval, and one per
+    growth fraction that refreshes by growth alone (never by count)."""
+    settings = [(refresh, None) for refresh in refreshes] + [(NEVER, growth) for growth in growths]
+    for setting in settings:
+        check_cache_refresh(*setting)
+    return settings
+
+
+class RefreshSchedule:
+    """When the encoder cache encodes the whole clean set again: at the first call, after
+    `refresh` calls since the last refresh (never: not by count), and whenever the clean set
+    has grown past (1 + `growth`) times its size at the last refresh."""
+
+    def __init__(self, refresh, growth: float | None = None):
+        self.every = None if refresh == NEVER else refresh
+        self.growth = growth
+        self.since = self.size = None  # calls since the last refresh, and the clean set's size then
+
+    def due(self, clean: int) -> bool:
+        """Whether this call, over `clean` tokens (the widest row), is a refresh."""
+        full = (self.since is None or (self.every is not None and self.since >= self.every)
+                or (self.growth is not None and clean > (1 + self.growth) * self.size))
+        if full:
+            self.since, self.size = 0, clean
+        self.since += 1
+        return full
+
+
 def guidance_weight(guidance: float, step: int, steps: int, schedule: str) -> float:
     """The guidance weight w at `step`: constant, or ramped linearly from 0 to `guidance`."""
     if schedule == "constant":
@@ -183,7 +212,7 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
     step_counts = StepCounts(known_mask.sum(1), length, steps, counts, generator)
 
     cache = model.new_cache() if cache_refresh is not None else None
-    refresh_every = None if cache_refresh == NEVER else cache_refresh
+    refresh_schedule = RefreshSchedule(cache_refresh, cache_growth)
     refresh_now = False
 
     def network(tokens, positions, num_clean, lengths, queries, step_cond):
@@ -234,7 +263,7 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
 
     num_clean = step_counts.initial_clean  # an int when all rows are equal, else a [B] tensor
     decoded = torch.zeros(batch, dtype=torch.long, device=device)
-    calls = refreshes = since_refresh = refreshed_size = 0
+    calls = refreshes = 0
     for step in range(steps):
         k, width = step_counts.next(step)
         if width == 0:
@@ -252,12 +281,8 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
         if hide_newest:  # the newest clean token is no key of this step (see the docstring)
             lengths = (torch.full((batch,), num_clean, device=device) if equal else num_clean) - 1
         if cache is not None:
-            refresh_now = (calls == 1 or (refresh_every is not None and since_refresh >= refresh_every)
-                           or (cache_growth is not None and clean_width > (1 + cache_growth) * refreshed_size))
-            if refresh_now:
-                refreshes += 1
-                since_refresh, refreshed_size = 0, clean_width
-            since_refresh += 1
+            refresh_now = refresh_schedule.due(clean_width)
+            refreshes += refresh_now
         offsets = torch.arange(width, device=device)
         update = None  # what the step reports, when it is more than the new draws
         if redraw:
