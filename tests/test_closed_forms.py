@@ -2,14 +2,14 @@
 term or the wrong estimator cannot pass: the binomial step counts and MDLM's reveal rate, the
 evaluation ELBO against the training loss, and the antithetic times of a score."""
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
 from conftest import redraw_zero_initialised, tiny_mdlm, tiny_pgm
-from pgm.eval.perplexity import score_sequences, seed_for, validation_elbo
+from pgm.eval.likelihood import pass_noise
+from pgm.eval.perplexity import seed_for, validation_elbo
 from pgm.objectives import LogLinearSchedule, Noise, PartitionObjective
 from pgm.sampling import iterate_mdlm
 from pgm.sampling.common import StepCounts
@@ -125,31 +125,16 @@ def test_validation_scores_the_evaluation_elbo_not_the_training_loss():
     assert result.nll == pytest.approx(expected, rel=1e-5) and result.tokens == 5 * 19
 
 
-class TimeSpy:
-    """A diffusion objective that records the times it is asked to score at (and scores zero)."""
-
-    t_min = 1e-3
-
-    def __init__(self):
-        self.times = []
-        self.inner = PartitionObjective()
-
-    def draw_noise(self, *args, **kwargs):
-        return self.inner.draw_noise(*args, **kwargs)
-
-    def elbo(self, model, tokens, always_clean=None, noise=None):
-        self.times.append(noise.t.clone())
-        out = self.inner.elbo(model, tokens, always_clean=always_clean, noise=noise)
-        return dataclasses.replace(out, row_nll=torch.zeros_like(out.row_nll))
-
-
 def test_score_passes_draw_one_time_per_stratum():
-    spy = TimeSpy()
-    score_sequences(tiny_pgm(), spy, [[0, 5, 6, 7], [0, 8, 9, 10]], passes=4, seed=0)
-    times = torch.stack(spy.times)  # [passes, sequences]
-    strata = ((times - spy.t_min) / (1 - spy.t_min) * 4).floor()
-    assert torch.equal(strata, torch.arange(4.0)[:, None].expand(4, 2))
-    assert not torch.equal(times[:, 0], times[:, 1])  # each sequence draws its own offset
+    t_min = PartitionObjective().t_min
+    times = [pass_noise(4, 5, t_min, torch.Generator().manual_seed(seed), 20).t for seed in range(3)]
+    for seed, t in enumerate(times):
+        strata = ((t - t_min) / (1 - t_min) * 5).floor()
+        assert torch.equal(strata, torch.arange(5.0)) and bool((t >= t_min).all())
+        offset = float(torch.rand((), generator=torch.Generator().manual_seed(seed)))  # the first draw
+        expected = [t_min + (1 - t_min) * (offset + p) / 5 for p in range(5)]
+        assert t.tolist() == pytest.approx(expected, abs=1e-7)
+    assert not torch.equal(times[0], times[1])  # each item draws its own offset
 
 
 def test_redrawn_models_are_not_uniform():

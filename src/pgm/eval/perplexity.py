@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections import defaultdict
 from collections.abc import Callable
 
 import torch
@@ -89,65 +88,3 @@ def validation_elbo(model, objective, rows, *, indices=None, batch_size: int = 3
     if passes > 1:
         stderr = math.sqrt(float(row_nll.var(dim=0).sum()) / passes) / total_tokens
     return ValidationResult(nll=nll, stderr=stderr, tokens=int(total_tokens), passes=passes)
-
-
-@dataclasses.dataclass
-class TextScore:
-    """How likely a model finds one sequence: `nll` nats summed over its `tokens` scored tokens
-    (the ELBO, an upper bound, for PGM and MDLM; exact for AR), and the Monte-Carlo standard error
-    of `nll` (0 when exact)."""
-
-    nll: float
-    tokens: int
-    stderr: float = 0.0
-
-    @property
-    def nll_per_token(self) -> float:
-        return self.nll / self.tokens
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nll_per_token)
-
-
-@torch.no_grad()
-def score_sequences(model, objective, sequences: list[list[int]], *, passes: int = 1, seed: int = 0,
-                    batch_size: int = 32, device="cpu",
-                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                    ) -> list[TextScore]:
-    """The NLL of each id sequence (its first id, the BOS, given and not scored). Sequences of the
-    same length are scored together, without padding (a pad token would change a diffusion
-    model's view of the others). A diffusion model's ELBO is averaged over `passes` Monte-Carlo
-    draws whose times are antithetic: pass p of a sequence draws t in the p-th of `passes`
-    equal strata. Reproducible for a given seed."""
-    exact = objective.draw_noise(1, 2) is None
-    passes = 1 if exact else passes
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for index, ids in enumerate(sequences):
-        by_length[len(ids)].append(index)
-    totals = torch.zeros(passes, len(sequences), dtype=torch.float64)
-    counts = [0] * len(sequences)
-    was_training = model.training
-    model.eval()
-    for length, indices in sorted(by_length.items()):
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            tokens = torch.tensor([sequences[i] for i in chunk], dtype=torch.long, device=device)
-            always_clean = torch.zeros_like(tokens, dtype=torch.bool)
-            always_clean[:, 0] = True
-            generator = torch.Generator().manual_seed(seed_for(seed, length, start))
-            strata = None if exact else torch.rand(len(chunk), generator=generator)
-            for p in range(passes):
-                noise = objective.draw_noise(len(chunk), length, generator=generator)
-                if noise is not None:
-                    t_min = objective.t_min
-                    noise = dataclasses.replace(noise, t=(1 - t_min) * (strata + p) / passes + t_min).to(device)
-                with autocast():
-                    out = objective.elbo(model, tokens, always_clean=always_clean, noise=noise)
-                totals[p, chunk] = out.row_nll.double().cpu()
-                for row, index in enumerate(chunk):
-                    counts[index] = int(out.row_tokens[row])
-    model.train(was_training)
-    means = totals.mean(0)
-    errors = totals.std(0) / math.sqrt(passes) if passes > 1 else torch.zeros(len(sequences))
-    return [TextScore(float(means[i]), counts[i], float(errors[i])) for i in range(len(sequences))]

@@ -49,24 +49,32 @@ class MaskedDiffusionTransformer(SelfAttentionStack):
     config_class = MaskedDiffusionConfig
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None, *,
-                check_inputs: bool = True) -> torch.Tensor:
-        """Logits [B, L, V] for tokens [B, L] in which unknown positions hold `mask_token_id`."""
-        hidden, cond_vector = self.encode(tokens, cond, check_inputs=check_inputs)
+                lengths: torch.Tensor | None = None, check_inputs: bool = True) -> torch.Tensor:
+        """Logits [B, L, V] for tokens [B, L] in which unknown positions hold `mask_token_id`.
+        `lengths` [B]: rows are right-padded to L and only their first lengths[b] tokens are
+        attended to (the logits at padded positions mean nothing)."""
+        hidden, cond_vector = self.encode(tokens, cond, lengths=lengths, check_inputs=check_inputs)
         return self.output_layer(hidden, cond_vector)
 
     def encode(self, tokens: torch.Tensor, cond: torch.Tensor | None = None, *,
-               check_inputs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               lengths: torch.Tensor | None = None, check_inputs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's states [B, L, H] and the conditioning vector [1 or B, C]."""
         batch, length = tokens.shape
         if check_inputs:
             check_ids("tokens", tokens, self.config.vocab_size)
             if length > self.config.length:
                 raise ValueError(f"tokens have length {length}, longer than the model's length {self.config.length}")
+            if lengths is not None and (lengths.shape != (batch,) or bool((lengths < 1).any())
+                                        or bool((lengths > length).any())):
+                raise ValueError(f"lengths must be [{batch}] integers in [1, {length}], got {lengths.tolist()}")
         cond_vector = self.conditioning(cond, batch)
         rope = self.rotary_emb(torch.arange(length, device=tokens.device))
+        mask = None
+        if lengths is not None:
+            mask = (torch.arange(length, device=tokens.device) < lengths[:, None])[:, None, None, :]
         x = self.vocab_embed(tokens)
         for block in self.blocks:
-            x = block(x, cond_vector, rope)
+            x = block(x, cond_vector, rope, mask)
         return x, cond_vector
 
     def logits_at(self, hidden: torch.Tensor, cond_vector: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
