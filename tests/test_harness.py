@@ -77,7 +77,8 @@ def test_the_harness_finds_the_model_by_its_name(memorised, tmp_path):
     tasks = tmp_path / "tasks"
     write_task(tasks, "memory_cloze", cloze_records(), CLOZE_BODY)
     results = lm_eval.simple_evaluate(model="pgm", model_args=f"path={memorised['mdlm']},num_mc=8,progress=False",
-                                      tasks=["memory_cloze"], task_manager=TaskManager(include_path=str(tasks)),
+                                      tasks=["memory_cloze"],
+                                      task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
                                       batch_size=16, bootstrap_iters=0)
     assert results["results"]["memory_cloze"]["acc,none"] == 1.0
 

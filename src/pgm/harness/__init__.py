@@ -62,7 +62,10 @@ def evaluate(source, tasks: list[str], *, num_mc: int = 128, limit: int | None =
     paths = [str(Path(folder).resolve()) for folder in include]
     if any(task in BUILTIN_TASKS for task in tasks):
         paths.append(str(write_builtin_tasks(path.parent / "tasks")))
-    manager = TaskManager(include_path=paths or None)
+    # Indexing the harness's own thousands of task files takes seconds: only when a task needs it.
+    manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
+    if manager is None or any(task not in manager.all_tasks for task in tasks):
+        manager = TaskManager(include_path=paths or None)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise ValueError(f"the harness knows no task {', '.join(unknown)} (offline: {', '.join(BUILTIN_TASKS)}, or "
