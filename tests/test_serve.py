@@ -337,8 +337,11 @@ def test_image_runs_generate_stream_previews_and_inpaint(image_runs):
 # --- the command ----------------------------------------------------------------------------------
 
 def test_pgm_serve_serves_until_interrupted(text_run):
+    # A shell without job control starts background commands with SIGINT ignored, and a child
+    # inherits that: the server gets the default disposition back, as under a terminal.
     process = subprocess.Popen([sys.executable, "-m", "pgm", "serve", str(text_run), "--port", "0"],
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in process.stderr:
             if line.startswith("serving "):
