@@ -54,10 +54,7 @@ def evaluate(source, tasks: list[str], *, num_mc: int = 128, limit: int | None =
     for folder in include:
         if not Path(folder).is_dir():
             raise ValueError(f"--include {folder}: no such folder of task YAML files")
-    model = HarnessModel(str(source) if pipeline is None else None, pipeline=pipeline, num_mc=num_mc, method=method,
-                         batch_size=batch_size, seed=seed, device=device, weights=weights, precision=precision,
-                         gpt2_file=gpt2_file, progress=progress)
-    where = source if pipeline is None else model.pipe.run or model.pipe.source
+    where = source if pipeline is None else pipeline.run or pipeline.source
     path = Path(output) if output is not None else results_path(where, tasks, method=method, num_mc=num_mc, limit=limit)
     paths = [str(Path(folder).resolve()) for folder in include]
     if any(task in BUILTIN_TASKS for task in tasks):
@@ -70,6 +67,9 @@ def evaluate(source, tasks: list[str], *, num_mc: int = 128, limit: int | None =
     if unknown:
         raise ValueError(f"the harness knows no task {', '.join(unknown)} (offline: {', '.join(BUILTIN_TASKS)}, or "
                          "YAML tasks of your own with --include FOLDER)")
+    model = HarnessModel(str(source) if pipeline is None else None, pipeline=pipeline, num_mc=num_mc, method=method,
+                         batch_size=batch_size, seed=seed, device=device, weights=weights, precision=precision,
+                         gpt2_file=gpt2_file, progress=progress)
     try:
         results = simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters,
