@@ -3,6 +3,9 @@ what was measured (calls, steps, the ratios to the baseline)."""
 
 import json
 
+import pytest
+
+
 def test_bench_sampling_writes_its_json_and_prints_its_table(tmp_path, pgm_main):
     code, out, _ = pgm_main("bench", "sampling", "--lengths", "16", "--steps", "4", "--batch-size", "2", "--hidden",
                             "32", "--heads", "2", "--pgm-blocks", "1", "1", "--baseline-blocks", "2", "--vocab", "64",
@@ -41,3 +44,31 @@ def test_bench_refuses_options_it_would_ignore(tmp_path, pgm_main):
     assert code == 2 and "--presets chooses the models of bench training and bench images" in err
     code, _, err = pgm_main("bench", "training", "--sampler", "halton", "--out-dir", tmp_path)
     assert code == 2 and "--sampler applies to bench images" in err
+
+
+def test_bench_training_times_forward_and_backward_against_the_mdlm(tmp_path, pgm_main):
+    code, out, err = pgm_main("bench", "training", "--presets", "text-tiny", "mdlm-tiny", "--batch-size", "2",
+                              "--lengths", "16", "--repeats", "2", "--warmup", "0", "--out-dir", tmp_path)
+    assert code == 0, err
+    report = json.loads((tmp_path / "training.json").read_text())
+    pgm_row, mdlm_row = report["results"]
+    assert report["baseline"] == "mdlm-tiny" and mdlm_row["ratio_to_baseline"] == 1.0
+    assert pgm_row["batch"] == 2 and pgm_row["length"] == 16 and pgm_row["model"] == "pgm"
+    assert 0 < pgm_row["forward_s"] < pgm_row["forward_backward_s"]
+    assert pgm_row["forward_backward_seq_per_s"] == pytest.approx(2 / pgm_row["forward_backward_s"])
+    assert pgm_row["ratio_to_baseline"] == pytest.approx(
+        pgm_row["forward_backward_seq_per_s"] / mdlm_row["forward_backward_seq_per_s"])
+    assert "fwd+bwd s" in out and "text-tiny" in out
+    code, _, err = pgm_main("bench", "training", "--lengths", "16", "32", "--out-dir", tmp_path)
+    assert code == 2 and "one --lengths value" in err
+
+
+def test_the_papers_training_shapes_have_its_parameter_counts():
+    from pgm.bench import PAPER_SHAPES, training_config
+    from pgm.models import build_model
+
+    paper = {"pgm-owt-8-8": 203e6, "pgm-owt-6-6-1024": 268e6, "mdlm-owt": 170e6}  # Tables 1 and 2
+    for name in PAPER_SHAPES:
+        config = training_config(name, length=16)
+        assert config.length == 16 and config.vocab_size == 50258
+        assert build_model(config).num_parameters() == pytest.approx(paper[name], rel=0.005), name

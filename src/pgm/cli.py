@@ -395,15 +395,19 @@ def cmd_bench(args) -> int:
     elif args.what == "sampling":
         shape = bench.Shape(hidden=args.hidden, heads=args.heads, pgm_encoder=args.pgm_blocks[0],
                             pgm_decoder=args.pgm_blocks[1], baseline_blocks=args.baseline_blocks, vocab=args.vocab)
-        report = bench.bench_sampling(lengths=args.lengths, shape=shape, warmup=args.warmup, models=args.models,
+        report = bench.bench_sampling(lengths=args.lengths or [256], shape=shape, warmup=args.warmup,
+                                      models=args.models,
                                       **common, **_given(args, steps_list="steps", batch="batch_size",
                                                          cache_refreshes="cache_refresh", cache_growths="cache_growth"))
         print(bench.format_sampling_table(report))
         path = bench.write_report(report, out_dir, "sampling")
         bench.plot_sampling(report, out_dir / "sampling.png")
     else:
+        if args.lengths is not None and len(args.lengths) != 1:
+            raise ValueError("bench training takes one --lengths value, the length of every model")
         common["steps"] = common.pop("repeats")
-        report = bench.bench_training(**common)
+        report = bench.bench_training(length=args.lengths[0] if args.lengths else None,
+                                      **common, **_given(args, batch_size="batch_size"))
         print(bench.format_training_table(report))
         path = bench.write_report(report, out_dir, "training")
     print(f"wrote {path}")
@@ -607,9 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="speed of sampling or training, models side by side")
     bench.add_argument("what", choices=("sampling", "training", "images"))
-    bench.add_argument("--lengths", type=int, nargs="+", default=[256], help="sampling: sequence lengths")
+    bench.add_argument("--lengths", type=int, nargs="+", help="sampling: sequence lengths (default 256); training: "
+                                                               "one length for every model (default: each model's)")
     bench.add_argument("--steps", type=int, nargs="+", help="sampling: step counts (default 64); images: 32")
-    bench.add_argument("--batch-size", type=int, help="sampling: default 8; images: 32 (batch 1 is timed too)")
+    bench.add_argument("--batch-size", type=int, help="sampling: default 8; images: 32 (batch 1 is timed too); "
+                                                      "training: default the preset's, 8 for the paper's shapes")
     bench.add_argument("--sampler", choices=("halton", "confidence"), help="images: the sampler (default halton)")
     bench.add_argument("--models", nargs="+", default=["pgm", "mdlm", "mdlm-full", "ar"],
                        choices=("pgm", "pgm-cache", "mdlm", "mdlm-full", "ar"),
@@ -627,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline-blocks", type=int, default=8)
     bench.add_argument("--vocab", type=int, default=50258)
     bench.add_argument("--presets", nargs="+", help="training and images: the presets to compare (default: "
-                       "text-small mdlm-small ar-small; images: fmnist-pgm fmnist-maskgit)")
+                       "text-small mdlm-small ar-small; images: fmnist-pgm fmnist-maskgit); training also takes "
+                       "the paper's OpenWebText shapes pgm-owt-8-8, pgm-owt-6-6-1024, mdlm-owt (random weights)")
     bench.add_argument("--shape", nargs="+", choices=tuple(IMAGE_SHAPES),
                        help="images: the released ImageNet models' shapes (494M / 480M parameters), random weights")
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions (training: optimizer steps)")
