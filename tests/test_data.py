@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pgm.data import DataConfig, DataError, TokenRows, load_prepared, prepare_data
+from pgm.data import DataConfig, DataError, TokenRows, load_prepared, prepare_data, training_and_validation_documents
 from pgm.data.corpus import (builtin_corpus_path, builtin_documents, chunk_document, gutenberg_books, load_documents,
                              split_documents)
 from pgm.data.packing import pad_rows, wrap_rows, write_rows
@@ -160,3 +160,13 @@ def test_prepare_data_writes_rows_tokenizer_and_unigram_baseline(tmp_path):
     assert 0 < prepared.meta["unigram_val_nll"] < np.log(301)
     reloaded = load_prepared(tmp_path / "run")
     assert torch.equal(reloaded.val[[0]][0], prepared.val[[0]][0])
+
+
+def test_a_validation_source_gives_the_validation_documents(tmp_path):
+    (tmp_path / "train.txt").write_text("The training text.")
+    (tmp_path / "val.txt").write_text("The validation text.")
+    config = DataConfig(source=str(tmp_path / "train.txt"), val_source=str(tmp_path / "val.txt"))
+    assert training_and_validation_documents(config) == (["The training text."], ["The validation text."])
+    (tmp_path / "val.txt").write_text("")
+    with pytest.raises(DataError, match="holds no text"):
+        training_and_validation_documents(config)

@@ -148,15 +148,13 @@ def test_the_builtin_tasks_are_lambada_shaped_and_come_from_the_validation_split
         assert word.startswith(" ") and word[1:].isalpha() and len(word) >= 4
         assert not example["context"].endswith(" ") and len(example["context"].split()) + 1 >= MIN_WORDS
         assert question["choices"][question["label"]] == word[1:] and len(set(question["choices"])) == 4
-    from pgm.harness.tasks import builtin_validation_documents
-    from pgm.data.corpus import builtin_documents, split_documents
     from pgm.data import DataConfig
+    from pgm.data.corpus import builtin_documents, split_documents
 
-    data = DataConfig()
-    train_docs, _ = split_documents(builtin_documents(), chunk_chars=data.chunk_chars, val_every=data.val_every,
-                                    val_last=data.val_last)
-    validation = "\n\n".join(builtin_validation_documents())
-    training = "\n\n".join(train_docs)
+    data = DataConfig()  # the split computed here, not through the code under test
+    train_docs, val_docs = split_documents(builtin_documents(), chunk_chars=data.chunk_chars, val_every=data.val_every,
+                                           val_last=data.val_last)
+    validation, training = "\n\n".join(val_docs), "\n\n".join(train_docs)
     sample = lambada[::50]
     assert all(example["context"][:60] in validation for example in sample)
     assert not any(example["context"] + example["target"] in training for example in sample)
@@ -178,6 +176,7 @@ def test_pgm_harness_runs_the_builtin_tasks_and_writes_the_results(text_run, pgm
     (["--tasks", "pgm_cloze", "--limit", "0"], "limit must be a positive integer"),
     (["--tasks", "pgm_cloze", "--include", "/no/such/folder"], "no such folder"),
     (["--tasks", "pgm_cloze", "--bootstrap-iters", "-1"], "bootstrap_iters must be a non-negative integer"),
+    (["--tasks", "pgm_cloze", "--method", "suffix"], "method must be one of conditional, whole-sequence"),
 ])
 def test_bad_harness_requests_get_one_sentence(text_run, pgm_main, args, message):
     code, _, err = pgm_main("harness", text_run, *args)

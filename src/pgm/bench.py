@@ -129,6 +129,11 @@ def uniform_counts(remaining: int, steps: int) -> list[int]:
     return [(i + 1) * remaining // steps - i * remaining // steps for i in range(steps)]
 
 
+def median(values: list[float]) -> float:
+    """The middle value (the upper one of an even count): what every timing here reports."""
+    return sorted(values)[len(values) // 2]
+
+
 def time_sampler(run, device, repeats: int, warmup: int) -> tuple[float, dict]:
     stats: dict = {}
     for _ in range(warmup):
@@ -142,7 +147,7 @@ def time_sampler(run, device, repeats: int, warmup: int) -> tuple[float, dict]:
         run(stats)
         synchronize(device)
         timings.append(time.perf_counter() - started)
-    return sorted(timings)[len(timings) // 2], stats
+    return median(timings), stats
 
 
 def peak_memory_mb(device: torch.device) -> float | None:
@@ -349,10 +354,6 @@ def bench_training(presets=("text-small", "mdlm-small", "ar-small"), *, steps: i
     for row in rows:
         row["ratio_to_baseline"] = row["forward_backward_seq_per_s"] / baseline["forward_backward_seq_per_s"]
     return {**machine(device), "steps": steps, "baseline": baseline["preset"], "results": rows}
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def format_training_table(report: dict) -> str:

@@ -590,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     harness.add_argument("--num-mc", type=int, default=128, help="Monte-Carlo samples per log-likelihood (PGM, "
                                                                  "MDLM; AR is exact)")
     harness.add_argument("--limit", type=int, help="score only the first K examples of each task")
-    harness.add_argument("--method", choices=("conditional", "whole-sequence"), default="conditional",
+    harness.add_argument("--method", default="conditional",  # checked by the harness model, with its choices
                          help="conditional: the continuation given the clean context (default); whole-sequence: the "
                               "ELBO of context and continuation together, as the authors' adapter")
     harness.add_argument("--num-fewshot", type=int, help="examples in each prompt (default: the task's)")
@@ -637,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the paper's OpenWebText shapes pgm-owt-8-8, pgm-owt-6-6-1024, mdlm-owt (random weights)")
     bench.add_argument("--shape", nargs="+", choices=tuple(IMAGE_SHAPES),
                        help="images: the released ImageNet models' shapes (494M / 480M parameters), random weights")
-    bench.add_argument("--repeats", type=int, default=3, help="timed repetitions (training: optimizer steps)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repetitions (training: training-loss passes)")
     bench.add_argument("--warmup", type=int, default=1, help="sampling: untimed runs before the timed ones")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--out-dir", default="benchmarks/results")

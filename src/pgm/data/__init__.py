@@ -64,6 +64,22 @@ class PreparedData:
     meta: dict
 
 
+
+def training_and_validation_documents(config: DataConfig) -> tuple[list[str], list[str]]:
+    """The text documents a run on `config` trains on and validates on: the validation source's,
+    or a deterministic split of the training source's pieces."""
+    documents = load_documents(config.source, config.text_field, config.split)
+    if not config.val_source:
+        return split_documents(documents, chunk_chars=config.chunk_chars, val_every=config.val_every,
+                               val_last=config.val_last, limit=config.limit_documents)
+    train_docs = chunk_documents(documents, config.chunk_chars, config.limit_documents)
+    val_docs = chunk_documents(load_documents(config.val_source, config.text_field, config.val_split),
+                               config.chunk_chars)
+    if not train_docs or not val_docs:
+        raise DataError("the training or the validation source holds no text")
+    return train_docs, val_docs
+
+
 def prepare_data(config: DataConfig, length: int, directory: Path, log=print, image_encoder=None,
                  tokenizer: Tokenizer | None = None) -> PreparedData:
     """Read, split, tokenize and pack the data into `directory` (tokenizer/ and data/).
@@ -77,16 +93,7 @@ def prepare_data(config: DataConfig, length: int, directory: Path, log=print, im
         return load_prepared(directory)
     if length < 3:
         raise ConfigError(f"rows of length {length} leave no room between BOS and EOS")
-    documents = load_documents(config.source, config.text_field, config.split)
-    if config.val_source:
-        train_docs = chunk_documents(documents, config.chunk_chars, config.limit_documents)
-        val_docs = chunk_documents(load_documents(config.val_source, config.text_field, config.val_split),
-                                   config.chunk_chars)
-        if not train_docs or not val_docs:
-            raise DataError("the training or the validation source holds no text")
-    else:
-        train_docs, val_docs = split_documents(documents, chunk_chars=config.chunk_chars, val_every=config.val_every,
-                                               val_last=config.val_last, limit=config.limit_documents)
+    train_docs, val_docs = training_and_validation_documents(config)
     log(f"data: {len(train_docs)} training and {len(val_docs)} validation documents "
         f"({sum(map(len, train_docs)) / 1e6:.1f}M / {sum(map(len, val_docs)) / 1e6:.2f}M characters)")
     if tokenizer is None:

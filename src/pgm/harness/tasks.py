@@ -20,8 +20,7 @@ import random
 import re
 from pathlib import Path
 
-from ..data import DataConfig
-from ..data.corpus import builtin_documents, split_documents
+from ..data import DataConfig, training_and_validation_documents
 from ..formats import write_atomic
 
 BUILTIN_TASKS = ("pgm_lambada", "pgm_cloze")
@@ -58,10 +57,8 @@ def cloze_examples(examples: list[dict], *, choices: int = 4, seed: int = 0) -> 
 
 
 def builtin_validation_documents() -> list[str]:
-    data = DataConfig()
-    _, validation = split_documents(builtin_documents(), chunk_chars=data.chunk_chars, val_every=data.val_every,
-                                    val_last=data.val_last)
-    return validation
+    """The validation documents of a run on the built-in corpus with the default data settings."""
+    return training_and_validation_documents(DataConfig())[1]
 
 
 def _task_yaml(name: str, data_file: Path, body: str) -> str:
