@@ -138,7 +138,7 @@ LEAVE_THE_GROUP = """
 import os
 import sys
 import torch
-from pgm.train import setup_distributed
+from pgm.train import leave_distributed, setup_distributed
 
 
 def threads():
@@ -156,7 +156,7 @@ before = threads()
 setup_distributed("cpu")
 during = threads()
 one_step()
-torch.distributed.destroy_process_group()
+leave_distributed()
 with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"]), "w") as counts:
     counts.write(f"{before} {during} {threads()}")
 """
