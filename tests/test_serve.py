@@ -203,7 +203,9 @@ def test_a_closed_stream_cancels_its_request(text_run):
 
 
 def test_a_full_server_answers_503(text_run):
-    pipe = slowed(pgm.load(text_run), 0.05)
+    # Slow enough that the stream cannot finish before the second request, even on a loaded machine
+    # (at 0.05 s a step it once did in CI); the client leaves it after its first line.
+    pipe = slowed(pgm.load(text_run), 0.5)
     with running(create_app({"tiny": pipe}, capacity=1)) as url:
         with httpx.stream("POST", f"{url}/stream", json={}, timeout=60) as response:
             next(response.iter_lines())
