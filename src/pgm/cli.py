@@ -65,6 +65,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_consolidate(args) -> int:
+    from .runs import CHECKPOINTS, RunError, checkpoint_dirs, consolidate_checkpoint, is_sharded
+
+    run_dir = Path(args.run)
+    found = checkpoint_dirs(run_dir)
+    if not found:
+        raise RunError(f"{run_dir} has no checkpoint (is it a run directory?)")
+    if args.step is not None:
+        wanted = run_dir / CHECKPOINTS / f"step_{args.step:07d}"
+        if wanted not in found:
+            raise RunError(f"{run_dir} has no checkpoint of step {args.step} (it has steps "
+                           f"{', '.join(str(int(p.name[5:])) for p in found)})")
+        found = [wanted]
+    elif not args.all:
+        found = found[-1:]
+    sharded = [checkpoint for checkpoint in found if is_sharded(checkpoint)]
+    if not sharded:
+        raise RunError(f"{', '.join(str(p) for p in found)}: nothing to consolidate (not sharded, or done already)")
+    for checkpoint in sharded:
+        consolidate_checkpoint(checkpoint)
+        print(f"{checkpoint}: model.safetensors, ema.safetensors and optimizer.pt written beside sharded/")
+    return 0
+
+
 def cmd_distill(args) -> int:
     from .distill import distill, distillation_config
     from .presets import distill_preset
@@ -439,6 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="settings such as model.hidden_size=256 train.lr=1e-3 (or lr=1e-3 when unambiguous)")
     train.set_defaults(handler=cmd_train)
+
+    consolidate = commands.add_parser("consolidate", help="turn a sharded (train.parallel=fsdp) checkpoint into "
+                                                          "our usual files, readable without torch.distributed")
+    consolidate.add_argument("run", help="the run directory")
+    which = consolidate.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="the checkpoint of this step (default: the latest)")
+    which.add_argument("--all", action="store_true", help="every sharded checkpoint of the run")
+    consolidate.set_defaults(handler=cmd_consolidate)
 
     distill = commands.add_parser("distill", help="distil a text PGM or MDLM into a few-step sampler (multi-round "
                                                   "SDTT)")

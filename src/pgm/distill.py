@@ -172,6 +172,8 @@ def distillation_config(teacher: str | Path, train: TrainConfig, distill: Distil
 def distill(config: RunConfig, run_dir: Path, *, resume: bool = False, teacher=None, log=print) -> Path:
     """Distil `config.distill.teacher` into the run directory `run_dir` (see the module doc).
     `teacher`: its pipeline when the caller has loaded it already."""
+    if config.train.parallel != "ddp":
+        raise RunError("pgm distill runs with train.parallel=ddp (its teacher and rounds are not sharded)")
     return run_trainer(Distiller, config, run_dir, resume=resume, log=log, teacher=teacher)
 
 

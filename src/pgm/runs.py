@@ -4,6 +4,7 @@
     RUN/tokenizer/                     the tokenizer the data was encoded with
     RUN/data/                          the encoded rows (train.bin, val.bin) and meta.json
     RUN/checkpoints/step_0001200/      model.safetensors, ema.safetensors, optimizer.pt, state.json
+                                       (a sharded run: sharded/ and state.json, see `pgm.sharding`)
     RUN/metrics.jsonl, RUN/loss.png    what happened
 
 Checkpoints are written into a hidden temporary directory and renamed into place
@@ -24,9 +25,10 @@ import torch
 
 from .config import ConfigError
 from .data import DataConfig
-from .formats import (DATA_DIR, load_weights, read_config_file, remove_partial, replaced_directory, save_weights,
-                      write_atomic)
+from .formats import (DATA_DIR, load_weights, read_config_file, remove_partial, replaced_atomically, replaced_directory,
+                      save_weights, write_atomic)
 from .models import ModelConfig, config_from_dict
+from .sharding import SHARDED_DIR, read_sharded
 from .train_config import DistillConfig, TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -152,22 +154,64 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict
     return final
 
 
+def save_sharded_checkpoint(run_dir: Path, step: int, write_shards, state: dict, keep: int) -> Path:
+    """Collective: checkpoints/step_N of a sharded run (complete or not at all), where every
+    process's `write_shards(directory)` writes its shards; the main process then adds state.json,
+    renames it into place and keeps only the last `keep`."""
+    import torch.distributed as dist
+
+    final = run_dir / CHECKPOINTS / f"step_{step:07d}"
+    if dist.get_rank() != 0:
+        shared = [None]
+        dist.broadcast_object_list(shared)
+        write_shards(Path(shared[0]) / SHARDED_DIR)
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_directory(final) as temporary:
+        dist.broadcast_object_list([str(temporary)])
+        write_shards(temporary / SHARDED_DIR)  # returns once every process's shards are written
+        (temporary / "state.json").write_text(json.dumps(state, indent=2))
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    return (checkpoint / SHARDED_DIR).is_dir() and not (checkpoint / "model.safetensors").is_file()
+
+
 def load_checkpoint(checkpoint: Path, optimizer: bool = True) -> dict:
     """model, ema (None when the run kept no average), state; to resume (`optimizer`), also the
-    optimizer and extra: the other weights `save_checkpoint` was given, by name."""
-    out = {"model": load_weights(checkpoint / "model.safetensors")}
-    ema = checkpoint / "ema.safetensors"
-    out["ema"] = load_weights(ema) if ema.is_file() else None
-    if optimizer:
-        out["extra"] = {path.stem: load_weights(path) for path in sorted(checkpoint.glob("*.safetensors"))
-                        if path.stem not in ("model", "ema")}
-    try:
-        out["state"] = json.loads((checkpoint / "state.json").read_text())
+    optimizer and extra: the other weights `save_checkpoint` was given, by name. A sharded
+    checkpoint is read whole, in this process."""
+    if is_sharded(checkpoint):
+        try:
+            out = read_sharded(checkpoint / SHARDED_DIR, read_run_config(checkpoint.parent.parent).model, optimizer)
+        except (OSError, RuntimeError, ValueError, KeyError) as error:
+            raise RunError(f"checkpoint {checkpoint} is truncated or corrupt ({error})") from None
+        out["extra"] = {}
+    else:
+        out = {"model": load_weights(checkpoint / "model.safetensors")}
+        ema = checkpoint / "ema.safetensors"
+        out["ema"] = load_weights(ema) if ema.is_file() else None
         if optimizer:
+            out["extra"] = {path.stem: load_weights(path) for path in sorted(checkpoint.glob("*.safetensors"))
+                            if path.stem not in ("model", "ema")}
+    out["state"] = read_checkpoint_state(checkpoint)
+    if optimizer and "optimizer" not in out:
+        try:
             out["optimizer"] = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    except (OSError, json.JSONDecodeError, RuntimeError, EOFError) as error:
-        raise RunError(f"checkpoint {checkpoint} is truncated or corrupt ({error})") from None
+        except (OSError, RuntimeError, EOFError) as error:
+            raise RunError(f"checkpoint {checkpoint} is truncated or corrupt ({error})") from None
     return out
+
+
+def read_checkpoint_state(checkpoint: Path) -> dict:
+    """A checkpoint's state.json: its step and what the trainer recorded with it."""
+    try:
+        return json.loads((checkpoint / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise RunError(f"checkpoint {checkpoint} is truncated or corrupt ({error})") from None
 
 
 class MetricsLog:
@@ -236,3 +280,19 @@ def validation_metric(model_config) -> tuple[str, str]:
 
 __all__ = ["RunConfig", "RunError", "MetricsLog", "read_run_config", "latest_checkpoint", "save_checkpoint",
            "load_checkpoint", "run_card"]
+
+
+def consolidate_checkpoint(checkpoint: Path) -> Path:
+    """Write a sharded checkpoint's model.safetensors, ema.safetensors and optimizer.pt beside
+    its shards, so that it reads like any checkpoint (model.safetensors last: until it exists the
+    checkpoint still reads as sharded)."""
+    if not is_sharded(checkpoint):
+        raise RunError(f"{checkpoint} is not a sharded checkpoint (it has no {SHARDED_DIR}/ directory, or is "
+                       "consolidated already)")
+    loaded = load_checkpoint(checkpoint)
+    with replaced_atomically(checkpoint / "optimizer.pt") as temporary:
+        torch.save(loaded["optimizer"], temporary)
+    if loaded["ema"] is not None:
+        save_weights(loaded["ema"], checkpoint / "ema.safetensors")
+    save_weights(loaded["model"], checkpoint / "model.safetensors")
+    return checkpoint

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .data import PreparedData, load_prepared, prepare_data, prepared_recipe
-from .devices import autocast, describe_precision, process_device
+from .devices import autocast, describe_precision, process_device, uses_bf16
 from .eval.images import psnr
 from .eval.perplexity import seed_for, validation_elbo
 from .formats import CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, remove_partial, replaced_atomically, write_json
@@ -34,11 +34,12 @@ from .models import build_model, is_image_model
 from .objectives import objective_for
 from .presets import vq_preset_for
 from .runs import (METRICS_FILE, MetricsLog, RunConfig, RunError, latest_checkpoint, load_checkpoint, read_run_config,
-                   remove_partial_checkpoints, save_checkpoint, validation_metric)
+                   is_sharded, read_checkpoint_state, remove_partial_checkpoints, save_checkpoint, save_sharded_checkpoint, validation_metric)
+from .sharding import SHARDED_DIR, checkpoint_activations, load_shards, load_whole, save_shards, shard
 from .vq_tokenizer import vq_tokenizer_for_data
 
 RESUMABLE_FIELDS = {"max_steps", "eval_every", "eval_rows", "save_every", "keep_checkpoints", "log_every", "progress",
-                    "device"}
+                    "device", "parallel", "activation_checkpointing"}
 
 
 @dataclasses.dataclass
@@ -56,19 +57,24 @@ class Distributed:
             dist.barrier()
 
 
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+def setup_distributed(device_name: str, group_of_one: bool = False) -> tuple[Distributed, torch.device]:
+    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU); a lone
+    process makes a group of its own with `group_of_one` (FSDP needs one)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     info = Distributed(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     device = process_device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or group_of_one) and not dist.is_initialized():
         # torch.distributed.nn binds group.WORLD into default arguments when it is first imported, and DDP imports
         # it. Imported after the group exists, it would keep the group alive past destroy_process_group: gloo's
         # worker threads then outlive the interpreter, and one releasing a tensor at exit aborts the process.
         import torch.distributed.nn as _  # noqa: F401
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world_size > 1:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return info, device
 
 
@@ -238,7 +244,9 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, log=print) 
 
 def run_trainer(trainer_class, config: RunConfig, run_dir: Path, *, resume: bool, log, **options) -> Path:
     """Run a `Trainer` (or subclass, built with `options`) in this process's place in the run."""
-    info, device = setup_distributed(config.train.device)
+    joined = not dist.is_initialized()  # a group this run makes is one it leaves
+    info, device = setup_distributed(config.train.device, group_of_one=config.train.parallel == "fsdp")
+    joined = joined and dist.is_initialized()
     run_dir = Path(run_dir)
     if not info.main:
         log = lambda *args, **kwargs: None  # noqa: E731 - one voice per run
@@ -254,7 +262,7 @@ def run_trainer(trainer_class, config: RunConfig, run_dir: Path, *, resume: bool
     finally:
         if trainer is not None:
             trainer.__dict__.clear()  # what holds the process group (DDP's reducer) goes before the group
-        if info.world_size > 1 and dist.is_initialized():
+        if joined:
             leave_distributed(finished)
 
 
@@ -321,12 +329,17 @@ class Trainer:
         self.per_process, self.accumulation = per_process, per_process // self.micro
         torch.manual_seed(tc.seed)
         self.model = build_model(self.config.model).to(self.device)
+        if tc.activation_checkpointing:
+            checkpoint_activations(self.model)
+        self.sharded = tc.parallel == "fsdp"
+        if self.sharded:  # before the optimizer and the average, which then hold shards too
+            shard(self.model, self.device, info.world_size, bf16_parameters=uses_bf16(self.device, tc.precision))
         self.objective = objective_for(self.model, complement=tc.complement, label_dropout=tc.label_dropout)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                            weight_decay=tc.weight_decay, foreach=True)
         self.ema = EMA(self.model, tc.ema) if tc.ema > 0 else None
         self.network = self.network_module()
-        if info.world_size > 1:
+        if info.world_size > 1 and not self.sharded:
             self.network = torch.nn.parallel.DistributedDataParallel(
                 self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.rows = RowSchedule(len(self.data.train), tc.seed)
@@ -344,15 +357,34 @@ class Trainer:
         run logged after it."""
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is not None:
-            loaded = load_checkpoint(checkpoint)
-            self.model.load_state_dict(loaded["model"])
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            if self.sharded and is_sharded(checkpoint):
+                average = dict(zip(self.ema.names, self.ema.shadow)) if self.ema else None
+                load_shards(checkpoint / SHARDED_DIR, self.model, self.optimizer, average)
+                loaded = {"state": read_checkpoint_state(checkpoint), "extra": {}}
+                if self.ema is not None:
+                    self.ema.updates = loaded["state"]["ema_updates"]
+            else:
+                loaded = load_checkpoint(checkpoint)
+                self.load_whole(loaded)
             self.step = loaded["state"]["step"]
-            if self.ema is not None and loaded["ema"] is not None:
-                self.ema.load(loaded["ema"], loaded["state"].get("ema_updates", self.step))
             self.restore(loaded)
             self.log(f"resuming {self.run_dir} from step {self.step}")
         self.metrics.truncate_after(self.step)
+
+    def load_whole(self, loaded: dict) -> None:
+        """Take the model, optimizer and average of an unsharded checkpoint (or a sharded one read whole)."""
+        updates = loaded["state"].get("ema_updates", loaded["state"]["step"])
+        if not self.sharded:
+            self.model.load_state_dict(loaded["model"])
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            if self.ema is not None and loaded["ema"] is not None:
+                self.ema.load(loaded["ema"], updates)
+            return
+        if self.ema is not None and loaded["ema"] is not None:  # the average, sharded like the parameters
+            load_whole(self.model, self.optimizer, loaded["ema"], loaded["optimizer"])
+            self.ema = EMA(self.model, self.config.train.ema)
+            self.ema.updates = updates
+        load_whole(self.model, self.optimizer, loaded["model"], loaded["optimizer"])
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -376,12 +408,14 @@ class Trainer:
             tokens = tokens.to(self.device, non_blocking=True)
             valid = None if valid is None else valid.to(self.device)
             sync = m == self.accumulation - 1 or info.world_size == 1
-            with (contextlib.nullcontext() if sync else self.network.no_sync()), self.autocast():
+            with self.gradient_sync(sync), self.autocast():
                 loss = self.batch_loss(tokens, valid, None if noise is None else noise[start:start + self.micro].to(
                     self.device), **labeled)
                 loss.backward()
             step_loss += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip else math.inf)
+        if self.sharded:  # a DTensor over the processes
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -391,6 +425,14 @@ class Trainer:
             dist.all_reduce(step_loss)
             step_loss /= info.world_size
         return float(step_loss), float(grad_norm), lr
+
+    def gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Whether this micro-batch's backward reduces the gradients over the processes (the last
+        of a step does; the others accumulate locally)."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.network.no_sync()
 
     def step_noise(self, rows: np.ndarray, generator: torch.Generator):
         """The loss noise of the whole global batch of this step (its `rows`)."""
@@ -424,18 +466,25 @@ class Trainer:
         result = validation_elbo(self.model, self.objective, self.data.val, indices=self.eval_indices,
                                  batch_size=tc.batch_size, micro_batch_size=self.micro, seed=tc.seed,
                                  device=self.device, autocast=self.autocast, bos_always_clean=tc.bos_always_clean,
-                                 rank=self.info.rank, world_size=self.info.world_size)
+                                 rank=self.info.rank, world_size=self.info.world_size, lockstep=self.sharded)
         return {"val_nll": result.nll, "val_ppl": result.perplexity}
 
     def save(self) -> None:
-        """A checkpoint of this step (from the main process), and the loss plot."""
-        if self.info.main:
-            model, ema = self.model, self.ema
-            state = {"step": self.step, "ema_updates": ema.updates if ema else 0,
-                     "parameters": model.num_parameters(), **self.checkpoint_state()}
+        """A checkpoint of this step (from the main process, or every process's shards), and the
+        loss plot."""
+        model, ema, tc = self.model, self.ema, self.config.train
+        state = {"step": self.step, "ema_updates": ema.updates if ema else 0, "parameters": model.num_parameters(),
+                 **self.checkpoint_state()}
+        if self.sharded:
+            average = dict(zip(ema.names, ema.shadow)) if ema else None
+            save_sharded_checkpoint(self.run_dir, self.step,
+                                    lambda directory: save_shards(directory, model, self.optimizer, average),
+                                    state, tc.keep_checkpoints)
+        elif self.info.main:
             averaged = model.savable_state(ema.state_dict(model)) if ema else None
             save_checkpoint(self.run_dir, self.step, model.savable_state(), averaged, self.optimizer.state_dict(),
-                            state, self.config.train.keep_checkpoints, extra=self.checkpoint_weights())
+                            state, tc.keep_checkpoints, extra=self.checkpoint_weights())
+        if self.info.main:
             plot_losses(self.metrics.records(), self.run_dir / "loss.png",
                         f"{self.config.model.kind}: {self.run_dir.name}", self.VALIDATION_KEY)
         self.info.barrier()

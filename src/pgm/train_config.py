@@ -34,6 +34,10 @@ class TrainConfig(Config):
     complement: Literal["exact", "one_minus_t"] = "exact"  # PGM: the swapped view's time
     label_dropout: float = 0.1  # class-conditional models: share of rows trained with the null class
     progress: bool = True  # a progress bar on the terminal
+    # ddp: every process holds the whole model (DistributedDataParallel); fsdp: FSDP2, each block's
+    # parameters, gradients and optimizer state sharded over the processes, checkpoints sharded too
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
 
     def validate(self) -> None:
         require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")

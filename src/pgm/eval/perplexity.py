@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -41,14 +41,35 @@ def seed_for(*parts: int) -> int:
 
 
 @torch.no_grad()
+def rank_parts(size: int, rank: int, world_size: int, micro_batch_size: int = 0,
+               lockstep: bool = False) -> Iterator[tuple[slice, bool]]:
+    """The slices of a batch of `size` rows that process `rank` scores, `micro_batch_size` (0: all
+    of its share) at a time, each with whether it is kept; with `lockstep` every process gets as
+    many slices as the largest share needs, the missing ones a stand-in (the batch's first row,
+    not kept)."""
+    first, last = rank * size // world_size, (rank + 1) * size // world_size
+    largest = -(-size // world_size)
+    step = micro_batch_size or max(1, largest if lockstep else last - first)
+    calls = -(-largest // step) if lockstep else -(-(last - first) // step)
+    for call in range(calls):
+        low = first + call * step
+        if low < last:
+            yield slice(low, min(low + step, last)), True
+        else:
+            yield slice(0, 1), False
+
+
 def validation_elbo(model, objective, rows, *, indices=None, batch_size: int = 32, micro_batch_size: int = 0,
                     passes: int = 1, seed: int = 0, device="cpu",
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                    bos_always_clean: bool = True, rank: int = 0, world_size: int = 1) -> ValidationResult:
+                    bos_always_clean: bool = True, rank: int = 0, world_size: int = 1,
+                    lockstep: bool = False) -> ValidationResult:
     """ELBO over `rows[indices]` (all rows by default), in batches of `batch_size` rows whose
     noise is drawn together. With world_size > 1 each process scores its share of every batch,
-    `micro_batch_size` rows at a time, and the sums are all-reduced. `autocast` makes the context
-    manager the model runs under."""
+    `micro_batch_size` rows at a time, and the sums are all-reduced; with `lockstep` every process
+    calls the model equally often (a sharded model gathers its parameters in each call), a short
+    share scoring a stand-in row whose result is dropped. `autocast` makes the context manager
+    the model runs under."""
     indices = list(range(len(rows))) if indices is None else list(indices)
     was_training = model.training
     model.eval()
@@ -60,10 +81,7 @@ def validation_elbo(model, objective, rows, *, indices=None, batch_size: int = 3
             tokens, valid = rows[chunk]
             generator = torch.Generator().manual_seed(seed_for(seed, p, b))
             noise = objective.draw_noise(len(chunk), tokens.shape[1], generator=generator)
-            first, last = rank * len(chunk) // world_size, (rank + 1) * len(chunk) // world_size
-            step = micro_batch_size or max(1, last - first)
-            for low in range(first, last, step):
-                part = slice(low, min(low + step, last))
+            for part, kept in rank_parts(len(chunk), rank, world_size, micro_batch_size, lockstep):
                 part_tokens = tokens[part].to(device)
                 part_valid = None if valid is None else valid[part].to(device)
                 always_clean = None
@@ -75,9 +93,10 @@ def validation_elbo(model, objective, rows, *, indices=None, batch_size: int = 3
                 with autocast():
                     out = objective.elbo(model, part_tokens, valid=part_valid, always_clean=always_clean,
                                          noise=None if noise is None else noise[part].to(device), **labeled)
-                positions = torch.arange(start + part.start, start + part.stop)
-                row_nll[p, positions] = out.row_nll.double().cpu()
-                row_tokens[positions] = out.row_tokens.double().cpu()
+                if kept:
+                    positions = torch.arange(start + part.start, start + part.stop)
+                    row_nll[p, positions] = out.row_nll.double().cpu()
+                    row_tokens[positions] = out.row_tokens.double().cpu()
     if world_size > 1:
         dist.all_reduce(row_nll)
         dist.all_reduce(row_tokens)

@@ -256,6 +256,8 @@ class SelfAttentionBlock(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """Decoder block: modulated queries attend to normalised, unmodulated encoder states."""
 
+    ENTRY_POINTS = ("project_keys_values",)  # what the model calls besides forward (FSDP gathers for each)
+
     def __init__(self, hidden_size: int, num_heads: int, cond_dim: int, mlp_ratio: int, dropout: float):
         super().__init__()
         self.num_heads = num_heads
