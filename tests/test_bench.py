@@ -51,7 +51,8 @@ def test_bench_training_times_forward_and_backward_against_the_mdlm(tmp_path, pg
                               "--lengths", "16", "--repeats", "2", "--warmup", "0", "--out-dir", tmp_path)
     assert code == 0, err
     report = json.loads((tmp_path / "training.json").read_text())
-    pgm_row, mdlm_row = report["results"]
+    pgm_row, grouped_row, mdlm_row = report["results"]
+    assert [row["attention"] for row in report["results"]] == ["dense", "grouped", "dense"]
     assert report["baseline"] == "mdlm-tiny" and mdlm_row["ratio_to_baseline"] == 1.0
     assert pgm_row["batch"] == 2 and pgm_row["length"] == 16 and pgm_row["model"] == "pgm"
     assert 0 < pgm_row["forward_s"] < pgm_row["forward_backward_s"]
@@ -61,6 +62,8 @@ def test_bench_training_times_forward_and_backward_against_the_mdlm(tmp_path, pg
     assert "fwd+bwd s" in out and "text-tiny" in out
     code, _, err = pgm_main("bench", "training", "--lengths", "16", "32", "--out-dir", tmp_path)
     assert code == 2 and "one --lengths value" in err
+    code, _, err = pgm_main("bench", "sampling", "--attention", "dense", "--out-dir", tmp_path)
+    assert code == 2 and "--attention applies to bench training" in err
 
 
 def test_the_papers_training_shapes_have_its_parameter_counts():

@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_pgm
+from conftest import redraw_zero_initialised, tiny_pgm
 from pgm.models import ConfigError, PartitionConfig, PartitionTransformer, config_from_dict
-from pgm.models.layers import FinalLayer, LayerNorm, Rotary, apply_rotary, gelu_tanh
+from pgm.models.layers import (FinalLayer, GroupMask, LayerNorm, Rotary, apply_rotary, gelu_tanh, grouped_attention,
+                               training_attention)
 
 MODES = ["learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp"]
 
@@ -214,3 +215,84 @@ def test_inference_shortcuts_in_the_layers_match_the_textbook_formulas():
         shortcut = final(x[:, 0], cond)
     assert shortcut.is_contiguous() and shortcut.shape == (3, 7, 40000)
     assert torch.allclose(shortcut, final(x[:, 0], cond), rtol=1e-5, atol=1e-4)  # with autograd: nn.Linear
+
+
+def _groups_with_empty_rows(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    groups = torch.rand(batch, length, generator=generator) < torch.rand(batch, 1, generator=generator)
+    groups[0], groups[1] = True, False  # rows whose other group is empty
+    return groups
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_grouped_attention_equals_the_dense_mask_in_values_and_gradients(same):
+    generator = torch.Generator().manual_seed(0)
+    groups = _groups_with_empty_rows(5, 20, generator)
+    offset = 2  # the decoder's queries start after the registers
+    mask = GroupMask(groups[:, offset:] if not same else groups, groups, same)
+    q = torch.randn(5, 3, mask.query_groups.shape[1], 8, generator=generator, requires_grad=True)
+    k, v = (torch.randn(5, 3, 20, 8, generator=generator, requires_grad=True) for _ in range(2))
+    weights = torch.randn(5, 3, mask.query_groups.shape[1], 8, generator=generator)
+    results = []
+    for out in (F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense()), grouped_attention(q, k, v, mask)):
+        gradients = torch.autograd.grad((out * weights).sum(), (q, k, v))
+        results.append((out, gradients))
+    (dense, dense_gradients), (grouped, grouped_gradients) = results
+    assert (grouped - dense).abs().max() < 1e-5
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(grouped_gradients, dense_gradients))
+    if not same:  # no key of the other group: zeros, with zero gradient
+        assert grouped[:2].abs().max() == 0 and grouped_gradients[0][:2].abs().max() == 0
+
+
+def test_grouped_attention_reads_only_the_keys_its_mask_allows():
+    # Query 0 (group 0) has one key of group 1 to read (key 2), so it returns that key's value;
+    # query 1 (group 1) averages the values of keys 0 and 1 when the keys are identical.
+    q = torch.randn(1, 1, 2, 4)
+    k = torch.cat([torch.ones(1, 1, 2, 4), torch.randn(1, 1, 1, 4)], dim=2)
+    v = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]])[None, None]
+    mask = GroupMask(torch.tensor([[False, True]]), torch.tensor([[False, False, True]]), same=False)
+    out = grouped_attention(q, k, v, mask)
+    assert torch.allclose(out[0, 0, 0], v[0, 0, 2]) and torch.allclose(out[0, 0, 1], torch.tensor([0.5, 0.5, 0, 0]))
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_the_training_view_is_the_same_with_dense_and_grouped_attention(registers):
+    torch.manual_seed(0)
+    config = PartitionConfig(vocab_size=33, length=16, hidden_size=32, num_heads=2, cond_dim=16, encoder_blocks=2,
+                             decoder_blocks=2, registers=registers, time_conditioning=True)
+    model = redraw_zero_initialised(PartitionTransformer(config))
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 32, (4, 16), generator=generator)
+    groups = _groups_with_empty_rows(4, 16, generator)
+    sigma = torch.rand(4, generator=generator)
+    results = []
+    for kind in ("dense", "grouped"):
+        model.zero_grad()
+        torch.manual_seed(2)  # the same dropout masks
+        with training_attention(kind):
+            logits = model(tokens, groups, sigma)
+        logits.float().logsumexp(-1).sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (dense, dense_gradients), (grouped, grouped_gradients) = results
+    assert (grouped - dense).abs().max() < 1e-5
+    assert all((grouped_gradients[n] - g).abs().max() <= 1e-5 * g.abs().max().clamp(min=1)
+               for n, g in dense_gradients.items())
+    with pytest.raises(ValueError, match="training attention must be one of dense, grouped"):
+        with training_attention("sparse"):
+            pass
+
+
+def test_training_attention_is_dense_unless_asked(monkeypatch):
+    import pgm.models.layers as layers
+
+    calls = []
+    real = layers.grouped_attention
+    monkeypatch.setattr(layers, "grouped_attention", lambda *args: calls.append(1) or real(*args))
+    model = tiny_pgm()
+    tokens, groups = torch.randint(0, 10, (2, model.config.length)), torch.rand(2, model.config.length) < 0.5
+    model(tokens, groups)
+    assert calls == []
+    with training_attention("grouped"):
+        model(tokens, groups)
+    assert len(calls) == model.config.encoder_blocks + model.config.decoder_blocks + 1  # + GroupSwap
+    model(tokens, groups)
+    assert len(calls) == model.config.encoder_blocks + model.config.decoder_blocks + 1

@@ -313,16 +313,21 @@ def training_config(name: str, length: int | None = None):
 
 
 def bench_training(presets=("text-small", "mdlm-small", "ar-small"), *, steps: int = 10, warmup: int = 2,
-                   batch_size: int | None = None, length: int | None = None, device="cpu", log=print) -> dict:
+                   batch_size: int | None = None, length: int | None = None, attentions=("dense", "grouped"),
+                   device="cpu", log=print) -> dict:
     """Forward and forward+backward time of each model's training loss on random tokens (no
     optimizer step), in train mode (dropout on): presets (their batch size by default) or the
-    paper's shapes (`PAPER_SHAPES`, batch 8 by default)."""
+    paper's shapes (`PAPER_SHAPES`, batch 8 by default). A PGM gets one row per training
+    attention in `attentions` (`pgm.models.layers.training_attention`); the others have one kind."""
+    from .models.layers import training_attention
     from .objectives import objective_for
     from .presets import preset
 
     device = resolve_device(device)
     rows = []
-    for name in presets:
+    for name, attention in [(name, attention) for name in presets
+                            for attention in (attentions if training_config(name, length).kind == "pgm"
+                                              else ("dense",))]:
         config = training_config(name, length)
         torch.manual_seed(0)
         model = build_model(config).to(device).train()
@@ -334,7 +339,7 @@ def bench_training(presets=("text-small", "mdlm-small", "ar-small"), *, steps: i
         for step in range(warmup + steps):
             synchronize(device)
             started = time.perf_counter()
-            with autocast(device):
+            with autocast(device), training_attention(attention):
                 loss = objective.loss(model, tokens, generator=generator).loss
             synchronize(device)
             middle = time.perf_counter()
@@ -344,11 +349,12 @@ def bench_training(presets=("text-small", "mdlm-small", "ar-small"), *, steps: i
             if step >= warmup:
                 forward.append(middle - started)
                 both.append(time.perf_counter() - started)
-        rows.append({"preset": name, "model": config.kind, "parameters": model.num_parameters(), "batch": batch,
+        rows.append({"preset": name, "model": config.kind, "attention": attention,
+                     "parameters": model.num_parameters(), "batch": batch,
                      "length": config.length, "forward_s": median(forward), "forward_backward_s": median(both),
                      "forward_seq_per_s": batch / median(forward), "forward_backward_seq_per_s": batch / median(both),
                      "tokens_per_s": batch * config.length / median(both)})
-        log(f"  {name:<16} {rows[-1]['forward_backward_seq_per_s']:>8.2f} seq/s forward+backward")
+        log(f"  {name:<16} {attention:<8} {rows[-1]['forward_backward_seq_per_s']:>8.2f} seq/s forward+backward")
         del model, loss
     baseline = next((row for row in rows if row["model"] == "mdlm"), rows[0])
     for row in rows:
@@ -360,10 +366,11 @@ def format_training_table(report: dict) -> str:
     lines = [f"device {report['device']} ({report['processor']}, {report['threads']} threads), {report['dtype']}, "
              f"median of {report['steps']} training-loss passes on random tokens (train mode, no optimizer step); "
              f"x: forward+backward sequences/s over {report['baseline']}'s",
-             f"{'model':<18}{'kind':<6}{'params':>9}{'batch':>6}{'length':>7}{'fwd s':>8}{'fwd seq/s':>10}"
+             f"{'model':<18}{'kind':<6}{'attention':<10}{'params':>9}{'batch':>6}{'length':>7}{'fwd s':>8}{'fwd seq/s':>10}"
              f"{'fwd+bwd s':>10}{'seq/s':>8}{'tok/s':>8}{'x':>6}"]
     for r in report["results"]:
-        lines.append(f"{r['preset']:<18}{r['model']:<6}{r['parameters'] / 1e6:>8.1f}M{r['batch']:>6}{r['length']:>7}"
+        lines.append(f"{r['preset']:<18}{r['model']:<6}{r['attention']:<10}{r['parameters'] / 1e6:>8.1f}M{r['batch']:>6}"
+                     f"{r['length']:>7}"
                      f"{r['forward_s']:>8.3f}{r['forward_seq_per_s']:>10.2f}{r['forward_backward_s']:>10.3f}"
                      f"{r['forward_backward_seq_per_s']:>8.2f}{r['tokens_per_s']:>8.0f}{r['ratio_to_baseline']:>6.2f}")
     return "\n".join(lines)

@@ -407,6 +407,8 @@ def cmd_bench(args) -> int:
         raise ValueError("--cache-refresh and --cache-growth apply to the pgm-cache model of bench sampling "
                          "(--models ... pgm-cache)")
     out_dir = Path(args.out_dir)
+    if args.attention is not None and args.what != "training":
+        raise ValueError("--attention applies to bench training")
     if args.shape is not None and args.what != "images":
         raise ValueError("--shape applies to bench images")
     names = (args.presets or []) + (args.shape or [])
@@ -431,7 +433,7 @@ def cmd_bench(args) -> int:
             raise ValueError("bench training takes one --lengths value, the length of every model")
         common["steps"] = common.pop("repeats")
         report = bench.bench_training(length=args.lengths[0] if args.lengths else None,
-                                      **common, **_given(args, batch_size="batch_size"))
+                                      **common, **_given(args, batch_size="batch_size", attentions="attention"))
         print(bench.format_training_table(report))
         path = bench.write_report(report, out_dir, "training")
     print(f"wrote {path}")
@@ -649,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, help="sampling: default 8; images: 32 (batch 1 is timed too); "
                                                       "training: default the preset's, 8 for the paper's shapes")
     bench.add_argument("--sampler", choices=("halton", "confidence"), help="images: the sampler (default halton)")
+    bench.add_argument("--attention", nargs="+", choices=("dense", "grouped"),
+                       help="training: a PGM row for each way its training attention runs (default: dense grouped)")
     bench.add_argument("--models", nargs="+", default=["pgm", "mdlm", "mdlm-full", "ar"],
                        choices=("pgm", "pgm-cache", "mdlm", "mdlm-full", "ar"),
                        help="mdlm: logits only where tokens are revealed; mdlm-full: logits everywhere; pgm-cache: "

@@ -32,8 +32,8 @@ from torch import nn
 
 from ..config import require
 from .base import TimeConditionedModel, TokenTransformerConfig, check_ids, check_labels
-from .layers import (ClassEmbedding, CrossAttentionBlock, FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder,
-                     TokenEmbedding, apply_rotary, attend, sinusoid, split_heads)
+from .layers import (ClassEmbedding, CrossAttentionBlock, FinalLayer, GroupMask, Rotary, SelfAttentionBlock,
+                     TimestepEmbedder, TokenEmbedding, apply_rotary, attend, sinusoid, split_heads)
 
 PreQueryMode = Literal["learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp"]
 
@@ -296,8 +296,7 @@ class PartitionTransformer(TimeConditionedModel):
             groups = torch.cat([register_groups, groups], dim=1)
         positions = torch.arange(length + registers, device=tokens.device)
         rope = self.rotary_emb(positions)
-        same_group = groups[:, :, None] == groups[:, None, :]  # [B, R+L, R+L]
-        memory = self.encoder(x, cond_vector, rope, same_group[:, None])
+        memory = self.encoder(x, cond_vector, rope, GroupMask(groups, groups, same=True))  # [B, R+L] groups
         summary = None
         if self.decoder.group_swap.content_dependent:
             summarise = self.decoder.group_swap.summarise
@@ -306,7 +305,7 @@ class PartitionTransformer(TimeConditionedModel):
         # The registers are never predicted: queries start at the first token position.
         query_rope = tuple(c[:, :, registers:] for c in rope)
         x = self.decoder(self.decoder.keys_values(memory, rope), cond_vector, positions[registers:], query_rope,
-                         ~same_group[:, None, registers:], summary)
+                         GroupMask(groups[:, registers:], groups, same=False), summary)
         return self.output_layer(x, cond_vector)
 
     def predict(self, clean_tokens: torch.Tensor, clean_positions: torch.Tensor, query_positions: torch.Tensor,
