@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from pgm.objectives import objective_for
 from pgm.runs import RunError, checkpoint_dirs, is_sharded, latest_checkpoint, load_checkpoint, read_run_config
 from pgm.sharding import checkpoint_activations
 from pgm.train import train
-from test_train import losses
+from test_train import losses, wait_for_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pgm", "train"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -42,15 +41,10 @@ def killed_and_resumed(tmp_path_factory):
     It validates on 17 rows (batches of 8, 8 and 1: one process has no row of the last), which
     only the reference's training losses can be compared with."""
     run_dir = tmp_path_factory.mktemp("fsdp") / "run"
-    process = subprocess.Popen(TORCHRUN + ["--preset", "text-tiny", "--out", str(run_dir), "log_every=1",
-                                           "save_every=2", "keep_checkpoints=50", "train.parallel=fsdp", "eval_rows=17"],
+    settings = ["log_every=1", "save_every=2", "keep_checkpoints=50", "train.parallel=fsdp", "eval_rows=17"]
+    process = subprocess.Popen(TORCHRUN + ["--preset", "text-tiny", "--out", str(run_dir), *settings],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        found = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
-        if found is not None and int(found.name[5:]) >= 6:
-            break
-        time.sleep(0.05)
+    wait_for_checkpoint(process, run_dir, 6, seconds=240)
     workers = children(process.pid)  # torchrun starts each in a session of its own
     for pid in [process.pid, *workers]:
         os.kill(pid, signal.SIGKILL)

@@ -88,17 +88,22 @@ def test_resume_after_a_crash_in_the_middle_of_a_save_replays_every_step(referen
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def wait_for_checkpoint(process: subprocess.Popen, run_dir: Path, step: int, seconds: float) -> None:
+    """Until `run_dir` holds a checkpoint of `step` or later (or the process ends, or time runs out)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and process.poll() is None:
+        found = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+        if found is not None and int(found.name[5:]) >= step:
+            return
+        time.sleep(0.05)
+
+
 def test_a_killed_process_resumes_exactly(reference_run, tmp_path):
     run_dir = tmp_path / "killed"
     command = [sys.executable, "-m", "pgm", "train", "--preset", "text-tiny", "--out", str(run_dir), "log_every=1",
                "save_every=2", "keep_checkpoints=50"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        found = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
-        if found is not None and int(found.name[5:]) >= 6:
-            break
-        time.sleep(0.05)
+    wait_for_checkpoint(process, run_dir, 6, seconds=120)
     process.send_signal(signal.SIGKILL)
     process.wait()
     resumed_from = int(latest_checkpoint(run_dir).name[5:])

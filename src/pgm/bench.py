@@ -366,11 +366,11 @@ def format_training_table(report: dict) -> str:
     lines = [f"device {report['device']} ({report['processor']}, {report['threads']} threads), {report['dtype']}, "
              f"median of {report['steps']} training-loss passes on random tokens (train mode, no optimizer step); "
              f"x: forward+backward sequences/s over {report['baseline']}'s",
-             f"{'model':<18}{'kind':<6}{'attention':<10}{'params':>9}{'batch':>6}{'length':>7}{'fwd s':>8}{'fwd seq/s':>10}"
-             f"{'fwd+bwd s':>10}{'seq/s':>8}{'tok/s':>8}{'x':>6}"]
+             f"{'model':<18}{'kind':<6}{'attention':<10}{'params':>9}{'batch':>6}{'length':>7}{'fwd s':>8}"
+             f"{'fwd seq/s':>10}{'fwd+bwd s':>10}{'seq/s':>8}{'tok/s':>8}{'x':>6}"]
     for r in report["results"]:
-        lines.append(f"{r['preset']:<18}{r['model']:<6}{r['attention']:<10}{r['parameters'] / 1e6:>8.1f}M{r['batch']:>6}"
-                     f"{r['length']:>7}"
+        lines.append(f"{r['preset']:<18}{r['model']:<6}{r['attention']:<10}{r['parameters'] / 1e6:>8.1f}M"
+                     f"{r['batch']:>6}{r['length']:>7}"
                      f"{r['forward_s']:>8.3f}{r['forward_seq_per_s']:>10.2f}{r['forward_backward_s']:>10.3f}"
                      f"{r['forward_backward_seq_per_s']:>8.2f}{r['tokens_per_s']:>8.0f}{r['ratio_to_baseline']:>6.2f}")
     return "\n".join(lines)

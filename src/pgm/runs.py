@@ -214,6 +214,22 @@ def read_checkpoint_state(checkpoint: Path) -> dict:
         raise RunError(f"checkpoint {checkpoint} is truncated or corrupt ({error})") from None
 
 
+def consolidate_checkpoint(checkpoint: Path) -> Path:
+    """Write a sharded checkpoint's model.safetensors, ema.safetensors and optimizer.pt beside
+    its shards, so that it reads like any checkpoint (model.safetensors last: until it exists the
+    checkpoint still reads as sharded)."""
+    if not is_sharded(checkpoint):
+        raise RunError(f"{checkpoint} is not a sharded checkpoint (it has no {SHARDED_DIR}/ directory, or is "
+                       "consolidated already)")
+    loaded = load_checkpoint(checkpoint)
+    with replaced_atomically(checkpoint / "optimizer.pt") as temporary:
+        torch.save(loaded["optimizer"], temporary)
+    if loaded["ema"] is not None:
+        save_weights(loaded["ema"], checkpoint / "ema.safetensors")
+    save_weights(loaded["model"], checkpoint / "model.safetensors")
+    return checkpoint
+
+
 class MetricsLog:
     """RUN/metrics.jsonl: one JSON record per line, each with the step it describes."""
 
@@ -281,18 +297,3 @@ def validation_metric(model_config) -> tuple[str, str]:
 __all__ = ["RunConfig", "RunError", "MetricsLog", "read_run_config", "latest_checkpoint", "save_checkpoint",
            "load_checkpoint", "run_card"]
 
-
-def consolidate_checkpoint(checkpoint: Path) -> Path:
-    """Write a sharded checkpoint's model.safetensors, ema.safetensors and optimizer.pt beside
-    its shards, so that it reads like any checkpoint (model.safetensors last: until it exists the
-    checkpoint still reads as sharded)."""
-    if not is_sharded(checkpoint):
-        raise RunError(f"{checkpoint} is not a sharded checkpoint (it has no {SHARDED_DIR}/ directory, or is "
-                       "consolidated already)")
-    loaded = load_checkpoint(checkpoint)
-    with replaced_atomically(checkpoint / "optimizer.pt") as temporary:
-        torch.save(loaded["optimizer"], temporary)
-    if loaded["ema"] is not None:
-        save_weights(loaded["ema"], checkpoint / "ema.safetensors")
-    save_weights(loaded["model"], checkpoint / "model.safetensors")
-    return checkpoint

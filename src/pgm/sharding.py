@@ -89,24 +89,27 @@ def load_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimi
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-def load_whole(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
-    """Collective: put an unsharded checkpoint (our model and torch optimizer state dicts) into a
-    sharded model and its optimizer; every process holds the whole state."""
+def distribute_whole(model: nn.Module, model_state: dict, optimizer: torch.optim.Optimizer | None = None,
+                     optimizer_state: dict | None = None) -> None:
+    """Collective: put an unsharded state (our model state dict and, given an optimizer, its
+    torch state dict) into a sharded model and its optimizer; every process holds the whole state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    names = [name for name, _ in model.named_parameters()]
-    by_name = {"state": {names[index]: value for index, value in optimizer_state["state"].items()},
-               "param_groups": [{**group, "params": [names[index] for index in group["params"]]}
-                                for group in optimizer_state["param_groups"]]}
     whole = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=whole)
-    set_optimizer_state_dict(model, optimizer, by_name, options=whole)
+    if optimizer is not None:
+        names = [name for name, _ in model.named_parameters()]
+        by_name = {"state": {names[index]: value for index, value in optimizer_state["state"].items()},
+                   "param_groups": [{**group, "params": [names[index] for index in group["params"]]}
+                                    for group in optimizer_state["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, by_name, options=whole)
 
 
 def has_average(directory: Path) -> bool:
     import torch.distributed.checkpoint as dcp
 
-    return any(key.startswith("ema.") for key in dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
+    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return any(key.startswith("ema.") for key in saved)
 
 
 def read_sharded(directory: Path, config: ModelConfig, optimizer: bool = True) -> dict:

@@ -33,9 +33,10 @@ from .formats import CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, remove_partial, repla
 from .models import build_model, is_image_model
 from .objectives import objective_for
 from .presets import vq_preset_for
-from .runs import (METRICS_FILE, MetricsLog, RunConfig, RunError, latest_checkpoint, load_checkpoint, read_run_config,
-                   is_sharded, read_checkpoint_state, remove_partial_checkpoints, save_checkpoint, save_sharded_checkpoint, validation_metric)
-from .sharding import SHARDED_DIR, checkpoint_activations, load_shards, load_whole, save_shards, shard
+from .runs import (METRICS_FILE, MetricsLog, RunConfig, RunError, is_sharded, latest_checkpoint, load_checkpoint,
+                   read_checkpoint_state, read_run_config, remove_partial_checkpoints, save_checkpoint,
+                   save_sharded_checkpoint, validation_metric)
+from .sharding import SHARDED_DIR, checkpoint_activations, distribute_whole, load_shards, save_shards, shard
 from .vq_tokenizer import vq_tokenizer_for_data
 
 RESUMABLE_FIELDS = {"max_steps", "eval_every", "eval_rows", "save_every", "keep_checkpoints", "log_every", "progress",
@@ -365,13 +366,13 @@ class Trainer:
                     self.ema.updates = loaded["state"]["ema_updates"]
             else:
                 loaded = load_checkpoint(checkpoint)
-                self.load_whole(loaded)
+                self.take_whole(loaded)
             self.step = loaded["state"]["step"]
             self.restore(loaded)
             self.log(f"resuming {self.run_dir} from step {self.step}")
         self.metrics.truncate_after(self.step)
 
-    def load_whole(self, loaded: dict) -> None:
+    def take_whole(self, loaded: dict) -> None:
         """Take the model, optimizer and average of an unsharded checkpoint (or a sharded one read whole)."""
         updates = loaded["state"].get("ema_updates", loaded["state"]["step"])
         if not self.sharded:
@@ -381,10 +382,10 @@ class Trainer:
                 self.ema.load(loaded["ema"], updates)
             return
         if self.ema is not None and loaded["ema"] is not None:  # the average, sharded like the parameters
-            load_whole(self.model, self.optimizer, loaded["ema"], loaded["optimizer"])
+            distribute_whole(self.model, loaded["ema"])
             self.ema = EMA(self.model, self.config.train.ema)
             self.ema.updates = updates
-        load_whole(self.model, self.optimizer, loaded["model"], loaded["optimizer"])
+        distribute_whole(self.model, loaded["model"], self.optimizer, loaded["optimizer"])
 
     # --- the loop -----------------------------------------------------------------------------
 
