@@ -84,10 +84,10 @@ def leave_distributed(synchronise: bool = True) -> None:
 
     gloo's destructor joins its worker threads holding the GIL, and a worker dropping the last
     reference to a finished collective needs the GIL to release the tensors' Python objects: if
-    the group goes while a worker is still at that, the process hangs (1 run in 22 of the 2-process
-    test on a loaded machine). So the last collective's handle stays here until the group is gone,
-    and a pause without the GIL lets the workers finish releasing the ones before it. A failed
-    process (`synchronise` false) skips the barrier: its peers may never reach one."""
+    the group goes while a worker is still at that, the process hangs (seen in CI; the 2-process
+    test, 1 run in 40 on a loaded machine). So the last collective's handle stays here until the
+    group is gone, and a pause without the GIL lets the workers finish releasing the ones before
+    it. A failed process (`synchronise` false) skips the barrier: its peers may never reach one."""
     last = dist.barrier(async_op=True) if synchronise else None
     if last is not None:
         last.wait()
