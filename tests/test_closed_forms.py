@@ -125,6 +125,14 @@ def test_validation_scores_the_evaluation_elbo_not_the_training_loss():
     assert result.nll == pytest.approx(expected, rel=1e-5) and result.tokens == 5 * 19
 
 
+def test_validation_builds_no_autograd_graph():
+    model, objective = tiny_pgm(), PartitionObjective()
+    grad_enabled = []
+    model.register_forward_pre_hook(lambda module, inputs: grad_enabled.append(torch.is_grad_enabled()))
+    validation_elbo(model, objective, Rows(torch.randint(0, 40, (5, 20))), batch_size=2)
+    assert grad_enabled == [False] * 3
+
+
 def test_score_passes_draw_one_time_per_stratum():
     t_min = PartitionObjective().t_min
     times = [pass_noise(4, 5, t_min, torch.Generator().manual_seed(seed), 20).t for seed in range(3)]

@@ -40,7 +40,6 @@ def seed_for(*parts: int) -> int:
     return value
 
 
-@torch.no_grad()
 def rank_parts(size: int, rank: int, world_size: int, micro_batch_size: int = 0,
                lockstep: bool = False) -> Iterator[tuple[slice, bool]]:
     """The slices of a batch of `size` rows that process `rank` scores, `micro_batch_size` (0: all
@@ -59,6 +58,7 @@ def rank_parts(size: int, rank: int, world_size: int, micro_batch_size: int = 0,
             yield slice(0, 1), False
 
 
+@torch.no_grad()
 def validation_elbo(model, objective, rows, *, indices=None, batch_size: int = 32, micro_batch_size: int = 0,
                     passes: int = 1, seed: int = 0, device="cpu",
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
