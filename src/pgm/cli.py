@@ -450,6 +450,15 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
                             help=field.metadata["help"], **field.metadata["cli"])
 
 
+def add_loading_options(parser: argparse.ArgumentParser, precision_note: str = "") -> None:
+    """The options of every command that loads a model to run it: which weights, where, how precise."""
+    parser.add_argument("--weights", choices=("ema", "raw"), help="a run's average or raw weights (default: the "
+                                                                   "average where there is one)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: bf16 autocast on a GPU, float32 on a CPU" + precision_note)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .sampling.pgm import refresh_interval
 
@@ -490,13 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("source", help="a run or pretrained directory, an authors' checkpoint, or a Hub id")
     add_request_arguments(sample)
     sample.add_argument("--out", help="images: the PNG grid to write (default SOURCE/samples.png)")
-    sample.add_argument("--weights", choices=("ema", "raw"), help="the run's average or raw weights (default: the "
-                                                                   "average where there is one)")
-    sample.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    add_loading_options(sample)
     sample.add_argument("--vq", help="images: the VQ tokenizer to decode with (a VQ run or pretrained directory, or "
                                      "LlamaGen's vq_ds8_c2i.pt), instead of the model's own")
-    sample.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto: bf16 autocast on a GPU, float32 on a CPU")
     sample.add_argument("--gpt2-file", help="a local gpt2.tiktoken, for checkpoints that name GPT-2's tokenizer")
     sample.set_defaults(handler=cmd_sample)
 
@@ -507,11 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--rows", type=int, default=0, help="score only the first N validation rows (0: all)")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--weights", choices=("ema", "raw"), help="the run's average or raw weights (default: the "
-                                                                     "average where there is one)")
-    evaluate.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    evaluate.add_argument("--precision", choices=PRECISIONS, default="auto",
-                          help="auto: bf16 autocast on a GPU, float32 on a CPU (the authors' MaskGIT ran in fp32)")
+    add_loading_options(evaluate, precision_note=" (the authors' MaskGIT ran in fp32)")
     evaluate.add_argument("--vq", help="images: the VQ tokenizer to decode with, instead of the model's own")
     evaluate.add_argument("--evaluator", help="text: also the generative perplexity of samples, scored by an AR run "
                                               "(a directory) or a Hugging Face causal LM (hf:gpt2-large)")
@@ -606,11 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "serve (text or image models)")
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="the port (0: a free one)")
-    serve.add_argument("--weights", choices=("ema", "raw"), help="the average or raw weights (default: the average "
-                                                                  "where there is one)")
-    serve.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    serve.add_argument("--precision", choices=PRECISIONS, default="auto",
-                       help="auto: bf16 autocast on a GPU, float32 on a CPU")
+    add_loading_options(serve)
     serve.add_argument("--max-samples", type=int, default=16, help="the most samples one request may ask for")
     serve.add_argument("--capacity", type=int, default=16, help="requests held at once; more are answered 503")
     serve.set_defaults(handler=cmd_serve)
@@ -635,11 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     harness.add_argument("--include", nargs="+", default=[], metavar="FOLDER",
                          help="folders of your own YAML task files")
     harness.add_argument("--output", help="the results JSON (default: RUN/harness/TASKS-METHOD-mcN.json)")
-    harness.add_argument("--weights", choices=("ema", "raw"), help="the average (default, where there is one) or "
-                                                                    "the raw weights")
-    harness.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    harness.add_argument("--precision", choices=PRECISIONS, default="auto",
-                         help="auto: bf16 autocast on a GPU, float32 on a CPU")
+    add_loading_options(harness)
     harness.add_argument("--gpt2-file", help="a local gpt2.tiktoken, for checkpoints that name GPT-2's tokenizer")
     harness.set_defaults(handler=cmd_harness)
 
