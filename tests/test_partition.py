@@ -233,7 +233,7 @@ def test_grouped_attention_equals_the_dense_mask_in_values_and_gradients(same):
     k, v = (torch.randn(5, 3, 20, 8, generator=generator, requires_grad=True) for _ in range(2))
     weights = torch.randn(5, 3, mask.query_groups.shape[1], 8, generator=generator)
     results = []
-    for out in (F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense()), grouped_attention(q, k, v, mask)):
+    for out in (F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense), grouped_attention(q, k, v, mask)):
         gradients = torch.autograd.grad((out * weights).sum(), (q, k, v))
         results.append((out, gradients))
     (dense, dense_gradients), (grouped, grouped_gradients) = results

@@ -325,37 +325,38 @@ def bench_training(presets=("text-small", "mdlm-small", "ar-small"), *, steps: i
 
     device = resolve_device(device)
     rows = []
-    for name, attention in [(name, attention) for name in presets
-                            for attention in (attentions if training_config(name, length).kind == "pgm"
-                                              else ("dense",))]:
+    for name in presets:
         config = training_config(name, length)
-        torch.manual_seed(0)
-        model = build_model(config).to(device).train()
-        objective = objective_for(model)
         batch = batch_size or (8 if name in PAPER_SHAPES else preset(name).train.batch_size)
-        tokens = torch.randint(0, config.vocab_size - 1, (batch, config.length), device=device)
-        generator = torch.Generator(device=device).manual_seed(0)
-        forward, both = [], []
-        for step in range(warmup + steps):
-            synchronize(device)
-            started = time.perf_counter()
-            with autocast(device), training_attention(attention):
-                loss = objective.loss(model, tokens, generator=generator).loss
-            synchronize(device)
-            middle = time.perf_counter()
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            synchronize(device)
-            if step >= warmup:
-                forward.append(middle - started)
-                both.append(time.perf_counter() - started)
-        rows.append({"preset": name, "model": config.kind, "attention": attention,
-                     "parameters": model.num_parameters(), "batch": batch,
-                     "length": config.length, "forward_s": median(forward), "forward_backward_s": median(both),
-                     "forward_seq_per_s": batch / median(forward), "forward_backward_seq_per_s": batch / median(both),
-                     "tokens_per_s": batch * config.length / median(both)})
-        log(f"  {name:<16} {attention:<8} {rows[-1]['forward_backward_seq_per_s']:>8.2f} seq/s forward+backward")
-        del model, loss
+        for attention in attentions if config.kind == "pgm" else ("dense",):
+            torch.manual_seed(0)
+            model = build_model(config).to(device).train()
+            objective = objective_for(model)
+            tokens = torch.randint(0, config.vocab_size - 1, (batch, config.length), device=device)
+            generator = torch.Generator(device=device).manual_seed(0)
+            forward, both = [], []
+            for step in range(warmup + steps):
+                synchronize(device)
+                started = time.perf_counter()
+                with autocast(device), training_attention(attention):
+                    loss = objective.loss(model, tokens, generator=generator).loss
+                synchronize(device)
+                middle = time.perf_counter()
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                synchronize(device)
+                if step >= warmup:
+                    forward.append(middle - started)
+                    both.append(time.perf_counter() - started)
+            rows.append({"preset": name, "model": config.kind, "attention": attention,
+                         "parameters": model.num_parameters(), "batch": batch, "length": config.length,
+                         "forward_s": median(forward), "forward_backward_s": median(both),
+                         "forward_seq_per_s": batch / median(forward),
+                         "forward_backward_seq_per_s": batch / median(both),
+                         "tokens_per_s": batch * config.length / median(both)})
+            log(f"  {name:<16} {attention:<8} {rows[-1]['forward_backward_seq_per_s']:>8.2f} seq/s "
+                "forward+backward")
+            del model, loss
     baseline = next((row for row in rows if row["model"] == "mdlm"), rows[0])
     for row in rows:
         row["ratio_to_baseline"] = row["forward_backward_seq_per_s"] / baseline["forward_backward_seq_per_s"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 
 import torch
@@ -181,8 +182,9 @@ class GroupMask:
     key_groups: torch.Tensor  # [B, Lk] bool
     same: bool
 
+    @functools.cached_property
     def dense(self) -> torch.Tensor:
-        """The boolean mask [B, 1, Lq, Lk]."""
+        """The boolean mask [B, 1, Lq, Lk], built once for all the blocks that read it."""
         equal = self.query_groups[:, :, None] == self.key_groups[:, None, :]
         return (equal if self.same else ~equal)[:, None]
 
@@ -230,7 +232,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if isinstance(mask, GroupMask):
         if _training_attention == "grouped":
             return merge_heads(grouped_attention(q, k, v, mask))
-        mask = mask.dense()
+        mask = mask.dense
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return merge_heads(out)
 
