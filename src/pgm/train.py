@@ -112,11 +112,13 @@ class EMA:
         params = [p for p in model.parameters() if p.requires_grad]
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in params], 1 - decay)
 
+    def averaged(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> its average (sharded like the parameter under FSDP)."""
+        return dict(zip(self.names, self.shadow))
+
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's full state (buffers included) with the averaged parameters."""
-        state = dict(model.state_dict())
-        state.update(zip(self.names, self.shadow))
-        return state
+        return {**model.state_dict(), **self.averaged()}
 
     def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
         self.shadow = [state[name].float().clone().to(s.device) for name, s in zip(self.names, self.shadow)]
@@ -359,7 +361,7 @@ class Trainer:
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is not None:
             if self.sharded and is_sharded(checkpoint):
-                average = dict(zip(self.ema.names, self.ema.shadow)) if self.ema else None
+                average = self.ema.averaged() if self.ema else None
                 load_shards(checkpoint / SHARDED_DIR, self.model, self.optimizer, average)
                 loaded = {"state": read_checkpoint_state(checkpoint), "extra": {}}
                 if self.ema is not None:
@@ -477,7 +479,7 @@ class Trainer:
         state = {"step": self.step, "ema_updates": ema.updates if ema else 0, "parameters": model.num_parameters(),
                  **self.checkpoint_state()}
         if self.sharded:
-            average = dict(zip(ema.names, ema.shadow)) if ema else None
+            average = ema.averaged() if ema else None
             save_sharded_checkpoint(self.run_dir, self.step,
                                     lambda directory: save_shards(directory, model, self.optimizer, average),
                                     state, tc.keep_checkpoints)
