@@ -360,8 +360,10 @@ class FinalLayer(nn.Module):
         shift, scale = modulations(self.adaLN_modulation, cond)[:, None].chunk(2, dim=-1)
         x = modulate(self.norm_final(x), shift, scale)
         rows = x.numel() // x.shape[-1]
-        if (rows <= 128 and self.linear.out_features >= 32768 and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+        # Compiled, inductor picks its own kernel (and a test of `rows` would be a guard to recompile on).
+        if (not torch.compiler.is_compiling() and self.linear.out_features >= 32768 and x.device.type == "cpu"
+                and x.dtype == torch.float32 and rows <= 128 and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")):
             # A few rows against a large vocabulary (sampling steps): the CPU matmul is faster as
             # weight @ x^T. [32, 256] x [256, 50258]: 10.1 instead of 13.8 ms, transpose included.
             logits = torch.addmm(self.linear.bias[:, None], self.linear.weight, x.reshape(rows, -1).t())

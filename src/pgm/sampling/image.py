@@ -107,7 +107,7 @@ def iterate_codes(model, labels: torch.Tensor, *, steps: int = 32, sampler: str 
                   known_cells: torch.Tensor | None = None, generator: torch.Generator | None = None,
                   view: str | None = None, hide_newest: bool = False, redraw: bool = False,
                   cache_refresh: int | str | None = None, cache_growth: float | None = None,
-                  stats: dict | None = None):
+                  compile: str | None = None, stats: dict | None = None):
     """VQ codes [B, grid^2] of one image per label (labels [B]; the null class = unconditional): a
     generator that yields a `StepUpdate` after every step, its positions counted in grid cells
     (row-major), and returns the codes.
@@ -115,7 +115,8 @@ def iterate_codes(model, labels: torch.Tensor, *, steps: int = 32, sampler: str 
     known_codes/known_cells [B, grid^2] fix some cells (inpainting and outpainting). `view`
     overrides the model's sampling view (the PGM's "reference" view is for tests). `hide_newest`
     (PGM) and `redraw` (MaskGIT) reproduce the authors' released samplers (see `iterate_pgm`);
-    `cache_refresh`, `cache_growth`: the PGM's encoder cache (see `iterate_pgm`).
+    `cache_refresh`, `cache_growth`: the PGM's encoder cache; `compile`: a torch.compile mode
+    for the network (both: see `iterate_pgm`).
     """
     if sampler not in IMAGE_SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(IMAGE_SAMPLERS)}, got {sampler!r}")
@@ -156,7 +157,7 @@ def iterate_codes(model, labels: torch.Tensor, *, steps: int = 32, sampler: str 
                           confidence_noise=confidence_noise if sampler == "confidence" else 0.0,
                           suppress=(codebook, codebook + 1) if offset else (codebook,), view=view,
                           hide_newest=hide_newest, redraw=redraw, cache_refresh=cache_refresh,
-                          cache_growth=cache_growth, stats=stats)
+                          cache_growth=cache_growth, compile=compile, stats=stats)
     while True:
         try:
             update = next(updates)

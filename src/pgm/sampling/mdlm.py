@@ -19,6 +19,7 @@ import torch
 from ..objectives.schedules import LogLinearSchedule
 from .categorical import SamplingOptions, sample_categorical
 from .common import StepUpdate, check_known, model_device, resolve_known, run_to_end
+from .compiled import check_compile_mode, compiled_call
 
 
 def sample_mdlm(model, **options) -> torch.Tensor:
@@ -30,11 +31,14 @@ def sample_mdlm(model, **options) -> torch.Tensor:
 def iterate_mdlm(model, *, num_samples: int | None = None, length: int | None = None, steps: int,
                  known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
                  options: SamplingOptions = SamplingOptions(), generator: torch.Generator | None = None,
-                 cache: bool = True, logits_everywhere: bool = False, stats: dict | None = None):
+                 cache: bool = True, logits_everywhere: bool = False, compile: str | None = None,
+                 stats: dict | None = None):
     """Generate [num_samples, length] ids in `steps` ancestral steps: a generator that yields a
     `StepUpdate` (the mask of the positions revealed) after every step that reveals something,
-    and returns the ids. `stats`, when given, receives the number of network calls under
-    "forward_calls"."""
+    and returns the ids. `compile`: a torch.compile mode for the network (see
+    `pgm.sampling.compiled`), None: eager. `stats`, when given, receives the number of network
+    calls under "forward_calls"."""
+    check_compile_mode(compile)
     config = model.config
     known_tokens, known_mask = resolve_known(config, num_samples, length, known_tokens, known_mask,
                                              model_device(model))
@@ -52,7 +56,10 @@ def iterate_mdlm(model, *, num_samples: int | None = None, length: int | None = 
         t, s = 1 - step / steps, 1 - (step + 1) / steps
         if encoded is None or not cache:
             cond = schedule.sigma(torch.full((batch,), t, device=device)) if config.time_conditioning else None
-            encoded = model.encode(x, cond, check_inputs=False)
+            if compile:
+                encoded = compiled_call(model, "encode", compile, x, cond, check_inputs=False)
+            else:
+                encoded = model.encode(x, cond, check_inputs=False)
             calls += 1
             if logits_everywhere:
                 all_logits = model.output_layer(*encoded)

@@ -46,6 +46,7 @@ from ..models.base import check_labels
 from ..objectives.schedules import LogLinearSchedule
 from .categorical import SamplingOptions, sample_categorical, sample_scored
 from .common import StepCounts, StepUpdate, check_known, model_device, resolve_known, run_to_end
+from .compiled import check_compile_mode, compiled_call, compiled_predict
 
 QUEUED_ORDERS = ("random", "left-to-right")
 SCORED_ORDERS = ("confidence", "margin", "entropy")
@@ -138,7 +139,7 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
                first_step_temperature_scale: float = 1.0, confidence_noise: float = 0.0,
                suppress: tuple[int, ...] | None = None, view: str = "efficient", hide_newest: bool = False,
                redraw: bool = False, cache_refresh: int | str | None = None, cache_growth: float | None = None,
-               stats: dict | None = None):
+               compile: str | None = None, stats: dict | None = None):
     """Generate [num_samples, length] token ids in `steps` steps: a generator that yields a
     `StepUpdate` (the positions and tokens committed) after every step that decodes something,
     and returns the tokens.
@@ -155,6 +156,8 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
     of the "confidence" order (MaskGIT's randomisation; the authors use 5 for images).
     `suppress`: ids never drawn (default: the mask id). `cache_refresh`, `cache_growth`: the
     approximate encoder cache (see the module's docstring); None: exact sampling without it.
+    `compile`: a torch.compile mode (`pgm.sampling.compiled.COMPILE_MODES`) for the network
+    calls of the efficient and masked views, their shapes padded to buckets; None: eager.
     `stats`, when given, receives the number of network calls under "forward_calls" (and with
     the cache, the number of full encodings under "cache_refreshes").
 
@@ -179,6 +182,11 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
     check_cache_refresh(cache_refresh, cache_growth)
     if cache_refresh is not None and (view != "efficient" or not hasattr(model, "predict_cached")):
         raise ValueError("the encoder cache (cache_refresh) needs a PGM sampled in the efficient view")
+    check_compile_mode(compile)
+    if compile and view == "reference":
+        raise ValueError("the reference view is the slow check of the efficient one and is not compiled")
+    if compile and cache_refresh is not None:
+        raise ValueError("the encoder cache (cache_refresh) is not compiled: give compile or cache_refresh, not both")
     config = model.config
     known_tokens, known_mask = resolve_known(config, num_samples, length, known_tokens, known_mask,
                                              model_device(model))
@@ -194,12 +202,14 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
         check_labels(cond, batch, num_classes)
         cond = torch.as_tensor(cond, device=device).long().reshape(-1).expand(batch).contiguous()
     guidance_weight(guidance, 0, steps, guidance_schedule)  # validates the schedule's name
-    # Conditioning that is the same at every step (class labels, or no noise level) has its adaLN
-    # modulations computed once.
-    fixed_cond = None if getattr(config, "time_conditioning", False) else model.condition(cond, batch)
-    guided_cond = None
-    if guidance:
-        guided_cond = model.condition(torch.cat([cond, torch.full_like(cond, num_classes)]), 2 * batch)
+    time_conditioned = getattr(config, "time_conditioning", False)
+    guided_cond = torch.cat([cond, torch.full_like(cond, num_classes)]) if guidance else None
+    fixed_cond = cond
+    if not compile:
+        # Conditioning that is the same at every step (class labels, or no noise level) has its
+        # adaLN modulations computed once; a compiled network computes them inside its graph.
+        fixed_cond = None if time_conditioned else model.condition(cond, batch)
+        guided_cond = None if guided_cond is None else model.condition(guided_cond, 2 * batch)
     schedule = LogLinearSchedule()
     suppress = (config.mask_token_id,) if suppress is None else tuple(suppress)
 
@@ -221,6 +231,8 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
             return model.predict_cached(cache, tokens, positions, num_clean if lengths is None else lengths, queries,
                                         step_cond, refresh=refresh_now)
         if view == "efficient":
+            if compile:
+                return compiled_predict(model, compile, tokens, positions, num_clean, lengths, queries, step_cond)
             return model.predict(tokens[:, :num_clean], positions[:, :num_clean], queries, lengths, step_cond,
                                  check_inputs=False)
         rows = tokens.shape[0]
@@ -230,7 +242,10 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
         full_tokens = torch.full((rows, length + 1), filler, dtype=torch.long, device=device)
         full_tokens.scatter_(1, where, tokens[:, :num_clean])
         if view == "masked":
-            full = model(full_tokens[:, :length], step_cond, check_inputs=False)
+            if compile:
+                full = compiled_call(model, "forward", compile, full_tokens[:, :length], step_cond, check_inputs=False)
+            else:
+                full = model(full_tokens[:, :length], step_cond, check_inputs=False)
         else:
             groups = torch.ones(rows, length + 1, dtype=torch.bool, device=device)
             groups.scatter_(1, where, False)
@@ -270,7 +285,7 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
             continue
         calls += 1
         step_cond = fixed_cond
-        if fixed_cond is None:
+        if time_conditioned:
             step_cond = schedule.sigma(torch.full((batch,), 1 - step / steps, device=device))
         step_options = options
         if step == 0 and first_step_temperature_scale != 1:
