@@ -25,6 +25,26 @@ def test_bench_sampling_writes_its_json_and_prints_its_table(tmp_path, pgm_main)
     assert (tmp_path / "sampling.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_bench_sampling_puts_compiled_rows_beside_the_eager_ones(tmp_path, pgm_main):
+    code, out, err = pgm_main("bench", "sampling", "--models", "mdlm", "ar", "--compile", "eager", "default",
+                              "--lengths", "16", "--steps", "4", "--batch-size", "2", "--hidden", "32", "--heads", "2",
+                              "--baseline-blocks", "1", "--vocab", "64", "--repeats", "1", "--out-dir", tmp_path)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "sampling.json").read_text())["results"]
+    assert [(row["model"], row["compile"]) for row in rows] == [("mdlm", None), ("mdlm", "default"), ("ar", None)]
+    eager, compiled, ar = rows
+    assert compiled["ratio_to_mdlm"] == 1 and compiled["ratio_to_eager"] == pytest.approx(
+        compiled["tokens_per_s"] / eager["tokens_per_s"])
+    assert eager["ratio_to_eager"] is None and ar["ratio_to_mdlm"] == pytest.approx(
+        ar["tokens_per_s"] / eager["tokens_per_s"])  # an eager row against the eager MDLM
+    assert "default" in out and "x eager" in out
+    code, _, err = pgm_main("bench", "sampling", "--compile", "default", "--warmup", "0", "--out-dir", tmp_path)
+    assert code == 2 and "compiled rows need warmup >= 1" in err
+    code, _, err = pgm_main("bench", "training", "--compile", "default", "--out-dir", tmp_path)
+    assert code == 2 and "--compile applies to bench sampling" in err
+
+
 def test_bench_images_compares_the_presets_it_is_given(tmp_path, pgm_main):
     code, out, _ = pgm_main("bench", "images", "--presets", "image-pgm-tiny", "maskgit-tiny", "--steps", "4",
                             "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--out-dir", tmp_path)

@@ -87,3 +87,29 @@ def test_bad_compile_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError) as error:
         sample_pgm(tiny_pgm(), num_samples=1, steps=2, **kwargs)
     assert message in str(error.value)
+
+
+@pytest.mark.slow
+def test_pgm_sample_compile_prints_the_eager_samples(text_run, pgm_main):
+    common = ("sample", text_run, "--num-samples", "2", "--steps", "5", "--seed", "3")
+    code, eager, err = pgm_main(*common)
+    assert code == 0, err
+    code, compiled, err = pgm_main(*common, "--compile", "default")
+    assert code == 0, err
+    assert compiled == eager and eager.strip()
+    code, _, err = pgm_main(*common, "--compile", "default", "--cache-refresh", "2")
+    assert code == 2 and "the encoder cache (cache_refresh) is not compiled" in err
+    code, _, err = pgm_main(*common, "--compile", "default", "--sampler", "reference")
+    assert code == 2 and "the reference sampler is the slow check" in err
+    code, _, err = pgm_main(*common, "--compile", "fast")
+    assert code == 2 and "invalid choice: 'fast'" in err
+
+
+def test_compile_is_refused_for_models_it_does_not_apply_to(tmp_path):
+    from pgm.generation import iterate_text
+    from pgm.models import CausalConfig, build_model
+
+    model = build_model(CausalConfig(vocab_size=11, length=8, hidden_size=16, num_heads=2, blocks=1, cond_dim=8))
+    known = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="compile applies to PGM, MDLM and MaskGIT sampling"):
+        iterate_text(model, known_tokens=known, known_mask=known.bool(), steps=None, compile="default")

@@ -22,7 +22,10 @@ from .devices import autocast, describe_precision, resolve_device, synchronize
 from .formats import write_json
 from .models import CausalConfig, MaskedDiffusionConfig, PartitionConfig, build_model
 from .sampling import SamplingOptions, sample_autoregressive, sample_mdlm, sample_pgm
+from .sampling.compiled import check_compile_mode
 from .sampling.pgm import NEVER, RefreshSchedule, cache_label, cache_settings
+
+COMPILED_MODELS = ("pgm", "mdlm", "mdlm-full")  # the sampling rows that `compiles` multiplies
 
 
 @dataclasses.dataclass
@@ -163,14 +166,20 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: Shape = Shape(),
                    repeats: int = 3, warmup: int = 1, device="cpu", models=("pgm", "mdlm", "mdlm-full", "ar"),
-                   cache_refreshes=None, cache_growths=(), log=print) -> dict:
+                   cache_refreshes=None, cache_growths=(), compiles=(None,), log=print) -> dict:
     """Tokens/s of each of `models`; "pgm-cache" is PGM with its encoder cache, once for each of
     `cache_refreshes` (re-encode the clean set every N steps, or never: the default without
     growths) and once for each of `cache_growths` (never by count, only when the clean set has
-    grown by that fraction since the last refresh)."""
+    grown by that fraction since the last refresh). `compiles`: the torch.compile modes (None:
+    eager) of a row each for pgm, mdlm and mdlm-full; the warm-up runs compile, so give
+    warmup >= 1 with any mode. Ratios compare rows of the same mode."""
     if cache_refreshes is None:
         cache_refreshes = () if cache_growths else (NEVER,)
     caches = cache_settings(cache_refreshes, cache_growths)  # checked before anything is timed
+    for mode in compiles:
+        check_compile_mode(mode)
+    if warmup < 1 and any(compiles):
+        raise ValueError("compiled rows need warmup >= 1: the warm-up run is where they compile")
     device = resolve_device(device)
     peak = matmul_throughput(device, shape.hidden)
     log(f"matmul throughput {peak / 1e9:.1f} GFLOP/s on {device}")
@@ -178,28 +187,32 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
     options = SamplingOptions()
     for length in lengths:
         built = {kind: build(kind, shape, length).to(device) for kind in {k.removesuffix("-cache") for k in models}}
-        variants = [(kind, setting) for kind in models
-                    for setting in (caches if kind == "pgm-cache" else [(None, None)])]
+        variants = [(kind, setting, mode) for kind in models
+                    for setting in (caches if kind == "pgm-cache" else [(None, None)])
+                    for mode in (compiles if kind in COMPILED_MODELS else (None,))]
         known = torch.zeros(batch, length, dtype=torch.long, device=device)
         known_mask = torch.zeros_like(known, dtype=torch.bool)
         known_mask[:, 0] = True  # a BOS, as in training
         for steps in steps_list:
-            for kind, (refresh, growth) in variants:
+            for kind, (refresh, growth), mode in variants:
                 if kind == "ar" and steps != steps_list[0]:
                     continue  # one step per token whatever the step budget
                 model = built[kind.removesuffix("-cache")]
 
-                def run(stats, kind=kind, model=model, refresh=refresh, growth=growth):
+                def run(stats, kind=kind, model=model, refresh=refresh, growth=growth, mode=mode):
                     generator = torch.Generator(device=device).manual_seed(0)
                     common = dict(known_tokens=known, known_mask=known_mask, options=options, generator=generator)
                     with autocast(device):
-                        if kind.startswith("pgm"):
+                        if kind == "pgm-cache":
                             sample_pgm(model, steps=steps, stats=stats, cache_refresh=refresh, cache_growth=growth,
                                        **common)
+                        elif kind == "pgm":
+                            sample_pgm(model, steps=steps, stats=stats, compile=mode, **common)
                         elif kind == "mdlm":
-                            sample_mdlm(model, steps=steps, stats=stats, **common)
+                            sample_mdlm(model, steps=steps, stats=stats, compile=mode, **common)
                         elif kind == "mdlm-full":
-                            sample_mdlm(model, steps=steps, stats=stats, logits_everywhere=True, **common)
+                            sample_mdlm(model, steps=steps, stats=stats, logits_everywhere=True, compile=mode,
+                                        **common)
                         else:
                             sample_autoregressive(model, stats=stats, **common)
 
@@ -214,40 +227,48 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
                 rows.append({
                     "model": kind, "parameters": model.num_parameters(), "length": length,
                     "steps": length - 1 if kind == "ar" else steps, "cache_refresh": refresh,
-                    "cache_growth": growth, "cache_refreshes": stats.get("cache_refreshes"), "batch": batch,
+                    "cache_growth": growth, "cache_refreshes": stats.get("cache_refreshes"), "compile": mode,
+                    "batch": batch,
                     "seconds_per_batch": seconds, "tokens_per_s": generated / seconds,
                     "forward_calls": stats.get("forward_calls"), "gflops_per_batch": flops / 1e9,
                     "floor_tokens_per_s": generated / (flops / peak), "peak_memory_mb": peak_memory_mb(device),
                 })
                 log(f"  {kind:<10} L={length:<5} steps={rows[-1]['steps']:<5} cache={cache_label(refresh, growth):<6} "
-                    f"{rows[-1]['tokens_per_s']:>9.1f} tok/s")
+                    f"compile={mode or 'eager':<8} {rows[-1]['tokens_per_s']:>9.1f} tok/s")
+    def find(model, row, compiled, same_steps=True):
+        return next((r for r in rows if r["model"] == model and r["length"] == row["length"]
+                     and (r["steps"] == row["steps"] or not same_steps) and r["compile"] == compiled), None)
+
     for row in rows:
-        reference = next((r for r in rows if r["model"] == "mdlm" and r["length"] == row["length"]
-                          and r["steps"] == row["steps"]), None)
+        # A compiled row is compared with the MDLM and PGM compiled the same way, an eager row
+        # with the eager ones.
+        reference = find("mdlm", row, row["compile"])
         if reference is None and row["model"] == "ar":
-            reference = next((r for r in rows if r["model"] == "mdlm" and r["length"] == row["length"]), None)
+            reference = find("mdlm", row, None, same_steps=False)
         row["ratio_to_mdlm"] = row["tokens_per_s"] / reference["tokens_per_s"] if reference else None
         row["work_ratio_to_mdlm"] = reference["gflops_per_batch"] / row["gflops_per_batch"] if reference else None
-        exact = next((r for r in rows if r["model"] == "pgm" and r["length"] == row["length"]
-                      and r["steps"] == row["steps"]), None)
+        exact = find("pgm", row, row["compile"])
         row["ratio_to_pgm"] = row["tokens_per_s"] / exact["tokens_per_s"] if exact and row["model"] != "ar" else None
+        eager = find(row["model"], row, None) if row["compile"] else None
+        row["ratio_to_eager"] = row["tokens_per_s"] / eager["tokens_per_s"] if eager else None
     return {**machine(device), "matmul_gflops": peak / 1e9, "shape": dataclasses.asdict(shape), "results": rows}
 
 
 def format_sampling_table(report: dict) -> str:
     lines = [f"device {report['device']} ({report['processor']}, {report['threads']} threads), {report['dtype']}, "
              f"matmul {report['matmul_gflops']:.0f} GFLOP/s; generated tokens only",
-             f"{'model':<10}{'params':>8}{'L':>6}{'steps':>7}{'cache':>8}{'tok/s':>9}{'s/batch':>9}"
-             f"{'x MDLM':>8}{'x PGM':>7}"
+             f"{'model':<10}{'params':>8}{'L':>6}{'steps':>7}{'cache':>8}{'compile':>16}{'tok/s':>9}{'s/batch':>9}"
+             f"{'x MDLM':>8}{'x PGM':>7}{'x eager':>8}"
              f"{'work x':>8}{'calls':>7}{'GFLOP':>8}{'floor':>8}{'% floor':>8}{'peak MB':>9}"]
     for r in report["results"]:
         ratio = f"{r['ratio_to_mdlm']:.2f}" if r["ratio_to_mdlm"] else "-"
         work = f"{r['work_ratio_to_mdlm']:.2f}" if r["work_ratio_to_mdlm"] else "-"
         to_pgm = f"{r['ratio_to_pgm']:.2f}" if r.get("ratio_to_pgm") else "-"
+        to_eager = f"{r['ratio_to_eager']:.2f}" if r.get("ratio_to_eager") else "-"
         memory = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "-"
         lines.append(f"{r['model']:<10}{r['parameters'] / 1e6:>7.1f}M{r['length']:>6}{r['steps']:>7}"
-                     f"{cache_label(r.get('cache_refresh'), r.get('cache_growth')):>8}"
-                     f"{r['tokens_per_s']:>9.1f}{r['seconds_per_batch']:>9.2f}{ratio:>8}{to_pgm:>7}{work:>8}"
+                     f"{cache_label(r.get('cache_refresh'), r.get('cache_growth')):>8}{r.get('compile') or 'eager':>16}"
+                     f"{r['tokens_per_s']:>9.1f}{r['seconds_per_batch']:>9.2f}{ratio:>8}{to_pgm:>7}{to_eager:>8}{work:>8}"
                      f"{r['forward_calls'] or '-':>7}{r['gflops_per_batch']:>8.0f}{r['floor_tokens_per_s']:>8.0f}"
                      f"{100 * r['tokens_per_s'] / r['floor_tokens_per_s']:>7.0f}%{memory:>9}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from . import __version__
 from .allocator import keep_freed_memory
 from .devices import PRECISIONS
 from .presets import IMAGE_SHAPES
+from .sampling.compiled import COMPILE_MODES, compile_mode
 
 
 def _load_config_file(path: str) -> dict:
@@ -134,7 +135,7 @@ def cmd_sample(args) -> int:
     from .pipeline import load
 
     pipe = load(args.source, device=args.device, weights=args.weights, precision=args.precision, vq=args.vq,
-                gpt2_file=args.gpt2_file)
+                gpt2_file=args.gpt2_file, compile=compile_mode(args.compile))
     if pipe.modality == "text" and args.out is not None:
         raise ValueError("--out writes an image grid; text samples are printed")
     samples = pipe.sample(**_request(args))
@@ -211,7 +212,7 @@ def cmd_eval(args) -> int:
 
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     pipe = load(args.run_dir, device=process_device(args.device), weights=args.weights, precision=args.precision,
-                vq=args.vq)
+                vq=args.vq, compile=compile_mode(args.compile))
     _eval_flags_in_use(args, pipe.modality)
     card = pipe.model.origin.card
     if rank == 0:
@@ -366,7 +367,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port must lie in [0, 65535], got {args.port}")
     pipelines = {}
     for name, source in zip(run_names(args.sources), args.sources):
-        pipelines[name] = load(source, device=args.device, weights=args.weights, precision=args.precision)
+        pipelines[name] = load(source, device=args.device, weights=args.weights, precision=args.precision,
+                               compile=compile_mode(args.compile))
         print(f"loaded {name}: {pipelines[name]!r}", file=sys.stderr)
     serve(pipelines, host=args.host, port=args.port, max_samples=args.max_samples, capacity=args.capacity,
           log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -409,6 +411,8 @@ def cmd_bench(args) -> int:
     out_dir = Path(args.out_dir)
     if args.attention is not None and args.what != "training":
         raise ValueError("--attention applies to bench training")
+    if args.compile is not None and args.what != "sampling":
+        raise ValueError("--compile applies to bench sampling")
     if args.shape is not None and args.what != "images":
         raise ValueError("--shape applies to bench images")
     names = (args.presets or []) + (args.shape or [])
@@ -422,7 +426,7 @@ def cmd_bench(args) -> int:
         shape = bench.Shape(hidden=args.hidden, heads=args.heads, pgm_encoder=args.pgm_blocks[0],
                             pgm_decoder=args.pgm_blocks[1], baseline_blocks=args.baseline_blocks, vocab=args.vocab)
         report = bench.bench_sampling(lengths=args.lengths or [256], shape=shape, warmup=args.warmup,
-                                      models=args.models,
+                                      models=args.models, compiles=[compile_mode(m) for m in args.compile or ["eager"]],
                                       **common, **_given(args, steps_list="steps", batch="batch_size",
                                                          cache_refreshes="cache_refresh", cache_growths="cache_growth"))
         print(bench.format_sampling_table(report))
@@ -450,13 +454,18 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
                             help=field.metadata["help"], **field.metadata["cli"])
 
 
-def add_loading_options(parser: argparse.ArgumentParser, precision_note: str = "") -> None:
-    """The options of every command that loads a model to run it: which weights, where, how precise."""
+def add_loading_options(parser: argparse.ArgumentParser, precision_note: str = "", samples: bool = True) -> None:
+    """The options of every command that loads a model to run it: which weights, where, how precise,
+    and (`samples`: for a command that samples) whether the sampling network is compiled."""
     parser.add_argument("--weights", choices=("ema", "raw"), help="a run's average or raw weights (default: the "
                                                                    "average where there is one)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto: bf16 autocast on a GPU, float32 on a CPU" + precision_note)
+    if samples:
+        parser.add_argument("--compile", choices=("eager",) + COMPILE_MODES, default="eager", metavar="MODE",
+                            help="sample through torch.compile: eager (the default) or a mode, "
+                                 f"{', '.join(COMPILE_MODES)} (PGM, MDLM, MaskGIT; the first samples compile)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -632,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     harness.add_argument("--include", nargs="+", default=[], metavar="FOLDER",
                          help="folders of your own YAML task files")
     harness.add_argument("--output", help="the results JSON (default: RUN/harness/TASKS-METHOD-mcN.json)")
-    add_loading_options(harness)
+    add_loading_options(harness, samples=False)
     harness.add_argument("--gpt2-file", help="a local gpt2.tiktoken, for checkpoints that name GPT-2's tokenizer")
     harness.set_defaults(handler=cmd_harness)
 
@@ -656,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-growth", type=float, nargs="+", metavar="F",
                        help="sampling, pgm-cache: a row for each F that re-encodes only when the clean set has grown "
                             "by F since the last refresh")
+    bench.add_argument("--compile", nargs="+", choices=("eager",) + COMPILE_MODES, metavar="MODE",
+                       help="sampling: a pgm, mdlm and mdlm-full row for each: eager, or a torch.compile mode ("
+                            f"{', '.join(COMPILE_MODES)}; default: eager)")
     bench.add_argument("--hidden", type=int, default=256)
     bench.add_argument("--heads", type=int, default=4)
     bench.add_argument("--pgm-blocks", type=int, nargs=2, default=[4, 4], metavar=("ENCODER", "DECODER"))

@@ -120,10 +120,11 @@ def check_text_sampler(kind: str, sampler: str | None, order: str) -> str:
 def iterate_text(model, *, known_tokens: torch.Tensor, known_mask: torch.Tensor, steps: int | None,
                  sampler: str | None = None, order: str = "random", options: SamplingOptions = SamplingOptions(),
                  generator: torch.Generator | None = None, cache_refresh: int | str | None = None,
-                 cache_growth: float | None = None, stats: dict | None = None):
+                 cache_growth: float | None = None, compile: str | None = None, stats: dict | None = None):
     """The sampling loop of `model`'s kind with `sampler` (see SAMPLERS): a generator of
     `StepUpdate`s that returns the tokens. `steps` is ignored by AR (one token per step);
-    `cache_refresh`, `cache_growth`: a PGM's encoder cache (see `iterate_pgm`)."""
+    `cache_refresh`, `cache_growth`: a PGM's encoder cache; `compile`: a torch.compile mode for
+    the network of a PGM or MDLM (both: see `iterate_pgm`)."""
     kind = model.config.kind
     sampler = check_text_sampler(kind, sampler, order)
     device = next(model.parameters()).device
@@ -132,14 +133,18 @@ def iterate_text(model, *, known_tokens: torch.Tensor, known_mask: torch.Tensor,
     if kind == "pgm":
         common.update(cache_refresh=cache_refresh, cache_growth=cache_growth)
         if sampler == "reference":
+            if compile:
+                raise ValueError("the reference sampler is the slow check of the efficient one and is not compiled")
             return iterate_pgm(model, steps=steps, order=order, view="reference", **common)
-        return iterate_pgm(model, steps=steps, counts=sampler, order=order, **common)
+        return iterate_pgm(model, steps=steps, counts=sampler, order=order, compile=compile, **common)
     if cache_refresh is not None:
         raise ValueError(f"the encoder cache (cache_refresh) is for PGM models, not {kind}")
     if kind == "ar":
+        if compile:
+            raise ValueError("compile applies to PGM, MDLM and MaskGIT sampling, not to the autoregressive model")
         return iterate_autoregressive(model, use_cache=sampler == "kv-cache", **common)
     return iterate_mdlm(model, steps=steps, cache=sampler != "ancestral-nocache",
-                        logits_everywhere=sampler == "ancestral-full", **common)
+                        logits_everywhere=sampler == "ancestral-full", compile=compile, **common)
 
 
 def decode_samples(tokens: torch.Tensor, tokenizer, known_mask: torch.Tensor | None = None, *,

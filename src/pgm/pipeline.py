@@ -48,6 +48,7 @@ from .objectives import objective_for
 from .runs import read_run_config
 from .sampling import SamplingOptions, StepUpdate, generate_codes, iterate_codes, run_to_end
 from .sampling.image import IMAGE_SAMPLERS, REGIONS
+from .sampling.compiled import check_compile_mode
 from .sampling.pgm import NEVER, check_cache_refresh, refresh_interval
 from .vq_tokenizer import VQTokenizer, load_vq_tokenizer
 
@@ -233,8 +234,10 @@ class Pipeline:
 
     modality = ""
 
-    def __init__(self, model, tokenizer, device: torch.device, precision: Precision = "auto", name: str = ""):
+    def __init__(self, model, tokenizer, device: torch.device, precision: Precision = "auto", name: str = "",
+                 compile: str | None = None):
         self.model, self.tokenizer, self.device, self.precision = model, tokenizer, device, precision
+        self.compile = compile  # the torch.compile mode of the sampling network, None: eager
         origin = model.origin
         self.source = origin.source if origin else ""  # the file or checkpoint the weights came from
         self.name = name or self.source  # what the pipeline was loaded from, as given
@@ -302,13 +305,17 @@ class Pipeline:
             raise ValueError(f"{given[0]} applies to {other} models; {self.name} holds {article} {self.modality} "
                              f"{self.config.kind} model")
 
-    def _cache(self, refresh, growth) -> dict:
-        """The encoder-cache arguments (cache_refresh, cache_growth), checked against the model."""
+    def _network(self, refresh, growth) -> dict:
+        """How the sampling network runs: the encoder-cache arguments (cache_refresh, cache_growth),
+        checked against the model, and the pipeline's compile mode."""
         check_cache_refresh(refresh, growth)
         if refresh is not None and self.config.kind != "pgm":
             raise ValueError(f"the encoder cache (cache_refresh) is for PGM models; {self.name} holds a "
                              f"{self.config.kind} model")
-        return {"cache_refresh": refresh, "cache_growth": growth}
+        if refresh is not None and self.compile:
+            raise ValueError(f"the encoder cache (cache_refresh) is not compiled; {self.name} was loaded with "
+                             f"compile={self.compile!r}")
+        return {"cache_refresh": refresh, "cache_growth": growth, "compile": self.compile}
 
     def _options(self, request: GenerationRequest) -> SamplingOptions:
         """The sampling options of a request, with the types of its plain arguments checked (a
@@ -404,21 +411,21 @@ class TextPipeline(Pipeline):
         unknown = int((~known_mask).sum(1).max())
         steps = self._steps(request.steps, unknown, sampler)
         options = self._options(request)
-        cache = self._cache(request.cache_refresh, request.cache_growth)
+        network = self._network(request.cache_refresh, request.cache_growth)
         if sampler == "reference" and request.cache_refresh is not None:
             raise ValueError("the reference sampler runs the training view, which has no encoder cache")
 
         def updates():
             return iterate_text(self.model, known_tokens=known_tokens, known_mask=known_mask, steps=steps,
                                 sampler=sampler, order=order, options=options,
-                                generator=self._generator(request.seed), **cache)
+                                generator=self._generator(request.seed), **network)
 
         def finish(tokens, seconds):
             tokens = tokens.cpu()
             texts = decode_samples(tokens, self.tokenizer, known_mask, stop_at_eos=request.stop_at_eos,
                                    mark_generated=request.mark)
             return Samples(texts, tokens, known_mask, steps, seconds, int((~known_mask).sum()),
-                           settings={"sampler": sampler, "order": order, "num_samples": copies, **cache})
+                           settings={"sampler": sampler, "order": order, "num_samples": copies, **network})
 
         def text_event(committed: list[list[tuple[int, int]]], step: int, elapsed: float) -> StepEvent:
             return StepEvent.of(committed, step, steps, elapsed,
@@ -471,11 +478,11 @@ class TextPipeline(Pipeline):
         _positive("batch_size", batch_size)
         sampler = check_text_sampler(self.config.kind, sampler, "random")
         steps = self._steps(steps, self.config.length - 1, sampler)
-        cache = self._cache(cache_refresh, cache_growth)
+        network = self._network(cache_refresh, cache_growth)
         scorer = load_evaluator(str(evaluator), device=self.device) if isinstance(evaluator, (str, Path)) else evaluator
         return generative_perplexity(self.model, self.tokenizer, scorer, num_samples=num_samples, steps=steps,
                                      batch_size=batch_size, sampler=sampler, seed=seed, autocast=self.autocast,
-                                     **cache)
+                                     **network)
 
 
 class ImagePipeline(Pipeline):
@@ -524,7 +531,7 @@ class ImagePipeline(Pipeline):
         sampler, guidance, schedule = self._settings(request.sampler, request.guidance, request.guidance_schedule)
         options = self._options(request)
         faithful = self._faithful(request.hide_newest, request.redraw)
-        cache = self._cache(request.cache_refresh, request.cache_growth)
+        network = self._network(request.cache_refresh, request.cache_growth)
         if request.images is not None and request.known is None:
             raise ValueError("images are completed from the region given by known (e.g. known='left')")
         known_codes = known_cells = originals = None
@@ -552,7 +559,7 @@ class ImagePipeline(Pipeline):
             known = {} if known_codes is None else dict(known_codes=known_codes, known_cells=known_cells)
             return iterate_codes(self.model, label_tensor, steps=steps, sampler=sampler, guidance=guidance,
                                  guidance_schedule=schedule, options=options, generator=self._generator(request.seed),
-                                 **faithful, **cache, **known)
+                                 **faithful, **network, **known)
 
         def finish(codes, seconds):
             codes = codes.cpu()
@@ -560,7 +567,7 @@ class ImagePipeline(Pipeline):
             known = known_cells if known_cells is not None else torch.zeros_like(codes, dtype=torch.bool)
             return Samples(to_pictures(images), codes, known, steps, seconds, int((~known).sum()),
                            settings={"sampler": sampler, "guidance": guidance, "guidance_schedule": schedule,
-                                     "num_samples": copies, **cache},
+                                     "num_samples": copies, **network},
                            labels=labels, images=images, originals=originals)
 
         grid = torch.full((len(labels), cells), -1, dtype=torch.long)
@@ -645,15 +652,15 @@ class ImagePipeline(Pipeline):
         sampler, guidance, guidance_schedule = self._settings(sampler, guidance, guidance_schedule)
         SamplingOptions(temperature=temperature)  # checks it
         steps = self._steps(steps, self.tokenizer.num_tokens)
-        cache = self._cache(cache_refresh, cache_growth)
+        network = self._network(cache_refresh, cache_growth)
         extractor, metric = load_feature_extractor(classifier=classifier, inception=inception, device=self.device)
         with self.autocast():
             scores = image_quality(self.model, self.tokenizer, self.data, self.run_config.data, extractor,
                                    num_samples=num_samples, steps=steps, sampler=sampler, guidance=guidance,
                                    guidance_schedule=guidance_schedule, seed=seed, batch_size=batch_size,
-                                   temperature=temperature, **cache)
+                                   temperature=temperature, **network)
         return {"metric": metric, "steps": steps, "sampler": sampler, "guidance": guidance,
-                "guidance_schedule": guidance_schedule, "temperature": temperature, **cache, **scores}
+                "guidance_schedule": guidance_schedule, "temperature": temperature, **network, **scores}
 
     def fid(self, reference: str | Path, *, inception: str | Path | None = None,
             classifier: str | Path = DEFAULT_CLASSIFIER, num_samples: int = 50_000, steps: int | None = None,
@@ -698,7 +705,7 @@ class ImagePipeline(Pipeline):
             with self.autocast():
                 codes = generate_codes(self.model, torch.tensor(part), steps=steps, sampler=sampler, guidance=guidance,
                                        guidance_schedule=guidance_schedule, options=options, generator=generator,
-                                       **faithful)
+                                       compile=self.compile, **faithful)
                 return self.tokenizer.model.decode_codes(codes).float().clamp(-1, 1)
 
         found = sharded_features(make_images, extractor, labels, directory=directory, shard_size=shard_size, seed=seed,
@@ -775,18 +782,22 @@ def to_pictures(images: torch.Tensor) -> list:
 
 def load(source: str | Path, *, device: str | torch.device = "auto", weights: str | None = None,
          precision: Precision = "auto", vq: str | Path | None = None, gpt2_file: str | None = None,
-         **import_options) -> Pipeline:
+         compile: str | None = None, **import_options) -> Pipeline:
     """The pipeline for `source`: a run directory, a pretrained directory, a released checkpoint
     file or a Hub id, on `device` ("auto": a GPU when there is one) in `precision` ("auto": bf16
     autocast on a GPU, float32 on a CPU). `weights`: "ema" (the average) or "raw"; by default the
     average where the source has one. `vq` overrides an image model's VQ tokenizer (a VQ run or
     pretrained directory, or LlamaGen's file); `gpt2_file` is GPT-2's BPE file for checkpoints that
-    name GPT-2's tokenizer (offline). `import_options` apply to released checkpoint files (see
-    `pgm.importers`)."""
+    name GPT-2's tokenizer (offline). `compile`: a torch.compile mode for the sampling network of
+    a PGM, MDLM or MaskGIT (see `pgm.sampling.compiled`); None: eager. `import_options` apply to
+    released checkpoint files (see `pgm.importers`)."""
     device = resolve_device(device)
     describe_precision(device, precision)  # checks its name
+    check_compile_mode(compile)
     model = from_pretrained(source, weights=weights, **import_options)
     config, origin = model.config, model.origin
+    if compile and config.kind not in ("pgm", "mdlm", "maskgit"):
+        raise ValueError(f"compile applies to sampling a PGM, MDLM or MaskGIT; {source} holds a {config.kind} model")
     if config.kind == "classifier":
         raise ValueError(f"{source} holds the feature classifier of `pgm eval --fid`, not a generative model")
     if vq is not None and not is_image_model(config):
@@ -804,7 +815,7 @@ def load(source: str | Path, *, device: str | torch.device = "auto", weights: st
                              "directory or LlamaGen's vq_ds8_c2i.pt")
         tokenizer = _checked_vq(model, tokenizer_dir, source)
         tokenizer.model.to(device)
-        return ImagePipeline(model.to(device), tokenizer, device, precision, str(source))
+        return ImagePipeline(model.to(device), tokenizer, device, precision, str(source), compile)
     if origin.tokenizer_dir is not None:
         tokenizer = load_tokenizer(origin.tokenizer_dir)
     elif origin.tokenizer_name:
@@ -815,7 +826,7 @@ def load(source: str | Path, *, device: str | torch.device = "auto", weights: st
     if tokenizer.model_vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer of {source} has {tokenizer.model_vocab_size} ids but the model only "
                          f"{config.vocab_size}")
-    return TextPipeline(model.to(device), tokenizer, device, precision, str(source))
+    return TextPipeline(model.to(device), tokenizer, device, precision, str(source), compile)
 
 
 def convert(checkpoint: str | Path, out_dir: str | Path, *, weights: str | None = None, gpt2_file: str | None = None,

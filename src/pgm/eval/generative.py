@@ -220,11 +220,12 @@ def generative_perplexity(model, tokenizer, evaluator: Evaluator, *, num_samples
                           batch_size: int = 32, sampler: str | None = None, order: str = "random",
                           options: SamplingOptions = SamplingOptions(float64=True), seed: int = 0,
                           length: int | None = None, autocast=contextlib.nullcontext,
-                          cache_refresh: int | str | None = None, cache_growth: float | None = None
-                          ) -> GenerativeResult:
+                          cache_refresh: int | str | None = None, cache_growth: float | None = None,
+                          compile: str | None = None) -> GenerativeResult:
     """Draw `num_samples` unconditional samples (after a BOS) and score them with `evaluator`.
     `autocast` makes the context manager the sampling runs under; `cache_refresh` and
-    `cache_growth` set a PGM's encoder cache (see `pgm.sampling.iterate_pgm`)."""
+    `cache_growth` set a PGM's encoder cache, `compile` a torch.compile mode for the network
+    (see `pgm.sampling.iterate_pgm`)."""
     length = length or model.config.length
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -240,7 +241,8 @@ def generative_perplexity(model, tokenizer, evaluator: Evaluator, *, num_samples
         with autocast():
             tokens = run_to_end(iterate_text(model, known_tokens=known, known_mask=known_mask, steps=steps,
                                              sampler=sampler, order=order, options=options, generator=generator,
-                                             cache_refresh=cache_refresh, cache_growth=cache_growth))
+                                             cache_refresh=cache_refresh, cache_growth=cache_growth,
+                                             compile=compile))
         synchronize(device)
         seconds += time.perf_counter() - started
         samples.append(tokens.cpu())

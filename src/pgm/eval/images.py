@@ -54,12 +54,12 @@ def reconstruction_quality(vq, data_config, extractor=None) -> dict:
 def image_quality(model, vq, data, data_config, extractor, *, num_samples: int, steps: int, sampler: str,
                   guidance: float, guidance_schedule: str, seed: int, batch_size: int = 64,
                   temperature: float = 1.0, cache_refresh: int | str | None = None,
-                  cache_growth: float | None = None) -> dict:
+                  cache_growth: float | None = None, compile: str | None = None) -> dict:
     """FD and IS under `extractor`'s features (the in-repo classifier, or Inception) of
     `num_samples` generated images, labelled like the first validation images, against every
     real validation image; and the same for the VQ reconstructions of those validation images:
     the floor the tokenizer puts under any model of its codes. `cache_refresh`, `cache_growth`:
-    a PGM's encoder cache (see `pgm.sampling.iterate_pgm`)."""
+    a PGM's encoder cache; `compile`: a torch.compile mode (see `pgm.sampling.iterate_pgm`)."""
     real_images, _, _ = split_images(data_config, train_split=False)
     real = to_unit_range(real_images)
     count = min(num_samples, len(data.val))
@@ -70,7 +70,7 @@ def image_quality(model, vq, data, data_config, extractor, *, num_samples: int, 
     codes = torch.cat([generate_codes(model, torch.tensor(labels[start:start + batch_size]), steps=steps,
                                       sampler=sampler, guidance=guidance, guidance_schedule=guidance_schedule,
                                       options=options, generator=generator, cache_refresh=cache_refresh,
-                                      cache_growth=cache_growth).cpu()
+                                      cache_growth=cache_growth, compile=compile).cpu()
                        for start in range(0, count, batch_size)])
     images = vq.decode(codes)
     seconds = time.perf_counter() - started

@@ -187,7 +187,8 @@ class HarnessModel(LM):
             with torch.no_grad(), self.pipe.autocast():
                 tokens = run_to_end(iterate_text(self.pipe.model, known_tokens=known, known_mask=known_mask,
                                                  steps=steps, order=self.order,
-                                                 options=SamplingOptions(*sampling), generator=generator)).cpu()
+                                                 options=SamplingOptions(*sampling), generator=generator,
+                                                 compile=self.pipe.compile)).cpu()
             for row, (index, context_ids, new_tokens, until) in enumerate(members):
                 start = 1 + len(context_ids)
                 outputs[index] = self._cut(tokens[row, start:start + new_tokens].tolist(), until)

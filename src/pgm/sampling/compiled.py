@@ -28,6 +28,11 @@ SMALLEST_BUCKET = 16
 RECOMPILE_LIMIT = 64
 
 
+def compile_mode(text: str) -> str | None:
+    """A compile mode given as text (a command line's): "eager" is None."""
+    return None if text == "eager" else text
+
+
 def check_compile_mode(mode: str | None) -> None:
     if mode is not None and mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)} (or None: eager), got {mode!r}")
