@@ -71,6 +71,7 @@ def test_bench_training_times_forward_and_backward_against_the_mdlm(tmp_path, pg
                               "--lengths", "16", "--repeats", "2", "--warmup", "0", "--out-dir", tmp_path)
     assert code == 0, err
     report = json.loads((tmp_path / "training.json").read_text())
+    assert report["warmup"] == 0 and report["steps"] == 2  # --warmup reaches training too
     pgm_row, grouped_row, mdlm_row = report["results"]
     assert [row["attention"] for row in report["results"]] == ["dense", "grouped", "dense"]
     assert report["baseline"] == "mdlm-tiny" and mdlm_row["ratio_to_baseline"] == 1.0

@@ -381,7 +381,7 @@ def bench_training(presets=("text-small", "mdlm-small", "ar-small"), *, steps: i
     baseline = next((row for row in rows if row["model"] == "mdlm"), rows[0])
     for row in rows:
         row["ratio_to_baseline"] = row["forward_backward_seq_per_s"] / baseline["forward_backward_seq_per_s"]
-    return {**machine(device), "steps": steps, "baseline": baseline["preset"], "results": rows}
+    return {**machine(device), "steps": steps, "warmup": warmup, "baseline": baseline["preset"], "results": rows}
 
 
 def format_training_table(report: dict) -> str:

@@ -416,16 +416,17 @@ def cmd_bench(args) -> int:
     if args.shape is not None and args.what != "images":
         raise ValueError("--shape applies to bench images")
     names = (args.presets or []) + (args.shape or [])
-    common = dict(repeats=args.repeats, device=args.device, **({"presets": names} if names else {}))
+    common = dict(repeats=args.repeats, device=args.device, **({"presets": names} if names else {}),
+                  **_given(args, warmup="warmup"))
     if args.what == "images":
-        report = bench.bench_images(warmup=args.warmup, **common,
+        report = bench.bench_images(**common,
                                     **_given(args, steps_list="steps", batch="batch_size", sampler="sampler"))
         print(bench.format_images_table(report))
         path = bench.write_report(report, out_dir, "images")
     elif args.what == "sampling":
         shape = bench.Shape(hidden=args.hidden, heads=args.heads, pgm_encoder=args.pgm_blocks[0],
                             pgm_decoder=args.pgm_blocks[1], baseline_blocks=args.baseline_blocks, vocab=args.vocab)
-        report = bench.bench_sampling(lengths=args.lengths or [256], shape=shape, warmup=args.warmup,
+        report = bench.bench_sampling(lengths=args.lengths or [256], shape=shape,
                                       models=args.models, compiles=[compile_mode(m) for m in args.compile or ["eager"]],
                                       **common, **_given(args, steps_list="steps", batch="batch_size",
                                                          cache_refreshes="cache_refresh", cache_growths="cache_growth"))
@@ -679,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shape", nargs="+", choices=tuple(IMAGE_SHAPES),
                        help="images: the released ImageNet models' shapes (494M / 480M parameters), random weights")
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions (training: training-loss passes)")
-    bench.add_argument("--warmup", type=int, default=1, help="sampling: untimed runs before the timed ones")
+    bench.add_argument("--warmup", type=int, help="untimed runs before the timed ones (default 1; training: 2 "
+                                                  "passes)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--out-dir", default="benchmarks/results")
     bench.set_defaults(handler=cmd_bench)
