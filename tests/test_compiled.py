@@ -100,7 +100,7 @@ def test_pgm_sample_compile_prints_the_eager_samples(text_run, pgm_main):
     code, _, err = pgm_main(*common, "--compile", "default", "--cache-refresh", "2")
     assert code == 2 and "the encoder cache (cache_refresh) is not compiled" in err
     code, _, err = pgm_main(*common, "--compile", "default", "--sampler", "reference")
-    assert code == 2 and "the reference sampler is the slow check" in err
+    assert code == 2 and "the reference sampler is the slow check of the efficient one" in err
     code, _, err = pgm_main(*common, "--compile", "fast")
     assert code == 2 and "invalid choice: 'fast'" in err
 

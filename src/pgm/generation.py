@@ -133,9 +133,7 @@ def iterate_text(model, *, known_tokens: torch.Tensor, known_mask: torch.Tensor,
     if kind == "pgm":
         common.update(cache_refresh=cache_refresh, cache_growth=cache_growth)
         if sampler == "reference":
-            if compile:
-                raise ValueError("the reference sampler is the slow check of the efficient one and is not compiled")
-            return iterate_pgm(model, steps=steps, order=order, view="reference", **common)
+            return iterate_pgm(model, steps=steps, order=order, view="reference", compile=compile, **common)
         return iterate_pgm(model, steps=steps, counts=sampler, order=order, compile=compile, **common)
     if cache_refresh is not None:
         raise ValueError(f"the encoder cache (cache_refresh) is for PGM models, not {kind}")

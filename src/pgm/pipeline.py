@@ -414,6 +414,9 @@ class TextPipeline(Pipeline):
         network = self._network(request.cache_refresh, request.cache_growth)
         if sampler == "reference" and request.cache_refresh is not None:
             raise ValueError("the reference sampler runs the training view, which has no encoder cache")
+        if sampler == "reference" and self.compile:
+            raise ValueError(f"the reference sampler is the slow check of the efficient one and is not compiled; "
+                             f"{self.name} was loaded with compile={self.compile!r}")
 
         def updates():
             return iterate_text(self.model, known_tokens=known_tokens, known_mask=known_mask, steps=steps,

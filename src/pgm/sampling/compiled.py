@@ -6,7 +6,7 @@ call pads both to a few bucket sizes (`bucket`: four per doubling, 12.5% padding
 and compiles with dynamic shapes. The padded clean slots are masked out as keys through
 `lengths`; the padded queries repeat a real one and their logits are dropped, which changes
 nothing else since the PGM's decoder queries never attend to each other. So inductor compiles
-`predict` about twice (a first specialisation, then the dynamic graph), and CUDA graphs
+`predict` once per model (for every step count, order, batch and prompt), and CUDA graphs
 ("reduce-overhead") record one graph per bucket instead of one per step.
 
 MDLM and MaskGIT run the whole sequence at every step (fixed shapes); their network is compiled
