@@ -3,7 +3,7 @@
 #   sampling: batch 32, length 1024, 32 / 128 / 1024 steps, bf16 autocast, random weights; PGM 8/8
 #     (hidden 768) beside MDLM (12 blocks of 768) and PGM 6/6 at hidden 1024, eager and compiled
 #     (reduce-overhead: inductor plus CUDA graphs);
-#   training: the paper's shapes at batch 32, dense and grouped attention, beside MDLM;
+#   training: the paper's shapes at batch 32, dense, grouped and jagged attention, beside MDLM;
 #   images: the released ImageNet shapes.
 # Usage: benchmarks/gpu_paper_protocol.sh OUT_DIR [--quick]
 #   --quick runs the same commands at toy shapes on the CPU: a dry run that the script works.
@@ -18,7 +18,8 @@ if [ "$quick" = "--quick" ]; then
     sampling=(--lengths 32 --steps 4 8 --batch-size 2 --vocab 64 --repeats 1 --warmup 1)
     wide=(--hidden 32 --heads 2 --pgm-blocks 1 1 --baseline-blocks 2)
     wider=(--hidden 48 --heads 2 --pgm-blocks 1 1)
-    training=(--presets text-tiny mdlm-tiny --lengths 16 --batch-size 2 --repeats 1 --warmup 0)
+    training=(--presets text-tiny mdlm-tiny --lengths 16 --batch-size 2 --repeats 1 --warmup 0
+              --attention dense grouped jagged)
     images=(--presets image-pgm-tiny maskgit-tiny --steps 4 --batch-size 2 --repeats 1 --warmup 0)
     compiled=(--compile eager default)
 else
@@ -26,7 +27,8 @@ else
     sampling=(--lengths 1024 --steps 32 128 1024 --batch-size 32 --repeats 1 --warmup 1)
     wide=(--hidden 768 --heads 12 --pgm-blocks 8 8 --baseline-blocks 12)
     wider=(--hidden 1024 --heads 16 --pgm-blocks 6 6)
-    training=(--presets pgm-owt-8-8 pgm-owt-6-6-1024 mdlm-owt --batch-size 32 --repeats 3 --warmup 1)
+    training=(--presets pgm-owt-8-8 pgm-owt-6-6-1024 mdlm-owt --batch-size 32 --repeats 3 --warmup 1
+              --attention dense grouped jagged)
     images=(--shape imagenet-12-12 imagenet-maskgit --steps 32 --batch-size 32 --repeats 1 --warmup 1)
     compiled=(--compile eager reduce-overhead)
 fi

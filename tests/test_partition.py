@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from conftest import redraw_zero_initialised, tiny_pgm
 from pgm.models import ConfigError, PartitionConfig, PartitionTransformer, config_from_dict
-from pgm.models.layers import (FinalLayer, GroupMask, LayerNorm, Rotary, apply_rotary, gelu_tanh, grouped_attention,
-                               training_attention)
+from pgm.models.layers import (FinalLayer, GroupMask, GroupSegments, LayerNorm, Rotary, apply_rotary, gelu_tanh,
+                               grouped_attention, jagged_attention, training_attention)
 
 MODES = ["learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp"]
 
@@ -223,8 +223,9 @@ def _groups_with_empty_rows(batch: int, length: int, generator: torch.Generator)
     return groups
 
 
+@pytest.mark.parametrize("grouped_attention", [grouped_attention, jagged_attention], ids=["grouped", "jagged"])
 @pytest.mark.parametrize("same", [True, False])
-def test_grouped_attention_equals_the_dense_mask_in_values_and_gradients(same):
+def test_grouped_attention_equals_the_dense_mask_in_values_and_gradients(same, grouped_attention):
     generator = torch.Generator().manual_seed(0)
     groups = _groups_with_empty_rows(5, 20, generator)
     offset = 2  # the decoder's queries start after the registers
@@ -243,7 +244,8 @@ def test_grouped_attention_equals_the_dense_mask_in_values_and_gradients(same):
         assert grouped[:2].abs().max() == 0 and grouped_gradients[0][:2].abs().max() == 0
 
 
-def test_grouped_attention_reads_only_the_keys_its_mask_allows():
+@pytest.mark.parametrize("grouped_attention", [grouped_attention, jagged_attention], ids=["grouped", "jagged"])
+def test_grouped_attention_reads_only_the_keys_its_mask_allows(grouped_attention):
     # Query 0 (group 0) has one key of group 1 to read (key 2), so it returns that key's value;
     # query 1 (group 1) averages the values of keys 0 and 1 when the keys are identical.
     q = torch.randn(1, 1, 2, 4)
@@ -252,6 +254,19 @@ def test_grouped_attention_reads_only_the_keys_its_mask_allows():
     mask = GroupMask(torch.tensor([[False, True]]), torch.tensor([[False, False, True]]), same=False)
     out = grouped_attention(q, k, v, mask)
     assert torch.allclose(out[0, 0, 0], v[0, 0, 2]) and torch.allclose(out[0, 0, 1], torch.tensor([0.5, 0.5, 0, 0]))
+
+
+def test_grouped_segments_by_hand():
+    # Row 0: queries F T T, keys all read by group T (group F reads nothing); row 1: queries T F F,
+    # keys read by F T F.
+    layout = GroupSegments.of(torch.tensor([[False, True, True], [True, False, False]]),
+                              torch.tensor([[True, True, True], [False, True, False]]))
+    assert layout.query_order.tolist() == [0, 1, 2, 4, 5, 3]
+    assert layout.query_offsets.tolist() == [0, 1, 3, 5, 6]
+    assert layout.key_order.tolist() == [0, 1, 2, 3, 5, 4]
+    assert layout.key_offsets.tolist() == [0, 0, 3, 5, 6]
+    assert layout.reads_nothing.tolist() == [True, False, False, False, False, False]
+    assert layout.query_order[layout.query_inverse].tolist() == list(range(6))
 
 
 @pytest.mark.parametrize("registers", [0, 2])
@@ -265,18 +280,19 @@ def test_the_training_view_is_the_same_with_dense_and_grouped_attention(register
     groups = _groups_with_empty_rows(4, 16, generator)
     sigma = torch.rand(4, generator=generator)
     results = []
-    for kind in ("dense", "grouped"):
+    for kind in ("dense", "grouped", "jagged"):
         model.zero_grad()
         torch.manual_seed(2)  # the same dropout masks
         with training_attention(kind):
             logits = model(tokens, groups, sigma)
         logits.float().logsumexp(-1).sum().backward()
         results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (dense, dense_gradients), (grouped, grouped_gradients) = results
-    assert (grouped - dense).abs().max() < 1e-5
-    assert all((grouped_gradients[n] - g).abs().max() <= 1e-5 * g.abs().max().clamp(min=1)
-               for n, g in dense_gradients.items())
-    with pytest.raises(ValueError, match="training attention must be one of dense, grouped"):
+    (dense, dense_gradients), *others = results
+    for grouped, grouped_gradients in others:
+        assert (grouped - dense).abs().max() < 1e-5
+        assert all((grouped_gradients[n] - g).abs().max() <= 1e-5 * g.abs().max().clamp(min=1)
+                   for n, g in dense_gradients.items())
+    with pytest.raises(ValueError, match="training attention must be one of dense, grouped, jagged"):
         with training_attention("sparse"):
             pass
 
@@ -285,14 +301,18 @@ def test_training_attention_is_dense_unless_asked(monkeypatch):
     import pgm.models.layers as layers
 
     calls = []
-    real = layers.grouped_attention
-    monkeypatch.setattr(layers, "grouped_attention", lambda *args: calls.append(1) or real(*args))
+    for name in ("grouped_attention", "jagged_attention"):
+        real = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *args, name=name, real=real: calls.append(name) or real(*args))
     model = tiny_pgm()
     tokens, groups = torch.randint(0, 10, (2, model.config.length)), torch.rand(2, model.config.length) < 0.5
     model(tokens, groups)
     assert calls == []
-    with training_attention("grouped"):
-        model(tokens, groups)
-    assert len(calls) == model.config.encoder_blocks + model.config.decoder_blocks + 1  # + GroupSwap
+    attentions = model.config.encoder_blocks + model.config.decoder_blocks + 1  # + GroupSwap
+    for kind in ("grouped", "jagged"):
+        with training_attention(kind):
+            model(tokens, groups)
+        assert calls == [f"{kind}_attention"] * attentions
+        calls.clear()
     model(tokens, groups)
-    assert len(calls) == model.config.encoder_blocks + model.config.decoder_blocks + 1
+    assert calls == []

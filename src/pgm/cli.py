@@ -654,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, help="sampling: default 8; images: 32 (batch 1 is timed too); "
                                                       "training: default the preset's, 8 for the paper's shapes")
     bench.add_argument("--sampler", choices=("halton", "confidence"), help="images: the sampler (default halton)")
-    bench.add_argument("--attention", nargs="+", choices=("dense", "grouped"),
-                       help="training: a PGM row for each way its training attention runs (default: dense grouped)")
+    bench.add_argument("--attention", nargs="+", choices=("dense", "grouped", "jagged"),
+                       help="training: a PGM row for each way its training attention runs (default: dense grouped; "
+                            "jagged is for a GPU, slow on a CPU)")
     bench.add_argument("--models", nargs="+", default=["pgm", "mdlm", "mdlm-full", "ar"],
                        choices=("pgm", "pgm-cache", "mdlm", "mdlm-full", "ar"),
                        help="mdlm: logits only where tokens are revealed; mdlm-full: logits everywhere; pgm-cache: "

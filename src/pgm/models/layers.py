@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -188,18 +189,59 @@ class GroupMask:
         equal = self.query_groups[:, :, None] == self.key_groups[:, None, :]
         return (equal if self.same else ~equal)[:, None]
 
+    @functools.cached_property
+    def segments(self) -> "GroupSegments":
+        """The jagged layout of `jagged_attention`, built once for all the blocks that read it."""
+        return GroupSegments.of(self.query_groups, self.key_groups if self.same else ~self.key_groups)
 
-TRAINING_ATTENTIONS = ("dense", "grouped")
+
+@dataclasses.dataclass
+class GroupSegments:
+    """Queries and keys flattened over the batch and sorted into segments (row 0 group 0, row 0
+    group 1, row 1 group 0, ...): `*_order` indexes the flat [B * L] tokens in segment order,
+    `*_offsets` [2B + 1] bound the segments, `query_inverse` undoes the queries' sort and
+    `reads_nothing` [B * Lq] marks queries whose key segment is empty."""
+
+    query_order: torch.Tensor
+    query_offsets: torch.Tensor
+    key_order: torch.Tensor
+    key_offsets: torch.Tensor
+    query_inverse: torch.Tensor
+    reads_nothing: torch.Tensor
+
+    @staticmethod
+    def of(query_groups: torch.Tensor, reader_groups: torch.Tensor) -> "GroupSegments":
+        """`reader_groups` [B, Lk]: the group of the queries that read each key."""
+
+        def sort(groups: torch.Tensor):
+            rows, length = groups.shape
+            order = groups.to(torch.int8).argsort(dim=1, stable=True) + length * torch.arange(
+                rows, device=groups.device)[:, None]
+            ones = groups.sum(1)
+            sizes = torch.stack([length - ones, ones], dim=1).reshape(-1)
+            return order.reshape(-1), F.pad(sizes.cumsum(0), (1, 0)), sizes
+
+        query_order, query_offsets, query_sizes = sort(query_groups)
+        key_order, key_offsets, key_sizes = sort(reader_groups)
+        empty = (key_sizes == 0).repeat_interleave(query_sizes, output_size=query_order.numel())
+        inverse = query_order.argsort()
+        return GroupSegments(query_order, query_offsets, key_order, key_offsets, inverse, empty[inverse])
+
+
+TRAINING_ATTENTIONS = ("dense", "grouped", "jagged")
 _training_attention = "dense"
 
 
 @contextlib.contextmanager
 def training_attention(kind: str):
     """How attention under a `GroupMask` runs inside the block: "dense" (SDPA with the boolean
-    mask; the default) or "grouped" (per row and group, the queries against only the keys they
-    read, unmasked SDPA). On 2 CPU cores at length 1024 grouped is 1.5-1.9x faster on the
-    attention alone (masked SDPA falls back to its unfused kernel there) but gained nothing
-    measurable over a whole training step of the paper's models; `pgm bench training` times both."""
+    mask; the default), "grouped" (per row and group, the queries against only the keys they
+    read, unmasked SDPA: a loop of 2B calls) or "jagged" (the same segments in one SDPA call on
+    nested tensors, meant for a GPU's variable-length flash kernel). All three give the same
+    values and gradients. On 2 CPU cores at length 1024, 12 heads, forward and backward of the
+    attention alone, grouped is 0.5-2x dense's time and jagged 5-20x (the CPU runs nested SDPA
+    through its slow fallback), and grouped gained nothing over a whole training step, so dense
+    stays the default; no GPU has measured jagged yet. `pgm bench training --attention` times them."""
     global _training_attention
     if kind not in TRAINING_ATTENTIONS:
         raise ValueError(f"training attention must be one of {', '.join(TRAINING_ATTENTIONS)}, got {kind!r}")
@@ -226,12 +268,38 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: G
     return torch.stack(rows)
 
 
+def jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: GroupMask) -> torch.Tensor:
+    """`grouped_attention` in one call: each row's queries sorted by group and its
+    keys by the group that reads them, so that every (row, group) is one variable-length segment
+    of queries against its own segment of keys (nested tensors, jagged layout; flash attention's
+    variable-length kernel on a GPU). A query with no key to read gets zeros, as under the dense
+    mask. Returns [B, heads, Lq, d], as SDPA."""
+    batch, heads, queries, head_dim = q.shape
+    layout = mask.segments
+
+    def segments(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        flat = x.transpose(1, 2).reshape(-1, heads, head_dim)[order]
+        return torch.nested.nested_tensor_from_jagged(flat, offsets).transpose(1, 2)
+
+    with warnings.catch_warnings():  # the CPU's fallback converts to the prototype layout and says so
+        warnings.filterwarnings("ignore", "The PyTorch API of nested tensors is in prototype stage")
+        out = F.scaled_dot_product_attention(segments(q, layout.query_order, layout.query_offsets),
+                                             segments(k, layout.key_order, layout.key_offsets),
+                                             segments(v, layout.key_order, layout.key_offsets))
+    # Back to the queries' own order; a query whose segment has no key is zero whatever the kernel
+    # makes of an empty segment.
+    values = out.transpose(1, 2).values()[layout.query_inverse]
+    values = torch.where(layout.reads_nothing[:, None, None], 0.0, values)
+    return values.reshape(batch, queries, heads, head_dim).transpose(1, 2)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | GroupMask | None,
            causal: bool = False) -> torch.Tensor:
     """Multi-head attention [B, h, Lq, d] x [B, h, Lk, d] -> [B, Lq, h*d]."""
     if isinstance(mask, GroupMask):
-        if _training_attention == "grouped":
-            return merge_heads(grouped_attention(q, k, v, mask))
+        if _training_attention != "dense":
+            grouped = grouped_attention if _training_attention == "grouped" else jagged_attention
+            return merge_heads(grouped(q, k, v, mask))
         mask = mask.dense
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return merge_heads(out)
