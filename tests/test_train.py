@@ -182,6 +182,22 @@ def test_leaving_the_process_group_joins_its_worker_threads(tmp_path):
         assert after == before
 
 
+@pytest.mark.parametrize("attention", ["grouped", "jagged"])
+def test_train_attention_runs_the_training_view_that_way_with_the_same_losses(reference_run, tmp_path, monkeypatch,
+                                                                              attention):
+    import pgm.models.layers as layers
+
+    calls = []
+    real = getattr(layers, f"{attention}_attention")
+    monkeypatch.setattr(layers, f"{attention}_attention", lambda *args: calls.append(1) or real(*args))
+    run_dir = tmp_path / attention
+    train(tiny_config(attention=attention, max_steps=10), run_dir, log=lambda *a: None)
+    assert calls and read_run_config(run_dir).train.attention == attention
+    one = dict(losses(reference_run, "loss"))
+    assert max(abs(one[step] - value) for step, value in losses(run_dir, "loss")) < 1e-4
+    assert layers._training_attention == "dense"  # the setting ends with the run
+
+
 def test_gradient_accumulation_matches_a_full_batch(reference_run, tmp_path):
     run_dir = tmp_path / "accumulated"
     train(tiny_config(micro_batch_size=4, max_steps=10), run_dir, log=lambda *a: None)

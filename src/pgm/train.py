@@ -31,6 +31,7 @@ from .eval.images import psnr
 from .eval.perplexity import seed_for, validation_elbo
 from .formats import CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, remove_partial, replaced_atomically, write_json
 from .models import build_model, is_image_model
+from .models.layers import training_attention
 from .objectives import objective_for
 from .presets import vq_preset_for
 from .runs import (METRICS_FILE, MetricsLog, RunConfig, RunError, is_sharded, latest_checkpoint, load_checkpoint,
@@ -40,7 +41,7 @@ from .sharding import SHARDED_DIR, checkpoint_activations, distribute_whole, loa
 from .vq_tokenizer import vq_tokenizer_for_data
 
 RESUMABLE_FIELDS = {"max_steps", "eval_every", "eval_rows", "save_every", "keep_checkpoints", "log_every", "progress",
-                    "device", "parallel", "activation_checkpointing"}
+                    "device", "parallel", "activation_checkpointing", "attention"}
 
 
 @dataclasses.dataclass
@@ -259,7 +260,8 @@ def run_trainer(trainer_class, config: RunConfig, run_dir: Path, *, resume: bool
         trainer.prepare_data()
         trainer.build()
         trainer.resume()
-        trainer.run()
+        with training_attention(trainer.config.train.attention):
+            trainer.run()
         finished = True
         return run_dir
     finally:

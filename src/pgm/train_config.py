@@ -38,6 +38,9 @@ class TrainConfig(Config):
     # parameters, gradients and optimizer state sharded over the processes, checkpoints sharded too
     parallel: Literal["ddp", "fsdp"] = "ddp"
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    # How a PGM's training view runs its attention (pgm.models.layers.training_attention): dense
+    # masked SDPA, grouped (a loop over rows and groups) or jagged (one nested-tensor call, for GPUs)
+    attention: Literal["dense", "grouped", "jagged"] = "dense"
 
     def validate(self) -> None:
         require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")
