@@ -5,13 +5,17 @@
 #     (reduce-overhead: inductor plus CUDA graphs);
 #   training: the paper's shapes at batch 32, dense, grouped and jagged attention, beside MDLM;
 #   images: the released ImageNet shapes.
-# Usage: benchmarks/gpu_paper_protocol.sh OUT_DIR [--quick]
+# Usage: [PARTS="sampling training images"] benchmarks/gpu_paper_protocol.sh OUT_DIR [--quick]
 #   --quick runs the same commands at toy shapes on the CPU: a dry run that the script works.
-# It runs from the repository root with the machine's own python3 and torch (PYTHONPATH=src).
+#   PARTS picks what runs (all three by default): the sampling tables alone may take most of a
+#   10-minute device command, so a short lease runs PARTS=sampling, then PARTS="training images".
+# It uses the machine's own python3 and torch, with this checkout's src on the path.
 set -euo pipefail
-out=${1:?give an output directory}
+out=$(realpath -m "${1:?give an output directory}")
 quick=${2:-}
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+parts=${PARTS:-sampling training images}
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 pgm() { python3 -m pgm "$@"; }
 if [ "$quick" = "--quick" ]; then
     device=cpu
@@ -34,9 +38,15 @@ else
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 [ "$device" = cpu ] || nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-pgm bench sampling --device "$device" "${sampling[@]}" "${wide[@]}" --models pgm mdlm "${compiled[@]}" \
-    --out-dir "$out/sampling-8-8"
-pgm bench sampling --device "$device" "${sampling[@]}" "${wider[@]}" --models pgm "${compiled[@]}" \
-    --out-dir "$out/sampling-6-6-1024"
-pgm bench training --device "$device" "${training[@]}" --out-dir "$out/training"
-pgm bench images --device "$device" "${images[@]}" --out-dir "$out/images"
+for part in $parts; do
+    case $part in
+        sampling)
+            pgm bench sampling --device "$device" "${sampling[@]}" "${wide[@]}" --models pgm mdlm "${compiled[@]}" \
+                --out-dir "$out/sampling-8-8"
+            pgm bench sampling --device "$device" "${sampling[@]}" "${wider[@]}" --models pgm "${compiled[@]}" \
+                --out-dir "$out/sampling-6-6-1024" ;;
+        training) pgm bench training --device "$device" "${training[@]}" --out-dir "$out/training" ;;
+        images) pgm bench images --device "$device" "${images[@]}" --out-dir "$out/images" ;;
+        *) echo "unknown part $part: the parts are sampling, training, images" >&2; exit 2 ;;
+    esac
+done

@@ -43,6 +43,11 @@ def test_bench_sampling_puts_compiled_rows_beside_the_eager_ones(tmp_path, pgm_m
     assert code == 2 and "compiled rows need warmup >= 1" in err
     code, _, err = pgm_main("bench", "training", "--compile", "default", "--out-dir", tmp_path)
     assert code == 2 and "--compile applies to bench sampling" in err
+    code, _, err = pgm_main("bench", "sampling", "--models", "ar", "--compile", "default", "--out-dir", tmp_path)
+    assert code == 2 and "compile applies to the pgm, mdlm, mdlm-full rows, and none is asked for" in err
+    code, _, err = pgm_main("bench", "sampling", "--models", "pgm", "ar", "--compile", "default", "--out-dir",
+                            tmp_path)
+    assert code == 2 and "the ar and pgm-cache rows run eagerly: with them, compile must include eager" in err
 
 
 def test_bench_images_compares_the_presets_it_is_given(tmp_path, pgm_main):

@@ -103,6 +103,8 @@ def test_pgm_sample_compile_prints_the_eager_samples(text_run, pgm_main):
     assert code == 2 and "the reference sampler is the slow check of the efficient one" in err
     code, _, err = pgm_main(*common, "--compile", "fast")
     assert code == 2 and "invalid choice: 'fast'" in err
+    code, _, err = pgm_main("eval", text_run, "--compile", "default")
+    assert code == 2 and "--compile has no effect here: it applies to the samples of --evaluator" in err
 
 
 def test_compile_is_refused_for_models_it_does_not_apply_to(tmp_path):

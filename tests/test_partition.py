@@ -257,16 +257,20 @@ def test_grouped_attention_reads_only_the_keys_its_mask_allows(grouped_attention
 
 
 def test_grouped_segments_by_hand():
-    # Row 0: queries F T T, keys all read by group T (group F reads nothing); row 1: queries T F F,
-    # keys read by F T F.
+    # Row 0: queries F T T, keys all read by group T, so group F reads nothing and its segment is
+    # left out; row 1: queries T F F, keys read by F T F.
     layout = GroupSegments.of(torch.tensor([[False, True, True], [True, False, False]]),
                               torch.tensor([[True, True, True], [False, True, False]]))
-    assert layout.query_order.tolist() == [0, 1, 2, 4, 5, 3]
-    assert layout.query_offsets.tolist() == [0, 1, 3, 5, 6]
+    assert layout.query_order.tolist() == [1, 2, 4, 5, 3]
+    assert layout.query_offsets.tolist() == [0, 2, 4, 5] and layout.query_sizes == (1, 2)
     assert layout.key_order.tolist() == [0, 1, 2, 3, 5, 4]
-    assert layout.key_offsets.tolist() == [0, 0, 3, 5, 6]
-    assert layout.reads_nothing.tolist() == [True, False, False, False, False, False]
-    assert layout.query_order[layout.query_inverse].tolist() == list(range(6))
+    assert layout.key_offsets.tolist() == [0, 3, 5, 6] and layout.key_sizes == (1, 3)
+    nothing = GroupSegments.of(torch.tensor([[True, True]]), torch.tensor([[False]]))
+    assert nothing.query_order.tolist() == [] and nothing.query_offsets.tolist() == [0]
+    q = torch.randn(1, 1, 2, 4, requires_grad=True)
+    out = jagged_attention(q, torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4),
+                           GroupMask(torch.tensor([[True, True]]), torch.tensor([[True]]), same=False))
+    assert out.shape == (1, 1, 2, 4) and out.abs().max() == 0  # no query reads a key
 
 
 @pytest.mark.parametrize("registers", [0, 2])

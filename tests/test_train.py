@@ -198,6 +198,15 @@ def test_train_attention_runs_the_training_view_that_way_with_the_same_losses(re
     assert layers._training_attention == "dense"  # the setting ends with the run
 
 
+def test_train_attention_is_refused_for_a_model_without_groups(tmp_path):
+    from pgm.presets import preset
+    from pgm.runs import RunError
+
+    config = preset("mdlm-tiny").with_overrides(["attention=jagged", "max_steps=2"])
+    with pytest.raises(RunError, match="train.attention=jagged applies to a PGM's training view; a mdlm model"):
+        train(config, tmp_path / "mdlm", log=lambda *a: None)
+
+
 def test_gradient_accumulation_matches_a_full_batch(reference_run, tmp_path):
     run_dir = tmp_path / "accumulated"
     train(tiny_config(micro_batch_size=4, max_steps=10), run_dir, log=lambda *a: None)

@@ -178,8 +178,14 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
     caches = cache_settings(cache_refreshes, cache_growths)  # checked before anything is timed
     for mode in compiles:
         check_compile_mode(mode)
-    if warmup < 1 and any(compiles):
-        raise ValueError("compiled rows need warmup >= 1: the warm-up run is where they compile")
+    if any(compiles):
+        if warmup < 1:
+            raise ValueError("compiled rows need warmup >= 1: the warm-up run is where they compile")
+        if not set(models) & set(COMPILED_MODELS):
+            raise ValueError(f"compile applies to the {', '.join(COMPILED_MODELS)} rows, and none is asked for")
+        if None not in compiles and set(models) - set(COMPILED_MODELS):
+            raise ValueError("the ar and pgm-cache rows run eagerly: with them, compile must include eager, "
+                             "their reference")
     device = resolve_device(device)
     peak = matmul_throughput(device, shape.hidden)
     log(f"matmul throughput {peak / 1e9:.1f} GFLOP/s on {device}")
@@ -255,9 +261,10 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
 
 
 def format_sampling_table(report: dict) -> str:
+    mode_width = 2 + max(len(r.get("compile") or "eager") for r in report["results"])
     lines = [f"device {report['device']} ({report['processor']}, {report['threads']} threads), {report['dtype']}, "
              f"matmul {report['matmul_gflops']:.0f} GFLOP/s; generated tokens only",
-             f"{'model':<10}{'params':>8}{'L':>6}{'steps':>7}{'cache':>8}{'compile':>16}{'tok/s':>9}{'s/batch':>9}"
+             f"{'model':<10}{'params':>8}{'L':>6}{'steps':>7}{'cache':>8}{'compile':>{mode_width}}{'tok/s':>9}{'s/batch':>9}"
              f"{'x MDLM':>8}{'x PGM':>7}{'x eager':>8}"
              f"{'work x':>8}{'calls':>7}{'GFLOP':>8}{'floor':>8}{'% floor':>8}{'peak MB':>9}"]
     for r in report["results"]:
@@ -267,7 +274,8 @@ def format_sampling_table(report: dict) -> str:
         to_eager = f"{r['ratio_to_eager']:.2f}" if r.get("ratio_to_eager") else "-"
         memory = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "-"
         lines.append(f"{r['model']:<10}{r['parameters'] / 1e6:>7.1f}M{r['length']:>6}{r['steps']:>7}"
-                     f"{cache_label(r.get('cache_refresh'), r.get('cache_growth')):>8}{r.get('compile') or 'eager':>16}"
+                     f"{cache_label(r.get('cache_refresh'), r.get('cache_growth')):>8}"
+                     f"{r.get('compile') or 'eager':>{mode_width}}"
                      f"{r['tokens_per_s']:>9.1f}{r['seconds_per_batch']:>9.2f}{ratio:>8}{to_pgm:>7}{to_eager:>8}{work:>8}"
                      f"{r['forward_calls'] or '-':>7}{r['gflops_per_batch']:>8.0f}{r['floor_tokens_per_s']:>8.0f}"
                      f"{100 * r['tokens_per_s'] / r['floor_tokens_per_s']:>7.0f}%{memory:>9}")
@@ -283,7 +291,8 @@ def plot_sampling(report: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, len({r["length"] for r in report["results"]}), figsize=(11, 4), squeeze=False)
     def label(row):
         cache = cache_label(row.get("cache_refresh"), row.get("cache_growth"))
-        return row["model"] if cache == "-" else f"{row['model']} ({cache})"
+        settings = [s for s in (None if cache == "-" else cache, row.get("compile")) if s]
+        return f"{row['model']} ({', '.join(settings)})" if settings else row["model"]
 
     for axis, length in zip(axes[0], sorted({r["length"] for r in report["results"]})):
         for name in dict.fromkeys(label(r) for r in report["results"]):

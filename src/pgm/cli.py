@@ -198,6 +198,9 @@ def _eval_flags_in_use(args, modality: str) -> None:
         raise ValueError("--fid and --inception evaluate image models; this is a text model")
     if args.reference is None and (args.shards is not None or args.shard_size is not None):
         raise ValueError("--shards and --shard-size apply to an evaluation against --reference")
+    if args.compile != "eager" and not measures_samples:
+        raise ValueError("--compile has no effect here: it applies to the samples of --evaluator (text) or --fid "
+                         "(images)")
 
 
 def _given(args, **names) -> dict:

@@ -694,7 +694,8 @@ class ImagePipeline(Pipeline):
                     "features": features_of,
                     "steps": steps, "sampler": sampler, "guidance": guidance, "guidance_schedule": guidance_schedule,
                     "temperature": temperature, "seed": seed, "num_samples": num_samples, "batch_size": batch_size,
-                    "shard_size": shard_size, "reference": str(Path(reference).resolve()), **faithful}
+                    "shard_size": shard_size, "reference": str(Path(reference).resolve()), **faithful,
+                    **({"compile": self.compile} if self.compile else {})}  # eager keys stay what they were
         home = (Path(self.name) if Path(self.name).is_dir() else Path(".")) / "fid-shards"
         directory = Path(shards) if shards is not None else home / _key(settings)
         _same_settings(directory, settings)

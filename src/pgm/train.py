@@ -332,6 +332,9 @@ class Trainer:
             raise RunError(f"batch_size {tc.batch_size} must split evenly into {info.world_size} process(es) "
                            f"x micro-batches of {self.micro}")
         self.per_process, self.accumulation = per_process, per_process // self.micro
+        if tc.attention != "dense" and self.config.model.kind != "pgm":
+            raise RunError(f"train.attention={tc.attention} applies to a PGM's training view; a "
+                           f"{self.config.model.kind} model has one way to attend")
         torch.manual_seed(tc.seed)
         self.model = build_model(self.config.model).to(self.device)
         if tc.activation_checkpointing:

@@ -198,16 +198,17 @@ class GroupMask:
 @dataclasses.dataclass
 class GroupSegments:
     """Queries and keys flattened over the batch and sorted into segments (row 0 group 0, row 0
-    group 1, row 1 group 0, ...): `*_order` indexes the flat [B * L] tokens in segment order,
-    `*_offsets` [2B + 1] bound the segments, `query_inverse` undoes the queries' sort and
-    `reads_nothing` [B * Lq] marks queries whose key segment is empty."""
+    group 1, row 1 group 0, ...), leaving out every segment whose queries or keys are none (an
+    empty segment would send a GPU's SDPA to its slow fallback; those queries read nothing and
+    get zeros). `*_order` indexes the flat [B * L] tokens of the kept segments in order,
+    `*_offsets` bound the kept segments, `*_sizes` are their (smallest, largest) lengths."""
 
     query_order: torch.Tensor
     query_offsets: torch.Tensor
+    query_sizes: tuple[int, int]
     key_order: torch.Tensor
     key_offsets: torch.Tensor
-    query_inverse: torch.Tensor
-    reads_nothing: torch.Tensor
+    key_sizes: tuple[int, int]
 
     @staticmethod
     def of(query_groups: torch.Tensor, reader_groups: torch.Tensor) -> "GroupSegments":
@@ -218,14 +219,18 @@ class GroupSegments:
             order = groups.to(torch.int8).argsort(dim=1, stable=True) + length * torch.arange(
                 rows, device=groups.device)[:, None]
             ones = groups.sum(1)
-            sizes = torch.stack([length - ones, ones], dim=1).reshape(-1)
-            return order.reshape(-1), F.pad(sizes.cumsum(0), (1, 0)), sizes
+            return order.reshape(-1), torch.stack([length - ones, ones], dim=1).reshape(-1)
 
-        query_order, query_offsets, query_sizes = sort(query_groups)
-        key_order, key_offsets, key_sizes = sort(reader_groups)
-        empty = (key_sizes == 0).repeat_interleave(query_sizes, output_size=query_order.numel())
-        inverse = query_order.argsort()
-        return GroupSegments(query_order, query_offsets, key_order, key_offsets, inverse, empty[inverse])
+        (query_order, query_sizes), (key_order, key_sizes) = sort(query_groups), sort(reader_groups)
+        kept = (query_sizes > 0) & (key_sizes > 0)
+
+        def keep(order: torch.Tensor, sizes: torch.Tensor):
+            order = order[kept.repeat_interleave(sizes, output_size=order.numel())]
+            sizes = sizes[kept]
+            extremes = (int(sizes.min()), int(sizes.max())) if sizes.numel() else (0, 0)
+            return order, F.pad(sizes.cumsum(0), (1, 0)), extremes
+
+        return GroupSegments(*keep(query_order, query_sizes), *keep(key_order, key_sizes))
 
 
 TRAINING_ATTENTIONS = ("dense", "grouped", "jagged")
@@ -269,28 +274,30 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: G
 
 
 def jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: GroupMask) -> torch.Tensor:
-    """`grouped_attention` in one call: each row's queries sorted by group and its
-    keys by the group that reads them, so that every (row, group) is one variable-length segment
-    of queries against its own segment of keys (nested tensors, jagged layout; flash attention's
+    """`grouped_attention` in one call: each row's queries sorted by group and its keys by the
+    group that reads them, so that every (row, group) is one variable-length segment of queries
+    against its own segment of keys (nested tensors, jagged layout; flash attention's
     variable-length kernel on a GPU). A query with no key to read gets zeros, as under the dense
     mask. Returns [B, heads, Lq, d], as SDPA."""
     batch, heads, queries, head_dim = q.shape
     layout = mask.segments
+    out = q.new_zeros(batch * queries, heads, head_dim)
+    if not layout.query_order.numel():
+        return out.reshape(batch, queries, heads, head_dim).transpose(1, 2)
 
-    def segments(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def segments(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, sizes: tuple[int, int]):
         flat = x.transpose(1, 2).reshape(-1, heads, head_dim)[order]
-        return torch.nested.nested_tensor_from_jagged(flat, offsets).transpose(1, 2)
+        return torch.nested.nested_tensor_from_jagged(flat, offsets, min_seqlen=sizes[0],
+                                                      max_seqlen=sizes[1]).transpose(1, 2)
 
+    keys = (layout.key_order, layout.key_offsets, layout.key_sizes)
     with warnings.catch_warnings():  # the CPU's fallback converts to the prototype layout and says so
         warnings.filterwarnings("ignore", "The PyTorch API of nested tensors is in prototype stage")
-        out = F.scaled_dot_product_attention(segments(q, layout.query_order, layout.query_offsets),
-                                             segments(k, layout.key_order, layout.key_offsets),
-                                             segments(v, layout.key_order, layout.key_offsets))
-    # Back to the queries' own order; a query whose segment has no key is zero whatever the kernel
-    # makes of an empty segment.
-    values = out.transpose(1, 2).values()[layout.query_inverse]
-    values = torch.where(layout.reads_nothing[:, None, None], 0.0, values)
-    return values.reshape(batch, queries, heads, head_dim).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(
+            segments(q, layout.query_order, layout.query_offsets, layout.query_sizes), segments(k, *keys),
+            segments(v, *keys))
+    out = out.index_copy(0, layout.query_order, attended.transpose(1, 2).values())  # back in the queries' order
+    return out.reshape(batch, queries, heads, head_dim).transpose(1, 2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | GroupMask | None,

@@ -6,8 +6,9 @@ call pads both to a few bucket sizes (`bucket`: four per doubling, 12.5% padding
 and compiles with dynamic shapes. The padded clean slots are masked out as keys through
 `lengths`; the padded queries repeat a real one and their logits are dropped, which changes
 nothing else since the PGM's decoder queries never attend to each other. So inductor compiles
-`predict` once per model (for every step count, order, batch and prompt), and CUDA graphs
-("reduce-overhead") record one graph per bucket instead of one per step.
+`predict` once per model (for every step count, order and prompt, and every batch size above
+one: a batch of one is a specialisation of its own), and CUDA graphs ("reduce-overhead")
+record one graph per batch size and pair of buckets instead of one per step.
 
 MDLM and MaskGIT run the whole sequence at every step (fixed shapes); their network is compiled
 as it is.
@@ -40,8 +41,8 @@ def check_compile_mode(mode: str | None) -> None:
 
 def bucket(size: int) -> int:
     """The padded size of `size` items: a multiple of SMALLEST_BUCKET up to 128, then of an
-    eighth of the next power of two (..., 112, 128, 160, 192, 224, 256, 320, ...): four buckets
-    per doubling, each less than 25% larger than what it holds."""
+    eighth of the next power of two (..., 112, 128, 160, 192, 224, 256, 320, ...): above 128,
+    four buckets per doubling, each less than 25% larger than what it holds."""
     if size <= SMALLEST_BUCKET:
         return SMALLEST_BUCKET
     granule = max(SMALLEST_BUCKET, 1 << ((size - 1).bit_length() - 3))
