@@ -244,7 +244,7 @@ def training_attention(kind: str):
     read, unmasked SDPA: a loop of 2B calls) or "jagged" (the same segments in one SDPA call on
     nested tensors, meant for a GPU's variable-length flash kernel). All three give the same
     values and gradients. On 2 CPU cores at length 1024, 12 heads, forward and backward of the
-    attention alone, grouped is 0.5-2x dense's time and jagged 5-20x (the CPU runs nested SDPA
+    attention alone, grouped takes 0.5-2.9x dense's time and jagged 5-17x (the CPU runs nested SDPA
     through its slow fallback), and grouped gained nothing over a whole training step, so dense
     stays the default; no GPU has measured jagged yet. `pgm bench training --attention` times them."""
     global _training_attention
