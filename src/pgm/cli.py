@@ -20,7 +20,7 @@ from . import __version__
 from .allocator import keep_freed_memory
 from .devices import PRECISIONS
 from .presets import IMAGE_SHAPES
-from .sampling.compiled import COMPILE_MODES, compile_mode
+from .sampling.compiled import COMPILE_CHOICES, COMPILE_MODES, compile_mode
 
 
 def _load_config_file(path: str) -> dict:
@@ -467,7 +467,7 @@ def add_loading_options(parser: argparse.ArgumentParser, precision_note: str = "
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto: bf16 autocast on a GPU, float32 on a CPU" + precision_note)
     if samples:
-        parser.add_argument("--compile", choices=("eager",) + COMPILE_MODES, default="eager", metavar="MODE",
+        parser.add_argument("--compile", choices=COMPILE_CHOICES, default="eager", metavar="MODE",
                             help="sample through torch.compile: eager (the default) or a mode, "
                                  f"{', '.join(COMPILE_MODES)} (PGM, MDLM, MaskGIT; the first samples compile)")
 
@@ -670,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-growth", type=float, nargs="+", metavar="F",
                        help="sampling, pgm-cache: a row for each F that re-encodes only when the clean set has grown "
                             "by F since the last refresh")
-    bench.add_argument("--compile", nargs="+", choices=("eager",) + COMPILE_MODES, metavar="MODE",
+    bench.add_argument("--compile", nargs="+", choices=COMPILE_CHOICES, metavar="MODE",
                        help="sampling: a pgm, mdlm and mdlm-full row for each: eager, or a torch.compile mode ("
                             f"{', '.join(COMPILE_MODES)}; default: eager)")
     bench.add_argument("--hidden", type=int, default=256)

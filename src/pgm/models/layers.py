@@ -285,7 +285,7 @@ def jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Gr
     if not layout.query_order.numel():
         return out.reshape(batch, queries, heads, head_dim).transpose(1, 2)
 
-    def segments(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, sizes: tuple[int, int]):
+    def packed(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, sizes: tuple[int, int]):
         flat = x.transpose(1, 2).reshape(-1, heads, head_dim)[order]
         return torch.nested.nested_tensor_from_jagged(flat, offsets, min_seqlen=sizes[0],
                                                       max_seqlen=sizes[1]).transpose(1, 2)
@@ -294,8 +294,7 @@ def jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Gr
     with warnings.catch_warnings():  # the CPU's fallback converts to the prototype layout and says so
         warnings.filterwarnings("ignore", "The PyTorch API of nested tensors is in prototype stage")
         attended = F.scaled_dot_product_attention(
-            segments(q, layout.query_order, layout.query_offsets, layout.query_sizes), segments(k, *keys),
-            segments(v, *keys))
+            packed(q, layout.query_order, layout.query_offsets, layout.query_sizes), packed(k, *keys), packed(v, *keys))
     out = out.index_copy(0, layout.query_order, attended.transpose(1, 2).values())  # back in the queries' order
     return out.reshape(batch, queries, heads, head_dim).transpose(1, 2)
 

@@ -29,6 +29,9 @@ SMALLEST_BUCKET = 16
 RECOMPILE_LIMIT = 64
 
 
+COMPILE_CHOICES = ("eager",) + COMPILE_MODES  # what a command line takes: "eager" is no compilation
+
+
 def compile_mode(text: str) -> str | None:
     """A compile mode given as text (a command line's): "eager" is None."""
     return None if text == "eager" else text
