@@ -8,7 +8,7 @@ import torch
 from pgm.data import DataConfig, DataError, TokenRows, load_prepared, prepare_data, training_and_validation_documents
 from pgm.data.corpus import (builtin_corpus_path, builtin_documents, chunk_document, gutenberg_books, load_documents,
                              split_documents)
-from pgm.data.packing import pad_rows, wrap_rows, write_rows
+from pgm.data.packing import RowPacker, ShardWriter, dtype_for
 from pgm.data.tokenizers import GPT2Tokenizer, find_gpt2_file, load_tokenizer, train_bpe
 
 FAKE_DUMP = """The Project Gutenberg EBook of A Tale, by Someone
@@ -69,6 +69,17 @@ def test_split_is_deterministic_and_disjoint():
     assert max(map(len, train)) < 4000 * 2
 
 
+def test_the_split_holds_out_every_kth_or_the_last_pieces_by_hand():
+    docs = [f"d{i}" for i in range(10)]
+    split = lambda **kw: split_documents(docs, chunk_chars=0, **{"val_every": 3, "val_last": 0, **kw})
+    assert split() == (["d0", "d1", "d3", "d4", "d6", "d7", "d9"], ["d2", "d5", "d8"])
+    assert split(val_last=2) == (docs[:8], ["d8", "d9"])
+    assert split(limit=5) == (["d0", "d1", "d3", "d4"], ["d2"])
+    assert split(limit=2) == (["d0"], ["d1"])  # too few for one of every 3: the last piece is held out
+    with pytest.raises(DataError, match="holds 1 document"):
+        split(limit=1)
+
+
 def test_chunking_cuts_at_paragraphs():
     text = "\n\n".join(f"paragraph {i} " + "x" * 50 for i in range(10))
     pieces = chunk_document(text, 130)
@@ -89,27 +100,56 @@ def test_user_text_files_jsonl_and_folders(tmp_path):
         load_documents(str(tmp_path / "missing.txt"))
 
 
+def pieces(*documents):
+    return np.array([t for d in documents for t in d], dtype=np.int64), np.array([len(d) for d in documents])
+
+
 def test_wrap_packing_makes_bos_body_eos_rows():
-    rows = list(wrap_rows([[1, 2, 3], [4, 5], [6, 7, 8, 9]], length=5, bos=0, eos=99))
-    # stream: 1 2 3 99 4 5 99 6 7 8 9 99 -> bodies of 3
-    assert rows == [[0, 1, 2, 3, 99], [0, 99, 4, 5, 99], [0, 99, 6, 7, 99], [0, 8, 9, 99, 99]]
+    packer = RowPacker("wrap", length=5, bos=0, eos=99, pad=98)
+    # stream: 1 2 3 99 4 5 99 6 7 8 9 99 -> bodies of 3, in two calls: the carry continues the stream
+    first, _ = packer.pack(*pieces([1, 2, 3], [4, 5]))
+    assert first.tolist() == [[0, 1, 2, 3, 99], [0, 99, 4, 5, 99]] and packer.carry.tolist() == [99]
+    assert packer.starts(np.array([4])).tolist() == [7]  # the third piece starts at stream offset 7
+    second, _ = packer.pack(*pieces([6, 7, 8, 9]))
+    assert second.tolist() == [[0, 99, 6, 7, 99], [0, 8, 9, 99, 99]] and packer.carry.tolist() == []
 
 
 def test_pad_packing_keeps_one_document_per_row(tmp_path):
-    rows = list(pad_rows([[1, 2], [3, 4, 5, 6, 7]], length=5, bos=0, eos=9, pad=8))
-    assert rows == [([0, 1, 2, 9, 8], 4), ([0, 3, 4, 5, 9], 5)]
-    assert write_rows(iter(rows), tmp_path / "x.bin", 5, vocab_size=10, padded=True) == 2
-    tokens, valid = TokenRows(tmp_path / "x.bin")[[0, 1]]
-    assert tokens.tolist() == [[0, 1, 2, 9, 8], [0, 3, 4, 5, 9]]
-    assert valid.tolist() == [[True] * 4 + [False], [True] * 5]
+    packer = RowPacker("pad", length=5, bos=0, eos=9, pad=8)
+    rows, valid = packer.pack(*pieces([1, 2], [3, 4, 5, 6, 7], []))
+    assert rows.tolist() == [[0, 1, 2, 9, 8], [0, 3, 4, 5, 9], [0, 9, 8, 8, 8]] and valid.tolist() == [4, 5, 2]
+    assert packer.starts(np.array([1, 1])).tolist() == [3, 4]  # row numbers
+    writer = ShardWriter(tmp_path, "x", 0, 5, dtype_for(10), padded=True)
+    writer.write(rows[:2], valid[:2])
+    writer.write(rows[2:], valid[2:])
+    assert writer.close() == {"name": "x-00000.bin", "rows": 3}
+    tokens, mask = TokenRows(tmp_path / "x-00000.bin")[[0, 1, 2]]
+    assert tokens.tolist() == rows.tolist()
+    assert mask.tolist() == [[True] * 4 + [False], [True] * 5, [True] * 2 + [False] * 3]
+
+
+def test_rows_of_several_shards_read_as_one_array(tmp_path):
+    shards = []
+    for number, block in enumerate((np.arange(12).reshape(3, 4), np.arange(100, 108).reshape(2, 4))):
+        writer = ShardWriter(tmp_path, "s", number, 4, dtype_for(200), padded=False)
+        writer.write(block)
+        shards.append(tmp_path / writer.close()["name"])
+    rows = TokenRows(shards)
+    assert len(rows) == 5
+    tokens, valid = rows[[4, 0, 3, 2]]
+    assert valid is None and tokens[:, 0].tolist() == [104, 0, 100, 8]
+    with pytest.raises(IndexError):
+        rows[[5]]
 
 
 def test_truncated_rows_are_detected(tmp_path):
-    write_rows(iter([[0, 1, 2, 3]] * 3), tmp_path / "r.bin", 4, vocab_size=10, padded=False)
-    with open(tmp_path / "r.bin", "r+b") as handle:
+    writer = ShardWriter(tmp_path, "r", 0, 4, dtype_for(10), padded=False)
+    writer.write(np.array([[0, 1, 2, 3]] * 3))
+    path = tmp_path / writer.close()["name"]
+    with open(path, "r+b") as handle:
         handle.truncate(10)
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        TokenRows(tmp_path / "r.bin")
+        TokenRows(path)
 
 
 def test_bpe_trains_saves_and_round_trips(tmp_path):

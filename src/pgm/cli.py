@@ -1,4 +1,4 @@
-"""The `pgm` command line: train, distill, sample, eval, report, convert, serve, bench.
+"""The `pgm` command line: prepare, train, distill, sample, eval, report, convert, serve, bench.
 
 Mistakes in what the user asked for (an unknown preset or setting, a wrong value, missing data,
 a directory that is not a run, a damaged checkpoint) end with one sentence on stderr and exit
@@ -36,9 +36,26 @@ def _load_config_file(path: str) -> dict:
     return values
 
 
-def cmd_train(args) -> int:
+def _run_configuration(args):
+    """The preset (default text-small), with the config file's sections laid over it, then the
+    key=value overrides."""
     from .presets import preset
-    from .runs import RunConfig, read_run_config
+    from .runs import RunConfig
+
+    values = preset(args.preset or "text-small").to_dict()
+    if args.config:
+        for section, fields in _load_config_file(args.config).items():
+            if not isinstance(fields, dict):
+                raise ValueError(f"the config file's {section!r} section must be an object")
+            if section == "model" and fields.get("kind", values["model"]["kind"]) != values["model"]["kind"]:
+                values["model"] = fields
+            else:
+                values.setdefault(section, {}).update(fields)
+    return RunConfig.from_dict(values).with_overrides(args.overrides)
+
+
+def cmd_train(args) -> int:
+    from .runs import read_run_config
     from .train import train
 
     if args.resume:
@@ -48,21 +65,39 @@ def cmd_train(args) -> int:
             raise ValueError("--resume needs --out RUN_DIR, the run to continue")
         config = read_run_config(Path(args.out)).with_overrides(args.overrides)
     else:
-        values = preset(args.preset or "text-small").to_dict()
-        if args.config:
-            for section, fields in _load_config_file(args.config).items():
-                if not isinstance(fields, dict):
-                    raise ValueError(f"the config file's {section!r} section must be an object")
-                if section == "model" and fields.get("kind", values["model"]["kind"]) != values["model"]["kind"]:
-                    values["model"] = fields
-                else:
-                    values.setdefault(section, {}).update(fields)
-        config = RunConfig.from_dict(values).with_overrides(args.overrides)
+        config = _run_configuration(args)
     out = Path(args.out or Path("runs") / (args.preset or "text-small"))
     started = time.perf_counter()
     train(config, out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wall time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data import prepare_text, prepared_meta
+
+    config = _run_configuration(args)
+    for item in args.overrides:
+        section, field = config.locate(item.partition("=")[0])
+        if section != "data" and (section, field) != ("model", "length"):
+            raise ValueError(f"{section}.{field}: pgm prepare reads the data settings and the row length (length=N), "
+                             "nothing else")
+    if config.data.is_image:
+        raise ValueError("pgm prepare prepares text; image data is encoded by the run that trains on it")
+    if config.data.prepared:
+        raise ValueError("data.prepared names data to use, not to make: pass --out DATA_DIR instead")
+    out = Path(args.out)
+    before = prepared_meta(out)
+    started = time.perf_counter()
+    meta = prepare_text(config.data, config.model.length, out, workers=args.workers, progress=True)
+    if before is not None:  # of another recipe, preparing would have refused
+        print(f"{out} already holds this recipe's data ({meta['train_rows']} training and {meta['val_rows']} "
+              "validation rows); nothing to do")
+    else:
+        print(f"wall time {time.perf_counter() - started:.0f} s")
+    preset_flag = f" --preset {args.preset}" if args.preset else ""
+    print(f"train on it in place: pgm train{preset_flag} data.prepared={out}")
     return 0
 
 
@@ -487,6 +522,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="settings such as model.hidden_size=256 train.lr=1e-3 (or lr=1e-3 when unambiguous)")
     train.set_defaults(handler=cmd_train)
+
+    prepare = commands.add_parser("prepare", help="tokenize and pack a corpus once, in parallel and resumably, into "
+                                                  "a data directory that runs use in place (data.prepared=DIR)")
+    prepare.add_argument("--out", required=True, help="the data directory (a rerun of the same command continues an "
+                                                      "interrupted preparation)")
+    prepare.add_argument("--preset", help="the preset whose data settings and row length to prepare (default "
+                                          "text-small)")
+    prepare.add_argument("--config", help="a JSON file whose data (and model.length) settings are laid over the "
+                                          "preset's")
+    prepare.add_argument("--workers", type=int, help="processes that tokenize (default: the usable cores)")
+    prepare.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="data settings such as data.source=corpus.jsonl data.tokenizer=gpt2, and length=N")
+    prepare.set_defaults(handler=cmd_prepare)
 
     consolidate = commands.add_parser("consolidate", help="turn a sharded (train.parallel=fsdp) checkpoint into "
                                                           "our usual files, readable without torch.distributed")

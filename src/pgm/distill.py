@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import DataConfig, link_prepared, load_tokenizer, prepare_data, prepared_recipe
+from .data import (DataConfig, check_prepared, link_prepared, load_prepared, load_tokenizer, prepare_data,
+                   prepared_recipe, same_recipe)
 from .eval.perplexity import seed_for
 from .formats import TOKENIZER_DIR, Origin
 from .models import build_model
@@ -183,12 +184,12 @@ class Distiller(Trainer):
     VALIDATION_KEY = "val_divergence"
     RESUME_COMMAND = "pgm distill"
 
-    def __init__(self, config: RunConfig, run_dir: Path, info, device: torch.device, log, teacher=None):
+    def __init__(self, config: RunConfig, run_dir: Path, info, log, teacher=None):
         if config.distill is None:
             raise RunError(f"{run_dir} is a training run, not a distillation: continue it with pgm train --resume")
         if config.distill.grow_from == "ema" and config.train.ema <= 0:
             raise RunError("distill.grow_from=ema needs an average of the student's weights: set train.ema > 0")
-        super().__init__(config, run_dir, info, device, log)
+        super().__init__(config, run_dir, info, log)
         self.settings = config.distill
         self.schedule = LogLinearSchedule()
         # A new run starts from the teacher; a resumed one takes student and teacher from its checkpoint.
@@ -202,11 +203,27 @@ class Distiller(Trainer):
         """The data the student learns from, encoded with the teacher's tokenizer: the teacher's own
         run's rows, linked, when the recipe is the same; the configured data encoded anew otherwise."""
         teacher_run = self.teacher_pipe.model.origin.run_dir if self.teacher_pipe else None
-        if teacher_run is not None and prepared_recipe(teacher_run) == recipe:
+        if teacher_run is not None and same_recipe(prepared_recipe(teacher_run), recipe):
             link_prepared(teacher_run, self.run_dir)
             return
-        tokenizer = self.teacher_pipe.tokenizer if self.teacher_pipe else load_tokenizer(self.run_dir / TOKENIZER_DIR)
-        prepare_data(self.config.data, self.config.model.length, self.run_dir, log=self.log, tokenizer=tokenizer)
+        prepare_data(self.config.data, self.config.model.length, self.run_dir, log=self.log,
+                     tokenizer=self._teacher_tokenizer(), progress=self.config.train.progress)
+
+    def check_prepared(self, directory: Path) -> Path:
+        """A data directory whose rows are the recipe's apart from the tokenizer settings, which
+        the teacher decides: its tokenizer must be the teacher's."""
+        data = self.config.data
+        prepared = load_prepared(directory) if prepared_recipe(directory) else None
+        if prepared is not None:
+            found = prepared.meta["recipe"]["data"]
+            data = data.replace(**{field: found.get(field, getattr(data, field)) for field in TOKENIZER_FIELDS})
+        directory = check_prepared(directory, data, self.config.model.length)
+        if prepared.tokenizer.identity() != self._teacher_tokenizer().identity():
+            raise RunError(f"data.prepared={directory} was encoded with another tokenizer than the teacher's")
+        return directory
+
+    def _teacher_tokenizer(self):
+        return self.teacher_pipe.tokenizer if self.teacher_pipe else load_tokenizer(self.run_dir / TOKENIZER_DIR)
 
     def resolved_config(self) -> RunConfig:
         return self.config  # the student is the teacher's model, whatever the data

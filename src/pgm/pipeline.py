@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import load_prepared, load_tokenizer
+from .data import data_directory, load_prepared, load_tokenizer
 from .data.images import fit_size, to_uint8
 from .data.tokenizers import named_tokenizer
 from .formats import TOKENIZER_DIR, replaced_directory, write_json
@@ -341,7 +341,7 @@ class Pipeline:
     def data(self):
         """The prepared data (rows, tokenizer, meta) of the run the model came from."""
         if self._data is None:
-            self._data = load_prepared(self._run())
+            self._data = load_prepared(data_directory(self._run(), self.run_config.data))
         return self._data
 
     @property

@@ -2,7 +2,8 @@
 
     RUN/config.json                    the full resolved configuration (model, data, train)
     RUN/tokenizer/                     the tokenizer the data was encoded with
-    RUN/data/                          the encoded rows (train.bin, val.bin) and meta.json
+    RUN/data/                          the encoded rows (shards of train and val) and meta.json; none
+                                       when the run trains on a prepared data directory (data.prepared)
     RUN/checkpoints/step_0001200/      model.safetensors, ema.safetensors, optimizer.pt, state.json
                                        (a sharded run: sharded/ and state.json, see `pgm.sharding`)
     RUN/metrics.jsonl, RUN/loss.png    what happened
@@ -24,8 +25,8 @@ from typing import Any
 import torch
 
 from .config import ConfigError
-from .data import DataConfig
-from .formats import (DATA_DIR, load_weights, read_config_file, remove_partial, replaced_atomically, replaced_directory,
+from .data import DataConfig, data_directory, prepared_meta
+from .formats import (load_weights, read_config_file, remove_partial, replaced_atomically, replaced_directory,
                       save_weights, write_atomic)
 from .models import ModelConfig, config_from_dict
 from .sharding import SHARDED_DIR, read_sharded
@@ -96,6 +97,10 @@ class RunConfig:
             except ConfigError as error:
                 raise ConfigError(f"{section}.{error}") from None
         return RunConfig.from_dict(values)
+
+    def locate(self, key: str) -> tuple[str, str]:
+        """(section, field) of a setting written `section.field` or, when unambiguous, `field`."""
+        return self._locate(key, self.to_dict())
 
     def _locate(self, key: str, values: dict) -> tuple[str, str]:
         if "." in key:
@@ -274,8 +279,8 @@ def run_card(run_dir: Path, checkpoint: Path, weights: str) -> dict:
     card = {"data": {name: getattr(data, name) for name in described},
             "tokens_seen": step * config.train.batch_size * config.model.length,
             "weights": weights, "source": str(checkpoint)}
-    meta_path = run_dir / DATA_DIR / "meta.json"
-    classes = json.loads(meta_path.read_text()).get("classes") if meta_path.is_file() else None
+    meta = prepared_meta(data_directory(run_dir, data))
+    classes = meta.get("classes") if meta else None
     if classes:
         card["classes"] = classes
     validated = [r for r in MetricsLog(run_dir / METRICS_FILE).records() if "val_nll" in r and r["step"] <= step]

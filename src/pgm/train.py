@@ -25,11 +25,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import PreparedData, load_prepared, prepare_data, prepared_recipe
+from .data import (PreparedData, check_prepared, data_directory, load_prepared, prepare_data, prepared_recipe,
+                   same_recipe)
 from .devices import autocast, describe_precision, process_device, uses_bf16
 from .eval.images import psnr
 from .eval.perplexity import seed_for, validation_elbo
-from .formats import CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, remove_partial, replaced_atomically, write_json
+from .formats import (CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, copy_directory, remove_partial, replaced_atomically,
+                      write_json)
 from .models import build_model, is_image_model
 from .models.layers import training_attention
 from .objectives import objective_for
@@ -59,11 +61,17 @@ class Distributed:
             dist.barrier()
 
 
+def launched_as() -> Distributed:
+    """This process's place in the run, as torchrun's environment says (no process group needed)."""
+    return Distributed(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                       int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def setup_distributed(device_name: str, group_of_one: bool = False) -> tuple[Distributed, torch.device]:
     """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU); a lone
     process makes a group of its own with `group_of_one` (FSDP needs one)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    info = Distributed(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    info = launched_as()
+    world_size = info.world_size
     device = process_device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -248,16 +256,20 @@ def train(config: RunConfig, run_dir: Path, *, resume: bool = False, log=print) 
 
 def run_trainer(trainer_class, config: RunConfig, run_dir: Path, *, resume: bool, log, **options) -> Path:
     """Run a `Trainer` (or subclass, built with `options`) in this process's place in the run."""
-    joined = not dist.is_initialized()  # a group this run makes is one it leaves
-    info, device = setup_distributed(config.train.device, group_of_one=config.train.parallel == "fsdp")
-    joined = joined and dist.is_initialized()
-    run_dir = Path(run_dir)
+    given_a_group = dist.is_initialized()  # a group this run makes is one it leaves
+    joined = False
+    info, run_dir = launched_as(), Path(run_dir)
     if not info.main:
         log = lambda *args, **kwargs: None  # noqa: E731 - one voice per run
     trainer, finished = None, False
     try:
-        trainer = trainer_class(open_run_dir(config, run_dir, resume), run_dir, info, device, log, **options)
+        trainer = trainer_class(open_run_dir(config, run_dir, resume), run_dir, info, log, **options)
+        # The data first, before any collective: preparing a corpus may take longer than a
+        # collective's timeout, so the other processes wait for its files instead (`wait_for_data`).
         trainer.prepare_data()
+        settings = trainer.config.train
+        info, trainer.device = setup_distributed(settings.device, group_of_one=settings.parallel == "fsdp")
+        joined = not given_a_group and dist.is_initialized()
         trainer.build()
         trainer.resume()
         with training_attention(trainer.config.train.attention):
@@ -277,31 +289,40 @@ class Trainer:
     VALIDATION_KEY = "val_nll"  # the validation record's number that the progress bar shows
     RESUME_COMMAND = "pgm train"
 
-    def __init__(self, config: RunConfig, run_dir: Path, info: Distributed, device: torch.device, log):
-        self.config, self.run_dir, self.info, self.device, self.log = config, run_dir, info, device, log
+    def __init__(self, config: RunConfig, run_dir: Path, info: Distributed, log):
+        self.config, self.run_dir, self.info, self.log = config, run_dir, info, log
+        self.device: torch.device | None = None  # once the process has joined the run
         self.step = 0
         self.metrics = MetricsLog(run_dir / METRICS_FILE, info.main)
 
     # --- set-up -------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Tokenize and pack the data into the run directory (once per recipe), then fill in the
+        """The run's data: the data directory it names (`data.prepared`, used in place, its
+        tokenizer copied into the run) or its own, tokenized and packed into the run directory
+        once per recipe by the first process while the others wait for it; then fill in the
         configuration what the data decides and save it."""
         config, run_dir = self.config, self.run_dir
+        recipe = config.data.recipe(config.model.length)
+        if config.data.prepared:
+            prepared = self.check_prepared(Path(config.data.prepared).expanduser())
+            self.config = config = dataclasses.replace(config, data=config.data.replace(prepared=str(prepared)))
         if self.info.main:
             existed = {path: path.exists() for path in (run_dir, run_dir / TOKENIZER_DIR, run_dir / DATA_DIR)}
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_partial(run_dir)  # what a killed data step left (a hidden tokenizer directory)
             remove_partial_checkpoints(run_dir)
-            recipe = {"data": config.data.to_dict(), "length": config.model.length}
-            if prepared_recipe(run_dir) != recipe:
-                try:
+            try:
+                if config.data.prepared:
+                    self.take_prepared(Path(config.data.prepared))
+                elif not same_recipe(prepared_recipe(run_dir), recipe):
                     self.write_data(recipe)
-                except BaseException:
-                    _remove_created(existed)
-                    raise
-        self.info.barrier()
-        self.data = load_prepared(run_dir)
+            except Exception:  # a mistake in the data: nothing half-made is left (an interrupt keeps what is done)
+                _remove_created(existed)
+                raise
+        elif not config.data.prepared:
+            wait_for_data(run_dir, recipe)
+        self.data = load_prepared(data_directory(run_dir, config.data))
         self.config = self.resolved_config()
         if self.info.main:
             write_json(run_dir / CONFIG_FILE, self.config.to_dict())
@@ -309,7 +330,18 @@ class Trainer:
     def write_data(self, recipe: dict) -> None:
         """Prepare the data of `recipe` (this run's) into the run directory."""
         config = self.config
-        prepare_data(config.data, config.model.length, self.run_dir, log=self.log, image_encoder=self._image_encoder())
+        prepare_data(config.data, config.model.length, self.run_dir, log=self.log, image_encoder=self._image_encoder(),
+                     progress=config.train.progress)
+
+    def check_prepared(self, directory: Path) -> Path:
+        """The data directory `data.prepared` names, finished and of this run's recipe."""
+        return check_prepared(directory, self.config.data, self.config.model.length)
+
+    def take_prepared(self, directory: Path) -> None:
+        """Use a prepared data directory: its tokenizer, copied into the run (a run samples and
+        publishes without it); its rows stay where they are."""
+        if not (self.run_dir / TOKENIZER_DIR).is_dir():
+            copy_directory(directory / TOKENIZER_DIR, self.run_dir / TOKENIZER_DIR)
 
     def resolved_config(self) -> RunConfig:
         """The configuration with what the prepared data decides filled in."""
@@ -586,6 +618,18 @@ class LossWindow:
         record = {"loss": self.loss / self.steps, "tokens_per_s": self.tokens / (time.perf_counter() - self.started)}
         self.__init__()
         return record
+
+
+def wait_for_data(run_dir: Path, recipe: dict, poll: float = 1.0, say_every: float = 300.0, log=print) -> None:
+    """What every process but the first does while the first prepares the run's data: wait for the
+    finished data of `recipe` to appear (the run directory is on a file system they share). No
+    collective timeout applies; if the first process fails, torchrun stops the others."""
+    started = last = time.monotonic()
+    while not same_recipe(prepared_recipe(run_dir), recipe):
+        time.sleep(poll)
+        if time.monotonic() - last >= say_every:
+            last = time.monotonic()
+            log(f"rank {os.environ.get('RANK', '?')}: waiting {last - started:.0f} s for the data in {run_dir}")
 
 
 def _remove_created(existed: dict[Path, bool]) -> None:

@@ -1,59 +1,20 @@
-"""Data: sources, tokenizers and packing, prepared once into a run directory."""
+"""Data: sources, tokenizers and packing, prepared once into a data directory (`pgm prepare`) or
+into the run that trains on them."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import shutil
 from pathlib import Path
-from typing import Literal
 
-import numpy as np
-
-from ..config import Config, ConfigError, require
 from ..formats import DATA_DIR, TOKENIZER_DIR, copy_directory, replaced_directory, write_json
+from .config import DataConfig, recipe_differences
 from .corpus import BUILTIN, DataError, chunk_documents, load_documents, split_documents
 from .image_tokens import PixelTokenizer, VQCodes, prepare_image_data
-from .packing import TokenRows, pad_rows, wrap_rows, write_rows
-from .tokenizers import Tokenizer, build_tokenizer, load_tokenizer
-
-
-@dataclasses.dataclass
-class DataConfig(Config):
-    """Where the text comes from and how it becomes rows of tokens."""
-
-    source: str = BUILTIN  # "builtin", a .txt/.jsonl file or folder, or "hf:NAME[:CONFIG]"
-    text_field: str = "text"  # the field holding the text in .jsonl files and Hugging Face datasets
-    split: str = "train"  # Hugging Face split to train on
-    val_source: str = ""  # a separate validation source; empty: hold documents out of `source`
-    val_split: str = "validation"  # Hugging Face split of val_source
-    val_every: int = 20  # hold out every k-th document ...
-    val_last: int = 0  # ... or, when > 0, the last N documents
-    chunk_chars: int = 4000  # cut longer documents at paragraph breaks (0: never)
-    limit_documents: int = 0  # keep only the first N documents (0: all)
-    tokenizer: str = "bpe"  # "bpe" (trained on the training split), "gpt2", or "hf:NAME"
-    vocab_size: int = 4096  # of the trained BPE
-    gpt2_file: str = ""  # a local gpt2.tiktoken for offline use
-    packing: Literal["wrap", "pad"] = "wrap"
-    # Images (the tokenizer "pixels" or "vq:VQ_RUN_DIR"; source "fashion-mnist", a folder or hf:NAME):
-    image_size: int = 32  # smaller images are zero-padded, larger ones resized and centre-cropped
-    channels: int = 1  # 1 (grayscale) or 3 (RGB)
-    image_field: str = "image"  # Hugging Face image datasets: the image and label fields
-    label_field: str = "label"
-    limit_images: int = 0  # keep only the first N training images (and N/4 validation images); 0: all
-
-    @property
-    def is_image(self) -> bool:
-        return self.tokenizer == "pixels" or self.tokenizer.startswith("vq:")
-
-    def validate(self) -> None:
-        require(self.val_every >= 2, f"val_every must be at least 2, got {self.val_every}")
-        require(self.val_last >= 0 and self.limit_documents >= 0 and self.chunk_chars >= 0,
-                "val_last, limit_documents and chunk_chars must be non-negative")
-        require(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")
-        require(self.image_size >= 4 and self.limit_images >= 0, "image_size must be >= 4 and limit_images >= 0")
+from .packing import TokenRows
+from .prepare import META_FILE, prepare_text, prepared_meta, same_recipe, unigram_nll, usable_cores
+from .tokenizers import Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -64,10 +25,10 @@ class PreparedData:
     meta: dict
 
 
-
 def training_and_validation_documents(config: DataConfig) -> tuple[list[str], list[str]]:
-    """The text documents a run on `config` trains on and validates on: the validation source's,
-    or a deterministic split of the training source's pieces."""
+    """The text documents a run on `config` trains on and validates on, as lists (small sources:
+    the built-in corpus, tests): the validation source's, or a deterministic split of the training
+    source's pieces, by the rule that preparation applies as the pieces stream by."""
     documents = load_documents(config.source, config.text_field, config.split)
     if not config.val_source:
         return split_documents(documents, chunk_chars=config.chunk_chars, val_every=config.val_every,
@@ -81,58 +42,45 @@ def training_and_validation_documents(config: DataConfig) -> tuple[list[str], li
 
 
 def prepare_data(config: DataConfig, length: int, directory: Path, log=print, image_encoder=None,
-                 tokenizer: Tokenizer | None = None) -> PreparedData:
-    """Read, split, tokenize and pack the data into `directory` (tokenizer/ and data/).
-    `image_encoder`: the VQ tokenizer that encodes images for `data.tokenizer=vq:DIR` (see
-    `prepare_image_data`). `tokenizer`: a text tokenizer to encode with instead of the one
-    `config.tokenizer` describes (a distillation encodes with its teacher's)."""
+                 tokenizer: Tokenizer | None = None, **options) -> PreparedData:
+    """Read, split, tokenize and pack the data into `directory` (tokenizer/ and data/), replacing
+    data of another recipe there. `image_encoder`: the VQ tokenizer that encodes images for
+    `data.tokenizer=vq:DIR` (see `prepare_image_data`). `tokenizer`: a text tokenizer to encode
+    with instead of the one `config.tokenizer` describes (a distillation encodes with its
+    teacher's). `options`: `Preparation`'s (workers, progress, ...)."""
     if config.is_image:
         meta = prepare_image_data(config, directory, image_encoder, log)
-        meta["recipe"] = {"data": config.to_dict(), "length": length}
-        write_json(directory / DATA_DIR / "meta.json", meta)
-        return load_prepared(directory)
-    if length < 3:
-        raise ConfigError(f"rows of length {length} leave no room between BOS and EOS")
-    train_docs, val_docs = training_and_validation_documents(config)
-    log(f"data: {len(train_docs)} training and {len(val_docs)} validation documents "
-        f"({sum(map(len, train_docs)) / 1e6:.1f}M / {sum(map(len, val_docs)) / 1e6:.2f}M characters)")
-    if tokenizer is None:
-        tokenizer = build_tokenizer(config.tokenizer, train_docs, config.vocab_size, config.gpt2_file or None)
-        if config.tokenizer == "bpe" and tokenizer.vocab_size < config.vocab_size:
-            raise DataError(f"the training text yields a BPE of only {tokenizer.vocab_size} tokens, fewer than "
-                            f"data.vocab_size={config.vocab_size}: set data.vocab_size={tokenizer.vocab_size} or "
-                            "less, or use more text")
-    with replaced_directory(directory / TOKENIZER_DIR) as temporary:
-        tokenizer.save(temporary)
-    data_dir = directory / DATA_DIR
-    data_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for name, docs in (("train", train_docs), ("val", val_docs)):
-        encoded = (ids for start in range(0, len(docs), 1024) for ids in tokenizer.encode_batch(docs[start:start + 1024]))
-        if config.packing == "wrap":
-            rows = wrap_rows(encoded, length, tokenizer.bos_id, tokenizer.eos_id)
-        else:
-            rows = pad_rows(encoded, length, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-        counts[name] = write_rows(rows, data_dir / f"{name}.bin", length, tokenizer.model_vocab_size,
-                                  padded=config.packing == "pad")
-        if counts[name] == 0:
-            raise DataError(f"the {name} split yields no rows of length {length}: use more text or a shorter length")
-    train, val = TokenRows(data_dir / "train.bin"), TokenRows(data_dir / "val.bin")
-    meta = {"recipe": {"data": config.to_dict(), "length": length},
-            "train_rows": counts["train"], "val_rows": counts["val"], "length": length,
-            "unigram_val_nll": unigram_nll(train, val, tokenizer.model_vocab_size)}
-    write_json(data_dir / "meta.json", meta)
-    log(f"data: {counts['train']} training rows and {counts['val']} validation rows of {length} tokens; "
-        f"unigram perplexity {math.exp(meta['unigram_val_nll']):.1f}")
-    return PreparedData(tokenizer, train, val, meta)
+        meta["recipe"] = config.recipe(length)
+        write_json(directory / DATA_DIR / META_FILE, meta)
+    else:
+        prepare_text(config, length, directory, tokenizer=tokenizer, log=log, replace=True, **options)
+    return load_prepared(directory)
 
 
 def prepared_recipe(directory: Path) -> dict | None:
     """The recipe (data settings and row length) of the data prepared in `directory`, if any."""
-    try:
-        return json.loads((directory / DATA_DIR / "meta.json").read_text()).get("recipe")
-    except (OSError, ValueError):
-        return None
+    meta = prepared_meta(directory)
+    return None if meta is None else meta.get("recipe")
+
+
+def check_prepared(directory: str | Path, config: DataConfig, length: int) -> Path:
+    """The data directory `data.prepared` names, once it is finished and its recipe is the run's."""
+    directory = Path(directory).expanduser()
+    meta = prepared_meta(directory)
+    if meta is None:
+        progress = (directory / DATA_DIR / "progress.json").is_file()
+        raise DataError(f"data.prepared={directory} " + ("is not finished: run its pgm prepare command again to "
+                                                         "complete it" if progress else
+                                                         "holds no prepared data (make it with pgm prepare)"))
+    if not same_recipe(meta.get("recipe"), config.recipe(length)):
+        differences = "; ".join(recipe_differences(config.recipe(length), meta.get("recipe") or {}))
+        raise DataError(f"data.prepared={directory} was prepared with another recipe than this run's: {differences}")
+    return directory.resolve()
+
+
+def data_directory(run_dir: Path, config: DataConfig) -> Path:
+    """Where the rows of a run live: the data directory it was given, or the run itself."""
+    return Path(config.prepared) if config.prepared else Path(run_dir)
 
 
 def link_prepared(source: Path, directory: Path) -> PreparedData:
@@ -141,7 +89,7 @@ def link_prepared(source: Path, directory: Path) -> PreparedData:
     copy_directory(source / TOKENIZER_DIR, directory / TOKENIZER_DIR)
     with replaced_directory(directory / DATA_DIR) as temporary:
         for path in (source / DATA_DIR).iterdir():
-            if not path.is_file():
+            if not path.is_file() or path.name.startswith("."):
                 continue
             try:
                 os.link(path, temporary / path.name)
@@ -151,28 +99,20 @@ def link_prepared(source: Path, directory: Path) -> PreparedData:
 
 
 def load_prepared(directory: Path) -> PreparedData:
-    data_dir = directory / DATA_DIR
+    """The finished data of a data or run directory (shards listed by its meta; a run of an
+    earlier version: its train.bin and val.bin)."""
+    data_dir = Path(directory) / DATA_DIR
+    meta = prepared_meta(directory)
+    if meta is None:
+        raise DataError(f"{directory} holds no prepared data (data/{META_FILE})")
     try:
-        meta = json.loads((data_dir / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise DataError(f"{directory} holds no prepared data (data/meta.json)") from None
-    return PreparedData(load_tokenizer(directory / TOKENIZER_DIR), TokenRows(data_dir / "train.bin"),
-                        TokenRows(data_dir / "val.bin"), meta)
-
-
-def modeled_tokens(rows: TokenRows) -> np.ndarray:
-    """The tokens a model is scored on: every valid position but the leading BOS."""
-    if rows.lengths is None:
-        return np.asarray(rows.array[:, 1:]).ravel()
-    return np.concatenate([np.asarray(rows.array[i, 1:n]) for i, n in enumerate(rows.lengths)])
-
-
-def unigram_nll(train: TokenRows, val: TokenRows, vocab_size: int) -> float:
-    """Nats per validation token of the add-one-smoothed unigram distribution of the training tokens."""
-    counts = np.bincount(modeled_tokens(train), minlength=vocab_size).astype(np.float64) + 1.0
-    log_probs = np.log(counts / counts.sum())
-    return float(-log_probs[modeled_tokens(val)].mean())
+        splits = [TokenRows([data_dir / name for name in meta["splits"][split]["shards"]]) if "splits" in meta
+                  else TokenRows(data_dir / f"{split}.bin") for split in ("train", "val")]
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(f"the prepared data in {directory} is damaged ({error}); prepare it again") from None
+    return PreparedData(load_tokenizer(Path(directory) / TOKENIZER_DIR), *splits, meta)
 
 
 __all__ = ["DataConfig", "DataError", "PreparedData", "PixelTokenizer", "VQCodes", "prepare_data", "load_prepared",
-           "link_prepared", "prepared_recipe", "Tokenizer", "TokenRows", "load_tokenizer", "unigram_nll"]
+           "link_prepared", "prepared_recipe", "check_prepared", "data_directory", "Tokenizer", "TokenRows",
+           "load_tokenizer", "prepared_meta", "same_recipe", "unigram_nll", "usable_cores", "BUILTIN"]

@@ -1,21 +1,24 @@
-"""Turning token lists into fixed-length training rows, stored on disk as memory-mapped arrays.
+"""Turning token pieces into fixed-length training rows, stored on disk as memory-mapped shards.
 
-- "wrap" (the paper's OpenWebText setting): documents are joined with EOS and cut into rows
-  `[BOS] <length-2 tokens> [EOS]`; the remainder is dropped.
-- "pad" (the paper's LM1B setting): one document per row, `[BOS] doc [EOS] [PAD]...`,
-  truncated to the length; the row's valid length is stored beside it.
+- "wrap" (the paper's OpenWebText setting): pieces are joined with EOS into one stream, cut into
+  rows `[BOS] <length-2 tokens> [EOS]`; the remainder is dropped at the end.
+- "pad" (the paper's LM1B setting): one piece per row, `[BOS] piece [EOS] [PAD]...`, truncated to
+  the length; the row's valid length is stored beside it.
+
+A split is a list of shard files, each `NAME.bin` (the raw array) + `NAME.bin.json` (rows,
+length, dtype) + for padded rows `NAME.bin.lengths.npy`; `TokenRows` reads them as one array.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..formats import write_json
+from ..formats import replaced_atomically, write_json
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -24,75 +27,203 @@ def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
 
 
-def wrap_rows(documents: Iterable[list[int]], length: int, bos: int, eos: int) -> Iterator[list[int]]:
-    body = length - 2
-    carry: list[int] = []
-    for doc in documents:
-        carry.extend(doc)
-        carry.append(eos)
-        while len(carry) >= body:
-            yield [bos, *carry[:body], eos]
-            carry = carry[body:]
+def joined_with_eos(tokens: np.ndarray, lengths: np.ndarray, eos: int) -> np.ndarray:
+    """The pieces (`tokens` cut at `lengths`), each followed by EOS: the wrapped stream they add."""
+    out = np.full(len(tokens) + len(lengths), eos, dtype=np.int64)
+    out[np.arange(len(tokens)) + np.repeat(np.arange(len(lengths)), lengths)] = tokens
+    return out
 
 
-def pad_rows(documents: Iterable[list[int]], length: int, bos: int, eos: int,
-             pad: int) -> Iterator[tuple[list[int], int]]:
-    """(row, number of real tokens) per document."""
-    for doc in documents:
-        row = [bos, *doc[:length - 2], eos]
-        yield row + [pad] * (length - len(row)), len(row)
+class RowPacker:
+    """Packs the pieces of one split into rows, across calls (`carry`: the wrapped stream's tokens
+    not yet in a row; `position`: the stream's length so far, or the rows made, when padded)."""
+
+    def __init__(self, packing: str, length: int, bos: int, eos: int, pad: int, carry=(), position: int = 0):
+        self.padded, self.length, self.bos, self.eos, self.pad = packing == "pad", length, bos, eos, pad
+        self.carry, self.position = np.asarray(carry, dtype=np.int64), position
+
+    def starts(self, lengths: np.ndarray) -> np.ndarray:
+        """Where the next pieces will start: stream offsets (wrap) or row numbers (pad)."""
+        if self.padded:
+            return self.position + np.arange(len(lengths))
+        return self.position + np.concatenate([[0], np.cumsum(lengths[:-1] + 1)]).astype(np.int64)
+
+    def pack(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows [n, L] (and valid lengths [n], padded) completed by the pieces."""
+        if self.padded:
+            return self._pad(tokens, lengths)
+        return self.wrap(joined_with_eos(tokens, lengths, self.eos)), None
+
+    def wrap(self, stream: np.ndarray) -> np.ndarray:
+        """The rows completed by adding `stream` (tokens with their EOS separators) to the carry."""
+        body = self.length - 2
+        self.position += len(stream)
+        joined = np.concatenate([self.carry, stream])
+        count = len(joined) // body
+        rows = np.empty((count, self.length), dtype=np.int64)
+        rows[:, 0], rows[:, -1] = self.bos, self.eos
+        rows[:, 1:-1] = joined[:count * body].reshape(count, body)
+        self.carry = joined[count * body:]
+        return rows
+
+    def _pad(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        count, body = len(lengths), self.length - 2
+        kept = np.minimum(lengths, body)
+        rows = np.full((count, self.length), self.pad, dtype=np.int64)
+        rows[:, 0] = self.bos
+        row = np.repeat(np.arange(count), kept)
+        column = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
+        starts = np.cumsum(lengths) - lengths
+        rows[row, column + 1] = tokens[np.repeat(starts, kept) + column]
+        rows[np.arange(count), kept + 1] = self.eos
+        self.position += count
+        return rows, kept + 2
 
 
-def write_rows(rows: Iterable, path: Path, length: int, vocab_size: int, padded: bool) -> int:
-    """Stream rows into `path` (raw array) + `path.json` (shape, dtype); padded rows come as
-    (row, valid length) pairs whose lengths go to `path.lengths.npy`. Returns the row count."""
-    dtype = dtype_for(vocab_size)
-    count, lengths = 0, []
-    buffer: list[list[int]] = []
-    with open(path, "wb") as handle:
-        for item in rows:
-            if padded:
-                item, valid = item
-                lengths.append(valid)
-            buffer.append(item)
-            count += 1
-            if len(buffer) >= 4096:
-                handle.write(np.asarray(buffer, dtype=dtype).tobytes())
-                buffer.clear()
-        if buffer:
-            handle.write(np.asarray(buffer, dtype=dtype).tobytes())
-    write_json(f"{path}.json", {"rows": count, "length": length, "dtype": dtype.name})
-    if padded:
-        np.save(f"{path}.lengths.npy", np.asarray(lengths, dtype=np.int32))
-    return count
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:05d}.bin"
+
+
+class ShardWriter:
+    """Rows appended to the open shard file of a split; `close` makes it complete: its content on
+    disk, then its description (the .json beside it, written last: a shard without one is
+    unfinished)."""
+
+    def __init__(self, directory: Path, split: str, number: int, length: int, dtype: np.dtype, padded: bool):
+        self.directory, self.split, self.number = directory, split, number
+        self.length, self.dtype, self.padded = length, dtype, padded
+        self.rows, self.handle, self.lengths = 0, None, []
+
+    @property
+    def path(self) -> Path:
+        return self.directory / shard_name(self.split, self.number)
+
+    @property
+    def bytes(self) -> int:
+        return self.rows * self.length * self.dtype.itemsize
+
+    def write(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        if not len(rows):
+            return
+        if self.handle is None:
+            self.handle = open(self.path, "wb")
+        self.handle.write(rows.astype(self.dtype).tobytes())
+        if self.padded:
+            self.lengths.append(np.asarray(lengths, dtype=np.int32))
+        self.rows += len(rows)
+
+    def close(self) -> dict | None:
+        """Finish the open shard; returns its entry ({"name", "rows"}) or None when it is empty."""
+        if self.handle is None:
+            return None
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        if self.padded:
+            with replaced_atomically(f"{self.path}.lengths.npy") as temporary:
+                np.save(temporary, np.concatenate(self.lengths))
+        write_json(f"{self.path}.json", {"rows": self.rows, "length": self.length, "dtype": self.dtype.name})
+        entry = {"name": self.path.name, "rows": self.rows}
+        self.number += 1
+        self.rows, self.handle, self.lengths = 0, None, []
+        return entry
+
+    def abandon(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+def truncate_shard(path: Path, rows: int) -> None:
+    """Keep the first `rows` rows of a complete shard. Its description goes last, so a kill on the
+    way leaves it saying more rows than there are, and the same call finishes the job."""
+    meta = json.loads(Path(f"{path}.json").read_text())
+    if rows >= meta["rows"]:
+        return
+    lengths_path = Path(f"{path}.lengths.npy")
+    if lengths_path.is_file():
+        kept = np.load(lengths_path)[:rows]
+        with replaced_atomically(lengths_path) as temporary:
+            np.save(temporary, kept)
+    os.truncate(path, rows * meta["length"] * np.dtype(meta["dtype"]).itemsize)
+    write_json(f"{path}.json", {**meta, "rows": rows})
+
+
+def remove_shard(path: Path) -> None:
+    for file in (Path(f"{path}.json"), path, Path(f"{path}.lengths.npy"), Path(f"{path}.labels.npy")):
+        file.unlink(missing_ok=True)
+
+
+class _Shard:
+    def __init__(self, path: Path):
+        try:
+            meta = json.loads(Path(f"{path}.json").read_text())
+        except (OSError, ValueError):
+            raise ValueError(f"{path} has no readable description ({path.name}.json)") from None
+        self.length, self.rows = meta["length"], meta["rows"]
+        expected = self.rows * self.length * np.dtype(meta["dtype"]).itemsize
+        if not path.is_file() or path.stat().st_size != expected:
+            raise ValueError(f"{path} is truncated or corrupt (expected {expected} bytes)")
+        self.array = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(self.rows, self.length))
+        lengths_path, labels_path = Path(f"{path}.lengths.npy"), Path(f"{path}.labels.npy")
+        self.lengths = np.load(lengths_path, mmap_mode="r") if lengths_path.is_file() else None
+        self.labels = np.load(labels_path) if labels_path.is_file() else None
 
 
 class TokenRows:
-    """Rows of a split, memory-mapped: `rows[indices]` -> (tokens [B, L] long, valid [B, L] bool or None);
-    `labels` [N] (class labels of image rows) or None."""
+    """The rows of a split, memory-mapped from its shards as one array:
+    `rows[indices]` -> (tokens [B, L] long, valid [B, L] bool or None); `labels` [N] (class labels
+    of image rows) or None."""
 
-    def __init__(self, path: Path):
-        meta = json.loads(Path(f"{path}.json").read_text())
-        self.length = meta["length"]
-        expected = meta["rows"] * meta["length"] * np.dtype(meta["dtype"]).itemsize
-        if not path.is_file() or path.stat().st_size != expected:
-            raise ValueError(f"{path} is truncated or corrupt (expected {expected} bytes)")
-        self.array = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["rows"], meta["length"]))
-        lengths_path = Path(f"{path}.lengths.npy")
-        self.lengths = np.load(lengths_path) if lengths_path.is_file() else None
-        labels_path = Path(f"{path}.labels.npy")
-        self.labels = np.load(labels_path) if labels_path.is_file() else None
+    def __init__(self, shards: Path | list[Path]):
+        self.shards = [_Shard(Path(path)) for path in ([shards] if isinstance(shards, (str, Path)) else shards)]
+        if not self.shards:
+            raise ValueError("a split needs at least one shard")
+        self.length = self.shards[0].length
+        self.starts = np.cumsum([0] + [shard.rows for shard in self.shards])
+        padded = [shard.lengths is not None for shard in self.shards]
+        self.padded = padded[0]
+        if any(p != self.padded for p in padded) or any(s.length != self.length for s in self.shards):
+            raise ValueError("the shards of a split disagree in row length or padding")
+        labels = [shard.labels for shard in self.shards]
+        self.labels = np.concatenate(labels) if all(label is not None for label in labels) else None
+
+    @property
+    def lengths(self) -> np.ndarray | None:
+        """The valid length of every row (padded rows), or None."""
+        return np.concatenate([shard.lengths for shard in self.shards]) if self.padded else None
+
+    def chunks(self, rows: int = 8192):
+        """(tokens [n, L], valid lengths [n] or None) in order, `rows` at a time (for passes over the
+        whole split in bounded memory)."""
+        for shard in self.shards:
+            for start in range(0, shard.rows, rows):
+                lengths = None if shard.lengths is None else np.asarray(shard.lengths[start:start + rows])
+                yield np.asarray(shard.array[start:start + rows]), lengths
 
     def labels_of(self, indices) -> torch.Tensor | None:
         return None if self.labels is None else torch.from_numpy(self.labels[np.asarray(indices)].astype(np.int64))
 
     def __len__(self) -> int:
-        return self.array.shape[0]
+        return int(self.starts[-1])
+
+    def _gather(self, indices: np.ndarray, field: str) -> np.ndarray:
+        if len(self.shards) == 1:
+            return np.asarray(getattr(self.shards[0], field)[indices])
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        which = np.searchsorted(self.starts, indices, side="right") - 1
+        first = getattr(self.shards[0], field)
+        out = np.empty((len(indices), *first.shape[1:]), dtype=first.dtype)
+        for number in np.unique(which):
+            chosen = which == number
+            out[chosen] = getattr(self.shards[number], field)[indices[chosen] - self.starts[number]]
+        return out
 
     def __getitem__(self, indices) -> tuple[torch.Tensor, torch.Tensor | None]:
         indices = np.asarray(indices)
-        tokens = torch.from_numpy(self.array[indices].astype(np.int64))
-        if self.lengths is None:
+        tokens = torch.from_numpy(self._gather(indices, "array").astype(np.int64))
+        if not self.padded:
             return tokens, None
-        lengths = torch.from_numpy(self.lengths[indices].astype(np.int64))
+        lengths = torch.from_numpy(self._gather(indices, "lengths").astype(np.int64))
         return tokens, torch.arange(self.length) < lengths[:, None]
