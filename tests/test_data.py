@@ -8,7 +8,7 @@ import torch
 from pgm.data import DataConfig, DataError, TokenRows, load_prepared, prepare_data, training_and_validation_documents
 from pgm.data.corpus import (builtin_corpus_path, builtin_documents, chunk_document, gutenberg_books, load_documents,
                              split_documents)
-from pgm.data.packing import RowPacker, ShardWriter, dtype_for
+from pgm.data.packing import RowPacker, ShardWriter, dtype_for, with_eos
 from pgm.data.tokenizers import GPT2Tokenizer, find_gpt2_file, load_tokenizer, train_bpe
 
 FAKE_DUMP = """The Project Gutenberg EBook of A Tale, by Someone
@@ -100,23 +100,26 @@ def test_user_text_files_jsonl_and_folders(tmp_path):
         load_documents(str(tmp_path / "missing.txt"))
 
 
-def pieces(*documents):
-    return np.array([t for d in documents for t in d], dtype=np.int64), np.array([len(d) for d in documents])
+def pieces(*documents, eos):
+    """(the stream of the pieces, each followed by EOS; their lengths)."""
+    stream = with_eos([np.array(d, dtype=np.int64) for d in documents], eos, np.dtype(np.uint8))
+    return stream, np.array([len(d) for d in documents])
 
 
 def test_wrap_packing_makes_bos_body_eos_rows():
-    packer = RowPacker("wrap", length=5, bos=0, eos=99, pad=98)
+    assert pieces([1, 2], [3], eos=7)[0].tolist() == [1, 2, 7, 3, 7]
+    packer = RowPacker("wrap", length=5, bos=0, eos=99, pad=98, dtype=np.dtype(np.uint8))
     # stream: 1 2 3 99 4 5 99 6 7 8 9 99 -> bodies of 3, in two calls: the carry continues the stream
-    first, _ = packer.pack(*pieces([1, 2, 3], [4, 5]))
+    first, _ = packer.pack(*pieces([1, 2, 3], [4, 5], eos=99))
     assert first.tolist() == [[0, 1, 2, 3, 99], [0, 99, 4, 5, 99]] and packer.carry.tolist() == [99]
     assert packer.starts(np.array([4])).tolist() == [7]  # the third piece starts at stream offset 7
-    second, _ = packer.pack(*pieces([6, 7, 8, 9]))
+    second, _ = packer.pack(*pieces([6, 7, 8, 9], eos=99))
     assert second.tolist() == [[0, 99, 6, 7, 99], [0, 8, 9, 99, 99]] and packer.carry.tolist() == []
 
 
 def test_pad_packing_keeps_one_document_per_row(tmp_path):
-    packer = RowPacker("pad", length=5, bos=0, eos=9, pad=8)
-    rows, valid = packer.pack(*pieces([1, 2], [3, 4, 5, 6, 7], []))
+    packer = RowPacker("pad", length=5, bos=0, eos=9, pad=8, dtype=np.dtype(np.uint8))
+    rows, valid = packer.pack(*pieces([1, 2], [3, 4, 5, 6, 7], [], eos=9))
     assert rows.tolist() == [[0, 1, 2, 9, 8], [0, 3, 4, 5, 9], [0, 9, 8, 8, 8]] and valid.tolist() == [4, 5, 2]
     assert packer.starts(np.array([1, 1])).tolist() == [3, 4]  # row numbers
     writer = ShardWriter(tmp_path, "x", 0, 5, dtype_for(10), padded=True)
@@ -179,6 +182,13 @@ def test_gpt2_tokenizer_reads_a_local_tiktoken_file(tmp_path):
     assert load_tokenizer(tmp_path / "saved").encode_batch(["hello"]) == [[259]]
     with pytest.raises(DataError, match="no GPT-2 BPE file"):
         GPT2Tokenizer(tmp_path / "missing.tiktoken")
+
+
+def test_gpt2_arrays_are_its_ordinary_encoding(tmp_path):
+    write_tiktoken_file(tmp_path / "small.tiktoken", [b"he", b"ll", b"hell", b"hello"])
+    tokenizer = GPT2Tokenizer(tmp_path / "small.tiktoken")
+    texts = ["hello there", "a lone \ud800 surrogate", "text <|endoftext|> as text", ""]
+    assert [a.tolist() for a in tokenizer.encode_each(texts)] == tokenizer.encode_batch(texts)
 
 
 @pytest.mark.skipif(find_gpt2_file() is None, reason="no offline copy of gpt2.tiktoken (pip install --no-deps openai-whisper)")

@@ -56,7 +56,7 @@ def _tiny(kind: str) -> RunConfig:
 
 def _paper(kind: str, dataset: str, **model) -> RunConfig:
     owt = dataset == "owt"
-    data = (DataConfig(source="hf:openwebtext", tokenizer="gpt2", val_last=100_000, chunk_chars=0, packing="wrap")
+    data = (DataConfig(source="hf:Skylion007/openwebtext", tokenizer="gpt2", val_last=100_000, chunk_chars=0, packing="wrap")
             if owt else
             DataConfig(source="hf:lm1b", val_source="hf:lm1b", val_split="test", tokenizer="hf:bert-base-uncased",
                        chunk_chars=0, packing="pad"))

@@ -130,25 +130,37 @@ class Unit:
     texts: list[str] | None = None
     lines: bytes | None = None
     origin: str = ""
-    first_line: int = 1
+    offset: int = 0  # lines: where they start in the (decompressed) file
     consumed: float = 0.0
 
 
 def decode_lines(unit: Unit, text_field: str) -> list[str]:
     """The documents of a unit of .jsonl lines; a line that is not a JSON object with a string
-    field `text_field` is named by file and number."""
+    field `text_field` is named by file and number (counted only then)."""
     documents = []
-    for number, line in enumerate(unit.lines.split(b"\n"), unit.first_line):
+    for index, line in enumerate(unit.lines.split(b"\n")):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DataError(f"{unit.origin} line {number} is not valid JSON") from None
+            raise DataError(f"{unit.origin} line {_line_number(unit, index)} is not valid JSON") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise DataError(f"{unit.origin} line {number} has no string field {text_field!r} (set data.text_field)")
+            raise DataError(f"{unit.origin} line {_line_number(unit, index)} has no string field {text_field!r} "
+                            "(set data.text_field)")
         documents.append(record[text_field])
     return documents
+
+
+def _line_number(unit: Unit, index: int) -> int:
+    """The file's line number of a unit's line `index` (from 0): the lines before the unit counted."""
+    raw, reader = _open_binary(Path(unit.origin))
+    with raw, reader:
+        before, left = 0, unit.offset
+        while left > 0:
+            block = reader.read(min(left, READ_BLOCK))
+            before, left = before + block.count(b"\n"), left - len(block)
+    return before + index + 1
 
 
 def pieces_of(unit: Unit, text_field: str, chunk_chars: int) -> list[str]:
@@ -194,34 +206,25 @@ def _open_binary(path: Path):
             raw.close()
             raise DataError(f"{path} is zstandard-compressed: pip install zstandard") from None
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return raw, io.BufferedReader(reader, READ_BLOCK)  # line iteration
+        return raw, io.BufferedReader(reader, READ_BLOCK)  # readline
     return raw, raw
 
 
 def _jsonl_units(path: Path, stream: str, unit_chars: int, offset: float) -> Iterator[Unit]:
+    """Units of whole lines: `unit_chars` bytes read at once, then on to the end of the line."""
     raw, reader = _open_binary(path)
     with raw, reader:
-        lines, size, first = [], 0, 1
-        for number, line in enumerate(_decompressed(reader, path), 1):
-            if not lines:
-                first = number
-            lines.append(line)
-            size += len(line)
-            if size >= unit_chars:
-                yield Unit(stream, lines=b"".join(lines), origin=str(path), first_line=first,
-                           consumed=offset + raw.tell())
-                lines, size = [], 0
-        if lines:
-            yield Unit(stream, lines=b"".join(lines), origin=str(path), first_line=first,
-                       consumed=offset + raw.tell())
-
-
-def _decompressed(reader, path: Path) -> Iterator[bytes]:
-    """The lines of a (compressed) file; a damaged one is named in one sentence."""
-    try:
-        yield from reader
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"{path} cannot be decompressed ({error})") from None
+        start = 0
+        while True:
+            try:
+                block = reader.read(unit_chars)
+                block += reader.readline() if block and not block.endswith(b"\n") else b""
+            except (OSError, EOFError, zlib.error) as error:
+                raise DataError(f"{path} cannot be decompressed ({error})") from None
+            if not block:
+                return
+            yield Unit(stream, lines=block, origin=str(path), offset=start, consumed=offset + raw.tell())
+            start += len(block)
 
 
 def streamed_paragraphs(handle, first: str = "") -> Iterator[str]:

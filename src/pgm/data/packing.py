@@ -27,20 +27,23 @@ def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
 
 
-def joined_with_eos(tokens: np.ndarray, lengths: np.ndarray, eos: int) -> np.ndarray:
-    """The pieces (`tokens` cut at `lengths`), each followed by EOS: the wrapped stream they add."""
-    out = np.full(len(tokens) + len(lengths), eos, dtype=np.int64)
-    out[np.arange(len(tokens)) + np.repeat(np.arange(len(lengths)), lengths)] = tokens
-    return out
+def with_eos(arrays: list[np.ndarray], eos: int, dtype: np.dtype) -> np.ndarray:
+    """The pieces each followed by EOS, as one array: the stream they add to a split."""
+    if not arrays:
+        return np.zeros(0, dtype=dtype)
+    separator = np.array([eos], dtype=dtype)
+    return np.concatenate([part for array in arrays for part in (array, separator)], dtype=dtype, casting="unsafe")
 
 
 class RowPacker:
-    """Packs the pieces of one split into rows, across calls (`carry`: the wrapped stream's tokens
-    not yet in a row; `position`: the stream's length so far, or the rows made, when padded)."""
+    """Packs the pieces of one split into rows of `dtype`, across calls (`carry`: the wrapped
+    stream's tokens not yet in a row; `position`: the stream's length so far, or the rows made,
+    when padded). Pieces come as their stream (`with_eos`) and their lengths without the EOS."""
 
-    def __init__(self, packing: str, length: int, bos: int, eos: int, pad: int, carry=(), position: int = 0):
+    def __init__(self, packing: str, length: int, bos: int, eos: int, pad: int, dtype: np.dtype, carry=(),
+                 position: int = 0):
         self.padded, self.length, self.bos, self.eos, self.pad = packing == "pad", length, bos, eos, pad
-        self.carry, self.position = np.asarray(carry, dtype=np.int64), position
+        self.dtype, self.carry, self.position = dtype, np.asarray(carry, dtype=dtype), position
 
     def starts(self, lengths: np.ndarray) -> np.ndarray:
         """Where the next pieces will start: stream offsets (wrap) or row numbers (pad)."""
@@ -48,33 +51,33 @@ class RowPacker:
             return self.position + np.arange(len(lengths))
         return self.position + np.concatenate([[0], np.cumsum(lengths[:-1] + 1)]).astype(np.int64)
 
-    def pack(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def pack(self, stream: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows [n, L] (and valid lengths [n], padded) completed by the pieces."""
         if self.padded:
-            return self._pad(tokens, lengths)
-        return self.wrap(joined_with_eos(tokens, lengths, self.eos)), None
+            return self._pad(stream, lengths)
+        return self.wrap(stream), None
 
     def wrap(self, stream: np.ndarray) -> np.ndarray:
         """The rows completed by adding `stream` (tokens with their EOS separators) to the carry."""
         body = self.length - 2
         self.position += len(stream)
-        joined = np.concatenate([self.carry, stream])
+        joined = np.concatenate([self.carry, stream.astype(self.dtype, copy=False)])
         count = len(joined) // body
-        rows = np.empty((count, self.length), dtype=np.int64)
+        rows = np.empty((count, self.length), dtype=self.dtype)
         rows[:, 0], rows[:, -1] = self.bos, self.eos
         rows[:, 1:-1] = joined[:count * body].reshape(count, body)
         self.carry = joined[count * body:]
         return rows
 
-    def _pad(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _pad(self, stream: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         count, body = len(lengths), self.length - 2
         kept = np.minimum(lengths, body)
-        rows = np.full((count, self.length), self.pad, dtype=np.int64)
+        rows = np.full((count, self.length), self.pad, dtype=self.dtype)
         rows[:, 0] = self.bos
         row = np.repeat(np.arange(count), kept)
         column = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
-        starts = np.cumsum(lengths) - lengths
-        rows[row, column + 1] = tokens[np.repeat(starts, kept) + column]
+        starts = np.cumsum(lengths + 1) - (lengths + 1)
+        rows[row, column + 1] = stream[np.repeat(starts, kept) + column]
         rows[np.arange(count), kept + 1] = self.eos
         self.position += count
         return rows, kept + 2
@@ -107,7 +110,7 @@ class ShardWriter:
             return
         if self.handle is None:
             self.handle = open(self.path, "wb")
-        self.handle.write(rows.astype(self.dtype).tobytes())
+        self.handle.write(np.ascontiguousarray(rows, dtype=self.dtype).data)
         if self.padded:
             self.lengths.append(np.asarray(lengths, dtype=np.int32))
         self.rows += len(rows)
@@ -194,12 +197,15 @@ class TokenRows:
         return np.concatenate([shard.lengths for shard in self.shards]) if self.padded else None
 
     def chunks(self, rows: int = 8192):
-        """(tokens [n, L], valid lengths [n] or None) in order, `rows` at a time (for passes over the
-        whole split in bounded memory)."""
+        """(tokens [n, L], valid lengths [n] or None) in order, `rows` at a time: a pass over the whole
+        split in bounded memory (read, not mapped: mapped pages would stay in this process's RSS)."""
         for shard in self.shards:
-            for start in range(0, shard.rows, rows):
-                lengths = None if shard.lengths is None else np.asarray(shard.lengths[start:start + rows])
-                yield np.asarray(shard.array[start:start + rows]), lengths
+            with open(shard.array.filename, "rb") as handle:
+                for start in range(0, shard.rows, rows):
+                    count = min(rows, shard.rows - start)
+                    tokens = np.fromfile(handle, dtype=shard.array.dtype, count=count * self.length)
+                    lengths = None if shard.lengths is None else np.asarray(shard.lengths[start:start + count])
+                    yield tokens.reshape(count, self.length), lengths
 
     def labels_of(self, indices) -> torch.Tensor | None:
         return None if self.labels is None else torch.from_numpy(self.labels[np.asarray(indices)].astype(np.int64))

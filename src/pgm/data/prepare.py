@@ -20,7 +20,6 @@ of training text, which it holds in memory.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import multiprocessing
@@ -38,7 +37,7 @@ from ..config import ConfigError
 from ..formats import DATA_DIR, TOKENIZER_DIR, remove_partial, replaced_directory, write_json
 from .config import DataConfig, normalised_recipe, recipe_differences
 from .corpus import DataError, PieceSplitter, Unit, open_source, pieces_of, unit_size
-from .packing import RowPacker, ShardWriter, TokenRows, dtype_for, remove_shard, truncate_shard
+from .packing import RowPacker, ShardWriter, TokenRows, dtype_for, remove_shard, truncate_shard, with_eos
 from .tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 
 META_FILE = "meta.json"
@@ -74,7 +73,8 @@ def same_recipe(a, b) -> bool:
 
 @dataclasses.dataclass
 class Encoded:
-    """A unit's pieces, tokenized: `tokens` cut at `lengths`, `characters` per piece."""
+    """A unit's pieces, tokenized: `tokens`, each piece followed by EOS; `lengths` and `characters`
+    per piece (the lengths without the EOS)."""
 
     stream: str
     index: int
@@ -97,11 +97,12 @@ def _start_worker(tokenizer_dir: str, text_field: str, chunk_chars: int) -> None
 
 def encode_unit(unit: Unit) -> Encoded:
     started = time.perf_counter()
+    tokenizer = _WORKER["tokenizer"]
     pieces = pieces_of(unit, _WORKER["text_field"], _WORKER["chunk_chars"])
-    ids = _WORKER["tokenizer"].encode_each(pieces)
+    ids = tokenizer.encode_each(pieces)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     characters = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    tokens = with_eos(ids, tokenizer.eos_id, dtype_for(tokenizer.model_vocab_size))
     return Encoded(unit.stream, unit.index, tokens, lengths, characters, unit.consumed, time.perf_counter() - started)
 
 
@@ -304,9 +305,9 @@ class Preparation:
         self.splitter = PieceSplitter(config.val_every, config.val_last, config.limit_documents,
                                       separate_validation=bool(config.val_source), seen=state.pieces_seen)
         tk = self.tokenizer
-        self.packers = {name: RowPacker(config.packing, self.length, tk.bos_id, tk.eos_id, tk.pad_id,
-                                        getattr(state, name).carry, getattr(state, name).position) for name in SPLITS}
         dtype = dtype_for(tk.model_vocab_size)
+        self.packers = {name: RowPacker(config.packing, self.length, tk.bos_id, tk.eos_id, tk.pad_id, dtype,
+                                        getattr(state, name).carry, getattr(state, name).position) for name in SPLITS}
         self.writers = {name: ShardWriter(self.data_dir, name, len(getattr(state, name).shards), self.length, dtype,
                                           config.packing == "pad") for name in SPLITS}
         self.totals, self.consumed, self.started = {}, {}, time.perf_counter()
@@ -397,8 +398,7 @@ class Preparation:
         kept, held_out = self.splitter.held_out(encoded.stream, len(encoded.lengths))
         state.pieces_seen = self.splitter.seen
         lengths, characters = encoded.lengths[:kept], encoded.characters[:kept]
-        in_piece = np.repeat(np.arange(kept), lengths)
-        tokens = encoded.tokens[:len(in_piece)]
+        tokens = encoded.tokens[:int(lengths.sum()) + kept]
         for name, chosen in (("train", ~held_out), ("val", held_out)):
             if not chosen.any():
                 continue
@@ -406,7 +406,8 @@ class Preparation:
             piece_lengths = lengths[chosen]
             if name == "train":
                 self._remember_tail(packer.starts(piece_lengths), characters[chosen], piece_lengths)
-            rows, valid = packer.pack(tokens[chosen[in_piece]], piece_lengths)
+            stream = tokens if chosen.all() else tokens[np.repeat(chosen, lengths + 1)]
+            rows, valid = packer.pack(stream, piece_lengths)
             with self.timer.stage("write"):
                 self.writers[name].write(rows, valid)
             split.documents += len(piece_lengths)
@@ -504,16 +505,17 @@ class Preparation:
         starts, characters, tokens = (np.asarray(column, dtype=np.int64)[-count:] for column in state.tail)
         first = int(starts[0])
         rows = TokenRows([self.data_dir / shard["name"] for shard in state.train.shards])
-        packer = RowPacker(self.config.packing, self.length, tk.bos_id, tk.eos_id, tk.pad_id)
-        writer = ShardWriter(self.data_dir, "val", len(state.val.shards), self.length,
-                             dtype_for(tk.model_vocab_size), self.config.packing == "pad")
+        dtype = dtype_for(tk.model_vocab_size)
+        packer = RowPacker(self.config.packing, self.length, tk.bos_id, tk.eos_id, tk.pad_id, dtype)
+        writer = ShardWriter(self.data_dir, "val", len(state.val.shards), self.length, dtype,
+                             self.config.packing == "pad")
         body = self.length - 2
         keep = first if packer.padded else first // body
         row = 0
         for chunk, lengths in rows.chunks():
             end = row + len(chunk)
             if end > keep:
-                chunk = chunk[max(0, keep - row):].astype(np.int64)
+                chunk = chunk[max(0, keep - row):]
                 if packer.padded:
                     writer.write(chunk, lengths[max(0, keep - row):])
                 else:
@@ -521,7 +523,7 @@ class Preparation:
                     writer.write(packer.wrap(stream[first - keep * body:] if row <= keep else stream))
             row = end
         if not packer.padded:  # the carry continues the stream after the last row
-            carry = np.asarray(state.train.carry, dtype=np.int64)
+            carry = np.asarray(state.train.carry, dtype=dtype)
             writer.write(packer.wrap(carry[max(0, first - row * body):]))
         entry = writer.close()
         if entry is not None:

