@@ -351,3 +351,23 @@ def test_a_run_that_prepares_its_own_data_keeps_an_interrupted_preparation(tmp_p
     with pytest.raises(DataError, match="no such data file"):
         prepare_data(tiny_config().data.replace(source=str(tmp_path / "missing")), 32, tmp_path / "new",
                      log=lambda *a: None)
+
+
+def test_a_distillation_reads_prepared_data_of_its_teachers_tokenizer(tiny_data, text_run, tmp_path):
+    from pgm.distill import distill, distillation_config
+    from pgm.presets import distill_preset
+    from pgm.runs import RunError
+    from test_distill import losses
+
+    def distilled(run_dir, *overrides):
+        config = distillation_config(text_run, *distill_preset("distill-tiny"), list(overrides))[0]
+        distill(config, run_dir, log=lambda *a: None)
+        return losses(run_dir)
+
+    in_place = distilled(tmp_path / "in-place", f"data.prepared={tiny_data}")
+    assert not (tmp_path / "in-place" / "data").exists()
+    assert in_place == distilled(tmp_path / "linked")  # the teacher run's own rows: the same
+    other = tmp_path / "other-bpe"
+    prepare_text(tiny_config().data.replace(vocab_size=300), 32, other, log=lambda *a: None)
+    with pytest.raises(RunError, match="encoded with another tokenizer than the teacher's"):
+        distilled(tmp_path / "refused", f"data.prepared={other}")

@@ -318,9 +318,12 @@ class Preparation:
         try:
             for encoded in self._encoded():
                 with self.timer.stage("pack"):
-                    self._take(encoded)
+                    packed = self._take(encoded)
+                with self.timer.stage("write"):
+                    for name, rows, valid in packed:
+                        self.writers[name].write(rows, valid)
                 if bar is not None:
-                    self._show(bar, encoded)
+                    self._show(bar)
                 if sum(writer.bytes for writer in self.writers.values()) >= state.shard_bytes:
                     self._checkpoint()
             self._checkpoint()
@@ -387,14 +390,15 @@ class Preparation:
                 return
             yield unit
 
-    def _take(self, encoded: Encoded) -> None:
-        """Split, pack and write the pieces of one unit (the next in order)."""
-        state = self.state
+    def _take(self, encoded: Encoded) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+        """Split and pack the pieces of one unit (the next in order): (split, rows, valid lengths)
+        to write."""
+        state, packed = self.state, []
         self.worker_seconds += encoded.seconds
         if encoded.end:
             state.next_unit[encoded.stream] = encoded.index
             state.finished_streams.append(encoded.stream)
-            return
+            return packed
         kept, held_out = self.splitter.held_out(encoded.stream, len(encoded.lengths))
         state.pieces_seen = self.splitter.seen
         lengths, characters = encoded.lengths[:kept], encoded.characters[:kept]
@@ -407,14 +411,13 @@ class Preparation:
             if name == "train":
                 self._remember_tail(packer.starts(piece_lengths), characters[chosen], piece_lengths)
             stream = tokens if chosen.all() else tokens[np.repeat(chosen, lengths + 1)]
-            rows, valid = packer.pack(stream, piece_lengths)
-            with self.timer.stage("write"):
-                self.writers[name].write(rows, valid)
+            packed.append((name, *packer.pack(stream, piece_lengths)))
             split.documents += len(piece_lengths)
             split.characters += int(characters[chosen].sum())
             split.tokens += int(piece_lengths.sum())
         state.next_unit[encoded.stream] = encoded.index + 1
         self.consumed[encoded.stream] = encoded.consumed
+        return packed
 
     def _remember_tail(self, starts, characters, lengths) -> None:
         tail = self.state.tail
@@ -443,7 +446,7 @@ class Preparation:
 
         return tqdm(desc="prepare", unit="B", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
 
-    def _show(self, bar, encoded: Encoded) -> None:
+    def _show(self, bar) -> None:
         totals = [self.totals.get(stream) for stream, _ in self._streams()]
         if bar.total is None and None not in totals:
             bar.total = sum(totals)
