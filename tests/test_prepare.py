@@ -20,7 +20,7 @@ from conftest import tiny_config
 from pgm.data import (DataConfig, DataError, load_prepared, prepare_data, training_and_validation_documents,
                       unigram_nll)
 from pgm.data.corpus import PARAGRAPH_BREAK, builtin_documents, chunk_document, group_paragraphs, load_documents
-from pgm.data.prepare import Preparation, prepare_text, training_sample
+from pgm.data.prepare import Preparation, encode_unit, prepare_text, training_sample
 from pgm.data.tokenizers import train_bpe
 
 ROW = 64
@@ -127,6 +127,12 @@ def test_the_unigram_statistic_is_the_whole_corpus_count(corpus, tmp_path):
     expected = -np.log(counts / counts.sum())[scored(val_docs)].mean()
     assert meta["unigram_val_nll"] == pytest.approx(expected, rel=1e-12)
     assert unigram_nll(prepared.train, prepared.val, tokenizer.model_vocab_size) == meta["unigram_val_nll"]
+
+
+def test_a_bpe_learns_from_a_training_source_beside_a_validation_source(corpus, tmp_path):
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_documents(20)))
+    config = small_config(corpus, tokenizer="bpe", vocab_size=300, val_source=str(tmp_path / "val.jsonl"))
+    assert training_sample(config) == training_and_validation_documents(config)[0]
 
 
 def test_a_bpe_learns_from_the_first_training_characters_only(corpus, tmp_path):
@@ -256,6 +262,18 @@ def test_two_nodes_train_like_one_process(tiny_data, text_run, tmp_path):
     assert max(abs(a - b) for (_, a), (_, b) in zip(one, two)) < 1e-4
 
 
+def test_a_run_over_several_nodes_prepares_nothing_itself(tmp_path, monkeypatch):
+    """A failed preparation would stop only its own node's processes: the others would wait forever."""
+    from pgm.runs import RunError
+    from pgm.train import train
+
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RunError, match="several nodes needs its data prepared beforehand"):
+        train(tiny_config(), tmp_path / "run", log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_compressed_parquet_and_hugging_face_sources_give_the_same_rows(corpus, tmp_path, monkeypatch):
     documents = corpus_documents(120)
     files, hub = tmp_path / "files", tmp_path / "hub"
@@ -290,6 +308,11 @@ def test_a_large_text_file_is_cut_while_it_is_read(tmp_path, monkeypatch):
     pieces = [piece for unit in corpus_module.open_source(str(tmp_path / "book.txt"), "train", chunk_chars=2000,
                                                            unit_chars=5000).units for piece in unit.texts]
     assert pieces == chunk_document(text, 2000) and len(pieces) > 10
+    one_paragraph = "a line of text\n" * 5000  # no blank line: one piece, read in linear time
+    (tmp_path / "lines.txt").write_text(one_paragraph)
+    pieces = [piece for unit in corpus_module.open_source(str(tmp_path / "lines.txt"), "train", chunk_chars=2000).units
+              for piece in unit.texts]
+    assert pieces == chunk_document(one_paragraph, 2000) == [one_paragraph.strip()]
     assert list(group_paragraphs(PARAGRAPH_BREAK.split("a\n\n\n\nb"), 10)) == ["a\n\nb"]
 
 
@@ -306,7 +329,7 @@ def test_bad_sources_are_one_sentence(corpus, tmp_path):
     (tmp_path / "bad.jsonl").write_text("\n".join(lines))
     refused("bad.jsonl line 71 is not valid JSON", source=str(tmp_path / "bad.jsonl"))  # in a later unit
     (tmp_path / "notgz.jsonl.gz").write_bytes(b"plain bytes, not gzip")
-    refused("notgz.jsonl.gz cannot be decompressed", source=str(tmp_path / "notgz.jsonl.gz"))
+    refused("notgz.jsonl.gz cannot be read", source=str(tmp_path / "notgz.jsonl.gz"))
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 damaged")
     refused("broken.parquet is not a readable parquet file", source=str(tmp_path / "broken.parquet"))
     (tmp_path / "notes.md").write_text("text")
@@ -316,9 +339,34 @@ def test_bad_sources_are_one_sentence(corpus, tmp_path):
 
     parquet.write_table(pyarrow.table({"content": ["a document"]}), tmp_path / "other.parquet")
     refused("other.parquet has no column 'text'", source=str(tmp_path / "other.parquet"))
+    parquet.write_table(pyarrow.table({"text": [1, 2]}), tmp_path / "numbers.parquet")
+    refused("numbers.parquet: its column 'text' holds int values, not text", source=str(tmp_path / "numbers.parquet"))
     with pytest.raises(DataError, match="the train split yields no rows of length 4000"):
         prepare_text(small_config(corpus, limit_documents=3, val_every=2), 4000, tmp_path / "long",
                      log=lambda *a: None)
+
+
+def test_a_preparation_continues_only_on_the_source_it_began_with(corpus, tmp_path, monkeypatch):
+    import pgm.data.prepare as prepare_module
+
+    source = tmp_path / "corpus.jsonl"
+    source.write_text((corpus / "corpus.jsonl").read_text())
+    config = small_config(corpus, source=str(source))
+
+    checkpoint = prepare_module.Preparation._checkpoint
+
+    def interrupted(self):
+        checkpoint(self)
+        raise KeyboardInterrupt  # after the first checkpoint, with units left
+
+    monkeypatch.setattr(prepare_module.Preparation, "_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config, tmp_path / "data")
+    monkeypatch.undo()
+    with open(source, "a") as handle:
+        handle.write(json.dumps({"text": "A document added in between."}) + "\n")
+    with pytest.raises(DataError, match="the training source changed since this preparation began"):
+        prepare(config, tmp_path / "data")
 
 
 def test_pgm_prepare_refuses_what_it_does_not_read(pgm_main, tmp_path):
@@ -371,3 +419,25 @@ def test_a_distillation_reads_prepared_data_of_its_teachers_tokenizer(tiny_data,
     prepare_text(tiny_config().data.replace(vocab_size=300), 32, other, log=lambda *a: None)
     with pytest.raises(RunError, match="encoded with another tokenizer than the teacher's"):
         distilled(tmp_path / "refused", f"data.prepared={other}")
+
+
+def dying_at_the_fourth_unit(unit):
+    """encode_unit, but its worker dies at the fourth unit, as the kernel's out-of-memory killer would
+    kill it (module-level: the task is pickled by name)."""
+    if unit.index == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return encode_unit(unit)
+
+
+def test_a_worker_that_dies_stops_the_preparation_in_one_sentence_and_it_continues(corpus, tmp_path, monkeypatch):
+    import pgm.data.prepare as prepare_module
+
+    config = small_config(corpus, val_last=50)
+    monkeypatch.setattr(prepare_module, "encode_unit", dying_at_the_fourth_unit)  # forked workers see it too
+    with pytest.raises(prepare_module.PreparationStopped, match="a worker process died while tokenizing"):
+        prepare(config, tmp_path / "stopped", workers=2)
+    assert (tmp_path / "stopped" / "data" / "progress.json").is_file()
+    monkeypatch.undo()
+    prepare(config, tmp_path / "stopped", workers=2)
+    prepare(config, tmp_path / "whole", workers=1)
+    assert data_files(tmp_path / "stopped") == data_files(tmp_path / "whole")

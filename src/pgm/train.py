@@ -51,10 +51,15 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.world_size // self.local_world_size)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -63,8 +68,9 @@ class Distributed:
 
 def launched_as() -> Distributed:
     """This process's place in the run, as torchrun's environment says (no process group needed)."""
-    return Distributed(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                       int(os.environ.get("LOCAL_RANK", "0")))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return Distributed(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")),
+                       int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 
 def setup_distributed(device_name: str, group_of_one: bool = False) -> tuple[Distributed, torch.device]:
@@ -307,6 +313,10 @@ class Trainer:
         if config.data.prepared:
             prepared = self.check_prepared(Path(config.data.prepared).expanduser())
             self.config = config = dataclasses.replace(config, data=config.data.replace(prepared=str(prepared)))
+        elif self.info.nodes > 1 and not same_recipe(prepared_recipe(run_dir), recipe):
+            # A failed preparation stops the processes of its own node only: the others would wait forever.
+            raise RunError("a run over several nodes needs its data prepared beforehand: text with pgm prepare and "
+                           "data.prepared=DIR; images by starting the run on one node, then --resume on several")
         if self.info.main:
             existed = {path: path.exists() for path in (run_dir, run_dir / TOKENIZER_DIR, run_dir / DATA_DIR)}
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -317,7 +327,7 @@ class Trainer:
                     self.take_prepared(Path(config.data.prepared))
                 elif not same_recipe(prepared_recipe(run_dir), recipe):
                     self.write_data(recipe)
-            except Exception:  # a mistake in the data: nothing half-made is left (an interrupt keeps what is done)
+            except ValueError:  # a mistake in the data: nothing half-made is left (an interrupt keeps what is done)
                 _remove_created(existed)
                 raise
         elif not config.data.prepared:
@@ -338,10 +348,10 @@ class Trainer:
         return check_prepared(directory, self.config.data, self.config.model.length)
 
     def take_prepared(self, directory: Path) -> None:
-        """Use a prepared data directory: its tokenizer, copied into the run (a run samples and
-        publishes without it); its rows stay where they are."""
-        if not (self.run_dir / TOKENIZER_DIR).is_dir():
-            copy_directory(directory / TOKENIZER_DIR, self.run_dir / TOKENIZER_DIR)
+        """Use a prepared data directory: its tokenizer copied into the run (a run samples and
+        publishes without it; a copy every time, over whatever an earlier attempt left there), its
+        rows where they are."""
+        copy_directory(directory / TOKENIZER_DIR, self.run_dir / TOKENIZER_DIR)
 
     def resolved_config(self) -> RunConfig:
         """The configuration with what the prepared data decides filled in."""

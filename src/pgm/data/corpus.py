@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import importlib.util
 import io
 import json
 import os
 import re
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -188,10 +188,12 @@ def batched(documents: Iterable[tuple[str, float]], stream: str, unit_chars: int
 
 
 class _Source:
-    """One stream of units and its size in its own measure of progress (None: unknown)."""
+    """One stream of units, its size in its own measure of progress (None: unknown), and what
+    identifies its content (a preparation that continues checks that it has not changed)."""
 
-    def __init__(self, total: float | None, units: Iterator[Unit]):
+    def __init__(self, total: float | None, units: Iterator[Unit], identity):
         self.total, self.units = total, units
+        self.identity = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _open_binary(path: Path):
@@ -219,8 +221,8 @@ def _jsonl_units(path: Path, stream: str, unit_chars: int, offset: float) -> Ite
             try:
                 block = reader.read(unit_chars)
                 block += reader.readline() if block and not block.endswith(b"\n") else b""
-            except (OSError, EOFError, zlib.error) as error:
-                raise DataError(f"{path} cannot be decompressed ({error})") from None
+            except Exception as error:  # gzip's, zlib's or zstandard's own error for a damaged file
+                raise DataError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
             if not block:
                 return
             yield Unit(stream, lines=block, origin=str(path), offset=start, consumed=offset + raw.tell())
@@ -228,18 +230,23 @@ def _jsonl_units(path: Path, stream: str, unit_chars: int, offset: float) -> Ite
 
 
 def streamed_paragraphs(handle, first: str = "") -> Iterator[str]:
-    """The blank-line separated blocks of a text file, read a block at a time. A separator cut by
-    a block boundary stays in the carried remainder; one that continues past it only adds an
-    empty paragraph, which grouping skips."""
-    carry = first
-    while True:
+    """The blank-line separated blocks of a text file, read a block at a time. Only the trailing
+    whitespace of what came before is searched again with the next block (a separator is
+    whitespace alone), so a paragraph of any length costs its length once; a separator that
+    continues past a block boundary only adds an empty paragraph, which grouping skips."""
+    pending, tail, block = [], "", first
+    while block:
+        parts = PARAGRAPH_BREAK.split(tail + block)
+        if len(parts) > 1:
+            yield "".join(pending) + parts[0]
+            yield from parts[1:-1]
+            pending = []
+        last = parts[-1]
+        kept = len(last.rstrip())
+        pending.append(last[:kept])
+        tail = last[kept:]
         block = handle.read(READ_BLOCK)
-        if not block:
-            break
-        parts = PARAGRAPH_BREAK.split(carry + block)
-        carry = parts.pop()
-        yield from parts
-    yield carry
+    yield "".join(pending) + tail
 
 
 def _text_file_units(path: Path, stream: str, chunk_chars: int, unit_chars: int, offset: float) -> Iterator[Unit]:
@@ -284,9 +291,16 @@ def _parquet_units(path: Path, stream: str, text_field: str, unit_chars: int, of
                 done += batch.num_rows
                 consumed = offset + size * done / rows
                 for text in batch.column(0).to_pylist():
-                    yield text or "", consumed
+                    yield _text(text, path, text_field), consumed
 
         yield from batched(documents(), stream, unit_chars, str(path))
+
+
+def _text(value, origin, field: str) -> str:
+    """A document's text (a missing one: empty), or one sentence about what else the column holds."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise DataError(f"{origin}: its column {field!r} holds {type(value).__name__} values, not text (set data.text_field)")
 
 
 def text_files(path: Path) -> list[Path]:
@@ -323,7 +337,8 @@ def _file_source(path: Path, stream: str, text_field: str, chunk_chars: int, uni
                 yield from _jsonl_units(file, stream, unit_chars, offset)
             offset += size
 
-    return _Source(float(sum(sizes)), units())
+    stats = [file.stat() for file in files]
+    return _Source(float(sum(sizes)), units(), [[str(f), t.st_size, t.st_mtime_ns] for f, t in zip(files, stats)])
 
 
 def _huggingface_source(name: str, stream: str, split: str, text_field: str, revision: str, streaming: bool,
@@ -351,9 +366,9 @@ def _huggingface_source(name: str, stream: str, split: str, text_field: str, rev
             for record in dataset:
                 if text_field not in record:
                     raise DataError(f"the dataset {name!r} has no column {text_field!r} (set data.text_field)")
-                yield record[text_field] or "", 0.0
+                yield _text(record[text_field], name, text_field), 0.0
 
-        return _Source(None, batched(documents(), stream, unit_chars, name))
+        return _Source(None, batched(documents(), stream, unit_chars, name), [name, split, revision])
     rows, size = max(1, len(dataset)), float(dataset.data.nbytes)
 
     def documents():
@@ -362,9 +377,10 @@ def _huggingface_source(name: str, stream: str, split: str, text_field: str, rev
             texts = batch[text_field]
             done += len(texts)
             for text in texts:
-                yield text or "", size * done / rows
+                yield _text(text, name, text_field), size * done / rows
 
-    return _Source(size, batched(documents(), stream, unit_chars, name))
+    return _Source(size, batched(documents(), stream, unit_chars, name),
+                   [name, split, revision, getattr(dataset, "_fingerprint", "")])
 
 
 def open_source(source: str, stream: str, *, text_field: str = "text", split: str = "train", revision: str = "",
@@ -375,7 +391,7 @@ def open_source(source: str, stream: str, *, text_field: str = "text", split: st
     if source == BUILTIN:
         books = builtin_documents()
         ends = np.cumsum([len(book) for book in books], dtype=np.float64)
-        return _Source(float(ends[-1]), batched(zip(books, ends), stream, unit_chars, BUILTIN))
+        return _Source(float(ends[-1]), batched(zip(books, ends), stream, unit_chars, BUILTIN), ends.tolist())
     if source.startswith("hf:"):
         return _huggingface_source(source[3:], stream, split, text_field, revision, streaming, unit_chars)
     return _file_source(Path(source).expanduser(), stream, text_field, chunk_chars, unit_chars)

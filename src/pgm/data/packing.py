@@ -196,15 +196,20 @@ class TokenRows:
         """The valid length of every row (padded rows), or None."""
         return np.concatenate([shard.lengths for shard in self.shards]) if self.padded else None
 
-    def chunks(self, rows: int = 8192):
-        """(tokens [n, L], valid lengths [n] or None) in order, `rows` at a time: a pass over the whole
-        split in bounded memory (read, not mapped: mapped pages would stay in this process's RSS)."""
-        for shard in self.shards:
+    def chunks(self, rows: int = 8192, start: int = 0):
+        """(tokens [n, L], valid lengths [n] or None) in order from row `start`, `rows` at a time: a
+        pass over the split in bounded memory (read, not mapped: mapped pages would stay in this
+        process's RSS)."""
+        for shard, first in zip(self.shards, self.starts):
+            if first + shard.rows <= start:
+                continue
             with open(shard.array.filename, "rb") as handle:
-                for start in range(0, shard.rows, rows):
-                    count = min(rows, shard.rows - start)
+                skip = max(0, start - int(first))
+                handle.seek(skip * self.length * shard.array.dtype.itemsize)
+                for start_row in range(skip, shard.rows, rows):
+                    count = min(rows, shard.rows - start_row)
                     tokens = np.fromfile(handle, dtype=shard.array.dtype, count=count * self.length)
-                    lengths = None if shard.lengths is None else np.asarray(shard.lengths[start:start + count])
+                    lengths = None if shard.lengths is None else np.asarray(shard.lengths[start_row:start_row + count])
                     yield tokens.reshape(count, self.length), lengths
 
     def labels_of(self, indices) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ of training text, which it holds in memory.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import multiprocessing
@@ -28,6 +29,8 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +42,10 @@ from .config import DataConfig, normalised_recipe, recipe_differences
 from .corpus import DataError, PieceSplitter, Unit, open_source, pieces_of, unit_size
 from .packing import RowPacker, ShardWriter, TokenRows, dtype_for, remove_shard, truncate_shard, with_eos
 from .tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+
+class PreparationStopped(OSError):
+    """A preparation that stopped for a reason outside its data; what it finished is kept."""
+
 
 META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
@@ -89,10 +96,24 @@ class Encoded:
 _WORKER: dict = {}
 
 
-def _start_worker(tokenizer_dir: str, text_field: str, chunk_chars: int) -> None:
+def _start_worker(parent: int, tokenizer_dir: str, text_field: str, chunk_chars: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process answers an interrupt for everyone
+    _die_with(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker
     _WORKER.update(tokenizer=load_tokenizer(tokenizer_dir), text_field=text_field, chunk_chars=chunk_chars)
+
+
+def _die_with(parent: int) -> None:
+    """Ask Linux to kill this worker when its parent dies: a killed preparation leaves no workers
+    waiting for units that will never come."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # it died before the request
+        os._exit(1)
 
 
 def encode_unit(unit: Unit) -> Encoded:
@@ -136,6 +157,7 @@ class Progress:
     # The last training pieces (at most max(val_last, 1)): where each starts, its characters, its tokens
     tail: list = dataclasses.field(default_factory=lambda: [[], [], []])
     moved_tail: int = -1  # after the streams: the training rows kept once the tail moved to validation
+    sources: dict = dataclasses.field(default_factory=dict)  # stream -> what identified its content
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,6 +213,7 @@ class Preparation:
         with self._locked():
             meta = prepared_meta(self.directory)
             if meta is not None and same_recipe(meta.get("recipe"), self.recipe):
+                (self.data_dir / PROGRESS_FILE).unlink(missing_ok=True)  # a kill between the two
                 return meta
             if meta is not None:
                 self._clear_or_refuse(meta.get("recipe"), "holds data prepared with another recipe")
@@ -208,8 +231,12 @@ class Preparation:
         with open(self.data_dir / LOCK_FILE, "w") as handle:
             try:  # a record lock: the process's own, not inherited by its workers, gone when it dies
                 fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise DataError(f"another process is preparing data in {self.directory}; wait for it to finish") from None
+            except OSError as error:
+                if error.errno in (errno.EAGAIN, errno.EACCES):
+                    raise DataError(f"another process is preparing data in {self.directory}; wait for it to "
+                                    "finish") from None
+                self.log(f"data: {self.data_dir} cannot be locked ({error.strerror}): make sure that no other "
+                         "process prepares it at the same time")
             yield
 
     def _clear_or_refuse(self, recipe, what: str) -> None:
@@ -245,12 +272,14 @@ class Preparation:
         return progress
 
     def _remove_unrecorded_shards(self, progress: Progress | None) -> None:
-        """What a killed preparation left after its last checkpoint: shards in flight."""
+        """What a killed preparation left after its last checkpoint: shards in flight (and their
+        files beside them), and temporary files."""
         recorded = set() if progress is None else {shard["name"] for name in SPLITS
                                                    for shard in getattr(progress, name).shards}
-        for path in self.data_dir.glob("*.bin"):
-            if path.name not in recorded:
-                remove_shard(path)
+        for path in self.data_dir.iterdir():
+            shard = path.name.partition(".bin")
+            if path.name.startswith(".") and ".tmp-" in path.name or shard[1] and shard[0] + ".bin" not in recorded:
+                path.unlink(missing_ok=True)
 
     def _build_tokenizer(self) -> Tokenizer:
         config = self.config
@@ -289,6 +318,11 @@ class Preparation:
                 continue
             source = opened()
             self.totals[stream] = source.total
+            recorded = self.state.sources.setdefault(stream, source.identity)
+            if recorded != source.identity:
+                raise DataError(f"the {'training' if stream == 'train' else 'validation'} source changed since this "
+                                f"preparation began (files added, removed or modified): delete {self.directory} to "
+                                "prepare it anew")
             index = 0
             for unit in source.units:
                 if stream == "train" and self.splitter.done:
@@ -349,7 +383,7 @@ class Preparation:
         with self._pool() as pool:
             pending = []
             for unit in units:
-                pending.append(unit if isinstance(unit, Encoded) else pool.apply_async(encode_unit, (unit,)))
+                pending.append(unit if isinstance(unit, Encoded) else pool.submit(encode_unit, unit))
                 while len(pending) >= 2 * self.workers:
                     yield self._result(pending.pop(0))
             while pending:
@@ -361,25 +395,31 @@ class Preparation:
         loading the saved tokenizer. TOKENIZERS_PARALLELISM is set while they start, so that a
         tokenizer that trained with threads here does not warn in every child."""
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        arguments = (str(self.directory / TOKENIZER_DIR), self.config.text_field, self.config.chunk_chars)
+        arguments = (os.getpid(), str(self.directory / TOKENIZER_DIR), self.config.text_field, self.config.chunk_chars)
         before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
-            pool = multiprocessing.get_context(method).Pool(self.workers, initializer=_start_worker,
-                                                            initargs=arguments)
+            pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
+                                       initializer=_start_worker, initargs=arguments)
+            pool.submit(int).result()  # the workers start now, while the variable is set
         finally:
             if before is None:
                 del os.environ["TOKENIZERS_PARALLELISM"]
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = before
-        with pool:
+        try:
             yield pool
+        except BrokenProcessPool:
+            raise PreparationStopped(f"a worker process died while tokenizing (out of memory?); run the same "
+                                     f"command again to continue the preparation in {self.directory}") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _result(self, item) -> Encoded:
         if isinstance(item, Encoded):
             return item
         with self.timer.stage("wait"):
-            return item.get()
+            return item.result()
 
     def _timed_units(self):
         units = self._units()
@@ -514,20 +554,16 @@ class Preparation:
                              self.config.packing == "pad")
         body = self.length - 2
         keep = first if packer.padded else first // body
-        row = 0
-        for chunk, lengths in rows.chunks():
-            end = row + len(chunk)
-            if end > keep:
-                chunk = chunk[max(0, keep - row):]
-                if packer.padded:
-                    writer.write(chunk, lengths[max(0, keep - row):])
-                else:
-                    stream = chunk[:, 1:-1].ravel()
-                    writer.write(packer.wrap(stream[first - keep * body:] if row <= keep else stream))
-            row = end
+        skip = 0 if packer.padded else first - keep * body  # where the tail starts in row `keep`'s body
+        for chunk, lengths in rows.chunks(start=keep):
+            if packer.padded:
+                writer.write(chunk, lengths)
+            else:
+                writer.write(packer.wrap(chunk[:, 1:-1].ravel()[skip:]))
+                skip = 0
         if not packer.padded:  # the carry continues the stream after the last row
             carry = np.asarray(state.train.carry, dtype=dtype)
-            writer.write(packer.wrap(carry[max(0, first - row * body):]))
+            writer.write(packer.wrap(carry[max(0, first - len(rows) * body):]))
         entry = writer.close()
         if entry is not None:
             state.val.shards.append(entry)
@@ -601,7 +637,7 @@ def training_sample(config: DataConfig) -> list[str]:
         if splitter.done or (characters >= config.bpe_sample_chars and sample and splitter.seen > sample[-1][0] + ahead):
             ended = splitter.done
             break
-    if ended:
+    if ended and not config.val_source:  # a separate validation source holds nothing out of this one
         tail = splitter.tail_pieces(splitter.seen - held, held)
         sample = [(index, piece) for index, piece in sample if index < splitter.seen - tail]
     return [piece for _, piece in sample]
