@@ -20,7 +20,7 @@ import torch
 
 import pgm
 from pgm.sampling import SamplingOptions, sample_pgm
-from pgm.sampling.pgm import cache_settings, refresh_interval
+from pgm.sampling.settings import cache_settings, refresh_interval
 
 
 def measure(model, bos: int, *, steps: int, refresh, growth, num_samples: int, batch_size: int, seed: int) -> dict:

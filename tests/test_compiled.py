@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 from pgm.sampling import sample_mdlm, sample_pgm
 from pgm.sampling.compiled import bucket
 from pgm.sampling.image import generate_codes
+from pgm.sampling.settings import SamplerSettings
 
 
 def compilations() -> int:
@@ -66,7 +67,7 @@ def test_compiled_image_samplers_and_mdlm_give_the_eager_tokens():
     for model in (image_pgm(), tiny_maskgit()):
         before = compilations()
         for guidance in (0.0, 1.5):  # guidance doubles the batch with the null rows
-            outs = [generate_codes(model, labels, steps=5, guidance=guidance, compile=mode,
+            outs = [generate_codes(model, labels, settings=SamplerSettings(steps=5, guidance=guidance), compile=mode,
                                    generator=torch.Generator().manual_seed(2)) for mode in (None, "default")]
             assert torch.equal(*outs)
         assert compilations() > before
@@ -78,15 +79,20 @@ def test_compiled_image_samplers_and_mdlm_give_the_eager_tokens():
     assert compilations() > before
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(compile="fastest"), "compile must be one of default, reduce-overhead"),
-    (dict(compile="default", view="reference"), "the reference view is the slow check"),
-    (dict(compile="default", cache_refresh=4), "the encoder cache (cache_refresh) is not compiled"),
+@pytest.mark.parametrize("settings,compile,message", [
+    (dict(), "fastest", "compile must be one of default, reduce-overhead"),
+    (dict(sampler="reference"), "default", "the reference sampler is the slow check of the efficient one"),
+    (dict(cache_refresh=4), "default", "the encoder cache (cache_refresh) is not compiled"),
 ])
-def test_bad_compile_settings_are_refused(kwargs, message):
+def test_bad_compile_settings_are_refused(settings, compile, message):
     with pytest.raises(ValueError) as error:
-        sample_pgm(tiny_pgm(), num_samples=1, steps=2, **kwargs)
+        SamplerSettings(**settings).resolve("pgm", "text", unknown=4, compile=compile)
     assert message in str(error.value)
+
+
+def test_the_loop_does_not_compile_its_reference_view():
+    with pytest.raises(ValueError, match="the reference view is the slow check"):
+        sample_pgm(tiny_pgm(), num_samples=1, steps=2, compile="default", view="reference")
 
 
 @pytest.mark.slow
@@ -114,4 +120,4 @@ def test_compile_is_refused_for_models_it_does_not_apply_to(tmp_path):
     model = build_model(CausalConfig(vocab_size=11, length=8, hidden_size=16, num_heads=2, blocks=1, cond_dim=8))
     known = torch.zeros(1, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="compile applies to PGM, MDLM and MaskGIT sampling"):
-        iterate_text(model, known_tokens=known, known_mask=known.bool(), steps=None, compile="default")
+        iterate_text(model, known_tokens=known, known_mask=known.bool(), compile="default")

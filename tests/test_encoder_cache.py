@@ -12,6 +12,7 @@ from conftest import tiny_pgm
 from pgm.bench import Shape, pgm_flops, pgm_step_flops
 from pgm.sampling import sample_pgm
 from pgm.sampling.image import generate_codes
+from pgm.sampling.settings import SamplerSettings
 from test_images import image_pgm
 
 
@@ -49,10 +50,12 @@ def test_refresh_1_is_exact_for_the_guided_image_pgm_and_its_authors_off_by_one(
     labels = torch.tensor([0, 2, 1])
     for options in ({"guidance": 2.0}, {"guidance": 2.0, "guidance_schedule": "constant"}, {"hide_newest": True},
                     {"sampler": "confidence"}):
-        exact = generate_codes(model, labels, steps=6, generator=seeded(1), **options)
-        cached = generate_codes(model, labels, steps=6, generator=seeded(1), cache_refresh=1, **options)
+        exact = generate_codes(model, labels, settings=SamplerSettings(steps=6, **options), generator=seeded(1))
+        cached = generate_codes(model, labels, settings=SamplerSettings(steps=6, cache_refresh=1, **options),
+                                generator=seeded(1))
         assert torch.equal(cached, exact), options
-        never = generate_codes(model, labels, steps=6, generator=seeded(1), cache_refresh="never", **options)
+        never = generate_codes(model, labels, settings=SamplerSettings(steps=6, cache_refresh="never", **options),
+                               generator=seeded(1))
         assert not torch.equal(never, exact), options
 
 
@@ -61,8 +64,8 @@ def test_inpainting_with_the_cache_keeps_the_known_cells():
     codes = torch.randint(0, 12, (2, 16), generator=seeded(2))
     cells = torch.zeros(2, 16, dtype=torch.bool)
     cells[0, :8], cells[1, 4:6] = True, True  # ragged: 8 and 2 known cells
-    out = generate_codes(model, torch.tensor([1, 1]), steps=4, known_codes=codes, known_cells=cells,
-                         generator=seeded(), cache_refresh="never", guidance=1.0)
+    out = generate_codes(model, torch.tensor([1, 1]), known_codes=codes, known_cells=cells, generator=seeded(),
+                         settings=SamplerSettings(steps=4, cache_refresh="never", guidance=1.0))
     assert torch.equal(out[cells], codes[cells]) and bool((out < 12).all())
 
 
@@ -170,12 +173,20 @@ def test_the_refresh_schedule_counts_calls_and_growth():
     ({"cache_refresh": True}, "cache_refresh must be a positive number of steps"),
     ({"cache_growth": 0.5}, "cache_growth refreshes the encoder cache: give cache_refresh too"),
     ({"cache_refresh": 2, "cache_growth": 0}, "cache_growth must be a positive fraction"),
-    ({"cache_refresh": 2, "view": "reference"}, "the encoder cache (cache_refresh) needs a PGM sampled in the "
-                                                "efficient view"),
+    ({"cache_refresh": 2, "cache_growth": float("inf")}, "cache_growth must be a positive fraction"),
+    ({"cache_refresh": 2, "sampler": "reference"}, "the reference sampler runs the training view, which has no "
+                                                   "encoder cache"),
+    ({"cache_refresh": 2, "compile": "default"}, "the encoder cache (cache_refresh) is not compiled"),
 ])
-def test_bad_cache_options_are_refused_in_one_sentence(options, message):
+def test_bad_cache_settings_are_refused_in_one_sentence(options, message):
+    compile = options.pop("compile", None)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        sample_pgm(tiny_pgm(), num_samples=1, steps=2, **options)
+        SamplerSettings(**options).resolve("pgm", "text", unknown=8, compile=compile)
+
+
+def test_the_loop_refuses_a_cache_in_a_view_that_has_none():
+    with pytest.raises(ValueError, match=r"the encoder cache \(cache_refresh\) needs a PGM sampled in the efficient"):
+        sample_pgm(tiny_pgm(), num_samples=1, steps=2, cache_refresh=2, view="reference")
 
 
 def test_the_benchmark_counts_a_cached_call_as_its_new_tokens_against_the_whole_clean_set():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_pgm
+from pgm.sampling.settings import SamplerSettings
 from pgm.data.tokenizers import train_bpe
 from pgm.eval import generative_perplexity, load_evaluator, unigram_entropy
 from pgm.eval.generative import ratio_stderr
@@ -92,16 +93,17 @@ def test_samples_are_retokenized_only_when_the_tokenizers_differ(tokenizer, tmp_
 def test_generative_perplexity_of_samples_under_a_uniform_evaluator(tokenizer, tmp_path):
     evaluator = load_evaluator(str(ar_evaluator_dir(tmp_path / "uniform", tokenizer)))
     model = tiny_pgm(vocab_size=tokenizer.model_vocab_size, length=20)
-    run = dict(num_samples=5, steps=7, batch_size=2, seed=3)
-    result = generative_perplexity(model, tokenizer, evaluator, **run)
+    run = dict(num_samples=5, batch_size=2, seed=3)
+    result = generative_perplexity(model, tokenizer, evaluator, settings=SamplerSettings(steps=7), **run)
     assert math.isclose(result.perplexity, tokenizer.model_vocab_size - 1, rel_tol=1e-5)
     assert result.generated_tokens == 5 * 19 and result.evaluator_tokens == 5 * 19
     assert 0 < result.entropy <= math.log(19)
     assert result.nll_stderr < 1e-9  # every token costs log(V - 1): no spread between samples
-    again = generative_perplexity(model, tokenizer, evaluator, **run)
-    assert again.entropy == result.entropy  # the seed fixes the samples
-    assert generative_perplexity(model, tokenizer, evaluator, cache_refresh=1, **run).entropy == result.entropy
-    assert generative_perplexity(model, tokenizer, evaluator, cache_refresh="never", **run).entropy != result.entropy
+    again = generative_perplexity(model, tokenizer, evaluator, settings=SamplerSettings(steps=7), **run)
+    assert again.entropy == result.entropy and result.steps == 7  # the seed fixes the samples
+    cached = [generative_perplexity(model, tokenizer, evaluator, settings=SamplerSettings(steps=7, cache_refresh=refresh),
+                                    **run).entropy for refresh in (1, "never")]
+    assert cached[0] == result.entropy and cached[1] != result.entropy
 
 
 def test_a_hugging_face_causal_lm_scores_like_our_own(tokenizer, tmp_path):

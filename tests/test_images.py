@@ -9,6 +9,7 @@ from pgm.models import MaskGITConfig, PartitionConfig, build_model
 from pgm.models.layers import Conditioning
 from pgm.sampling import SamplingOptions
 from pgm.sampling.common import StepCounts, arccos_bounds
+from pgm.sampling.settings import SamplerSettings
 from pgm.sampling.image import generate_codes, halton_order, radical_inverse, region_mask
 from pgm.sampling.pgm import guidance_weight, guided_logits, sample_pgm
 
@@ -146,8 +147,9 @@ def test_efficient_and_reference_pgm_image_sampling_agree(sampler):
     known_codes = torch.randint(0, CODEBOOK, (4, GRID * GRID))
     known_cells = region_mask(GRID, "top").reshape(1, -1).expand(4, -1).clone()
     known_cells[1] = False  # rows with different numbers of known cells
-    outs = [generate_codes(model, labels, steps=5, sampler=sampler, guidance=2.0, known_codes=known_codes,
-                           known_cells=known_cells, generator=torch.Generator().manual_seed(3), view=view)
+    outs = [generate_codes(model, labels, settings=SamplerSettings(steps=5, sampler=sampler, guidance=2.0),
+                           known_codes=known_codes, known_cells=known_cells, generator=torch.Generator().manual_seed(3),
+                           view=view)
             for view in ("efficient", "reference")]
     assert torch.equal(*outs)
     assert int(outs[0].max()) < CODEBOOK  # never the mask or the BOS
@@ -167,7 +169,8 @@ def test_class_modulations_are_computed_once_per_sampling_call(kind, monkeypatch
 
     def sample():
         calls.clear()
-        return generate_codes(model, labels, steps=steps, guidance=2.0, generator=torch.Generator().manual_seed(3))
+        return generate_codes(model, labels, settings=SamplerSettings(steps=steps, guidance=2.0),
+                              generator=torch.Generator().manual_seed(3))
 
     cached = sample()
     # Once for the labels (step 0, where the ramped guidance is 0) and once for labels + null labels.
@@ -185,7 +188,7 @@ def test_maskgit_inpainting_keeps_the_known_codes(sampler):
     known_codes = torch.randint(0, CODEBOOK, (3, GRID * GRID))
     known_cells = region_mask(GRID, "border").reshape(1, -1).expand(3, -1)
     stats = {}
-    out = generate_codes(model, torch.tensor([0, 1, 3]), steps=4, sampler=sampler, guidance=1.0,
+    out = generate_codes(model, torch.tensor([0, 1, 3]), settings=SamplerSettings(steps=4, sampler=sampler, guidance=1.0),
                          known_codes=known_codes, known_cells=known_cells, generator=torch.Generator().manual_seed(0),
                          stats=stats)
     assert out.shape == (3, GRID * GRID)
@@ -205,7 +208,8 @@ def test_halton_sampler_decodes_in_halton_order():
         return original(clean_tokens, clean_positions, query_positions, *args, **kwargs)
 
     model.predict = spy
-    generate_codes(model, torch.tensor([0]), steps=8, sampler="halton", generator=torch.Generator().manual_seed(0))
+    generate_codes(model, torch.tensor([0]), settings=SamplerSettings(steps=8, sampler="halton"),
+                   generator=torch.Generator().manual_seed(0))
     order = [1 + cell for cell in halton_order(GRID).tolist()]  # position 0 is the BOS
     assert [p for step in queried for p in step] == order
     counts = arccos_bounds(torch.tensor(GRID * GRID), 8).diff().tolist()

@@ -22,6 +22,7 @@ from pgm.importers import (CheckpointImportError, read_official_image_checkpoint
 from pgm.models import MaskGITConfig, MaskGITTransformer, PartitionConfig, PartitionTransformer, VQConfig, VQModel
 from pgm.presets import IMAGE_SHAPES
 from pgm.sampling import generate_codes
+from pgm.sampling.settings import SamplerSettings
 from test_official import Exploit, hyper_config, tiny_pgm, write_checkpoint
 
 CODES, CLASSES, GRID = 32, 5, 32  # a tiny codebook, 5 classes, the released 32 x 32 grid
@@ -188,16 +189,17 @@ def test_hide_newest_hides_exactly_the_newest_clean_token():
     model = tiny_image_pgm()
     labels = torch.tensor([1, 2])
     spy = PredictSpy(model)
-    plain = generate_codes(spy, labels, steps=4, generator=torch.Generator().manual_seed(0))
+    plain = generate_codes(spy, labels, settings=SamplerSettings(steps=4), generator=torch.Generator().manual_seed(0))
     assert all(lengths is None for _, lengths in spy.calls)
     spy.calls.clear()
-    hidden = generate_codes(spy, labels, steps=4, generator=torch.Generator().manual_seed(0), hide_newest=True)
+    hidden = generate_codes(spy, labels, settings=SamplerSettings(steps=4, hide_newest=True),
+                            generator=torch.Generator().manual_seed(0))
     assert [lengths for _, lengths in spy.calls] == [[width - 1] * 2 for width, _ in spy.calls]
     assert spy.calls[0][0] == 1  # at the first step only the BOS is clean, and it is hidden: the register alone
     assert not torch.equal(plain, hidden)
     # The training view with the newest token moved out of the clean set gives the same tokens,
-    reference = generate_codes(model, labels, steps=4, generator=torch.Generator().manual_seed(0), hide_newest=True,
-                               view="reference")
+    reference = generate_codes(model, labels, settings=SamplerSettings(steps=4, hide_newest=True),
+                               generator=torch.Generator().manual_seed(0), view="reference")
     assert torch.equal(hidden, reference)
     # and one call against the transcription with the last clean key masked.
     state = {k: v.float() for k, v in model.state_dict().items()}
@@ -238,8 +240,8 @@ def test_redraw_draws_every_decoded_cell_again_at_each_step():
     from pgm.sampling.image import halton_order
 
     model, labels = StepCounter(), torch.tensor([0, 1])
-    kept = generate_codes(model, labels, steps=4, options=pgm.SamplingOptions(temperature=0))
-    redrawn = generate_codes(model, labels, steps=4, options=pgm.SamplingOptions(temperature=0), redraw=True)
+    kept = generate_codes(model, labels, settings=SamplerSettings(steps=4, temperature=0))
+    redrawn = generate_codes(model, labels, settings=SamplerSettings(steps=4, temperature=0, redraw=True))
     # Step i sees bounds[i] decoded cells and draws the code bounds[i] % CODES: upstream keeps each
     # cell's first draw; the paper's baseline draws them all again, so every cell holds the last step's.
     bounds = arccos_bounds(torch.tensor(CELLS), 4).tolist()
@@ -248,8 +250,10 @@ def test_redraw_draws_every_decoded_cell_again_at_each_step():
         expected[halton_order(GRID)[bounds[step]:bounds[step + 1]]] = bounds[step] % CODES
     assert torch.equal(kept, expected.expand(2, -1))
     assert torch.equal(redrawn, torch.full((2, CELLS), bounds[3] % CODES))
-    with pytest.raises(ValueError, match="redraw applies to a masked model"):
-        generate_codes(tiny_image_pgm(), labels, steps=4, redraw=True)
+    with pytest.raises(ValueError, match="redraw reproduces the authors' MaskGIT sampler; this is a pgm model"):
+        generate_codes(tiny_image_pgm(), labels, settings=SamplerSettings(steps=4, redraw=True))
+    with pytest.raises(ValueError, match="redraw applies to a masked model"):  # the loop's own check of its view
+        generate_codes(model, labels, settings=SamplerSettings(steps=4, redraw=True), view="efficient")
 
 
 def test_a_maskgit_file_imports_with_its_tied_head(tmp_path):

@@ -135,7 +135,8 @@ def test_stream_sends_the_given_tokens_then_each_step_then_the_samples(server):
     ({"run": "tiny", "order": "spiral"}, 400, "order must be one of"),
     ({"run": "tiny", "infill": "a {{two}} b"}, 400, "is not a positive number of tokens"),
     ({"run": "tiny", "infill": "a {{2} b"}, 400, "unmatched"),
-    ({"run": "tiny", "temperature": "hot"}, 400, "temperature must be a number"),
+    ({"run": "tiny", "temperature": "hot"}, 400, "temperature must be a finite number"),
+    ('{"run": "tiny", "temperature": 1e400}', 400, "temperature must be a finite number"),  # JSON's inf
     ({"run": "tiny", "colour": "red"}, 400, "unknown argument 'colour'"),
     ({"run": "tiny", "classes": [1]}, 400, "classes applies to image models"),
     ({"run": "tiny-mdlm", "order": "confidence"}, 400, "decoding orders other than random are for PGM models"),
@@ -146,7 +147,8 @@ def test_stream_sends_the_given_tokens_then_each_step_then_the_samples(server):
 @pytest.mark.parametrize("endpoint", ["generate", "stream"])
 def test_bad_requests_get_one_sentence_and_a_4xx_and_the_server_goes_on(server, endpoint, body, status, says):
     url, _ = server
-    answer = httpx.post(f"{url}/{endpoint}", json=body, timeout=60)
+    given = dict(content=body) if isinstance(body, str) else dict(json=body)
+    answer = httpx.post(f"{url}/{endpoint}", **given, timeout=60)
     assert answer.status_code == status and says in answer.json()["error"]
     assert answer.json()["error"].count("\n") == 0
     assert httpx.post(f"{url}/generate", json={"run": "tiny", "length": 6}, timeout=60).status_code == 200

@@ -23,7 +23,8 @@ from .formats import write_json
 from .models import CausalConfig, MaskedDiffusionConfig, PartitionConfig, build_model
 from .sampling import SamplingOptions, sample_autoregressive, sample_mdlm, sample_pgm
 from .sampling.compiled import check_compile_mode
-from .sampling.pgm import NEVER, RefreshSchedule, cache_label, cache_settings
+from .sampling.pgm import RefreshSchedule
+from .sampling.settings import NEVER, SamplerSettings, cache_label, cache_settings
 
 COMPILED_MODELS = ("pgm", "mdlm", "mdlm-full")  # the sampling rows that `compiles` multiplies
 
@@ -433,7 +434,8 @@ def bench_images(presets=("fmnist-pgm", "fmnist-maskgit"), *, steps_list=(32,), 
             def run(stats, model=model, labels=labels, guidance=guidance, steps=steps):
                 generator = torch.Generator(device=device).manual_seed(0)
                 with autocast(device):
-                    generate_codes(model, labels, steps=steps, sampler=sampler, guidance=guidance,
+                    generate_codes(model, labels, settings=SamplerSettings(steps=steps, sampler=sampler,
+                                                                           guidance=guidance),
                                    generator=generator, stats=stats)
 
             seconds, stats = time_sampler(run, device, repeats, warmup)

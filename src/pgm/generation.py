@@ -15,14 +15,9 @@ import re
 
 import torch
 
-from .sampling import SamplingOptions, iterate_autoregressive, iterate_mdlm, iterate_pgm
-from .sampling.pgm import ORDERS
+from .sampling import iterate_autoregressive, iterate_mdlm, iterate_pgm
+from .sampling.settings import SamplerSettings
 
-SAMPLERS = {
-    "pgm": ("uniform", "binomial", "reference"),
-    "mdlm": ("ancestral", "ancestral-nocache", "ancestral-full"),
-    "ar": ("kv-cache", "no-cache"),
-}
 # A gap, or anything that looks like an attempt at one: `{{` ... `}}`, a lone `{{` or a lone `}}`.
 _BRACES = re.compile(r"\{\{(.*?)\}\}|\{\{|\}\}")
 
@@ -103,43 +98,26 @@ def known_from_text(tokenizer, *, length: int | None, max_length: int, prompts=(
     return known_tokens, known_mask
 
 
-def check_text_sampler(kind: str, sampler: str | None, order: str) -> str:
-    """The sampler to use for a model kind (its default when None), checked with the order."""
-    if kind not in SAMPLERS:
-        raise ValueError(f"a {kind} model does not generate text")
-    sampler = sampler or SAMPLERS[kind][0]
-    if sampler not in SAMPLERS[kind]:
-        raise ValueError(f"a {kind} model samples with {', '.join(SAMPLERS[kind])}, not {sampler!r}")
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    if order != "random" and kind != "pgm":
-        raise ValueError(f"decoding orders other than random are for PGM models, not {kind}")
-    return sampler
-
-
-def iterate_text(model, *, known_tokens: torch.Tensor, known_mask: torch.Tensor, steps: int | None,
-                 sampler: str | None = None, order: str = "random", options: SamplingOptions = SamplingOptions(),
-                 generator: torch.Generator | None = None, cache_refresh: int | str | None = None,
-                 cache_growth: float | None = None, compile: str | None = None, stats: dict | None = None):
-    """The sampling loop of `model`'s kind with `sampler` (see SAMPLERS): a generator of
-    `StepUpdate`s that returns the tokens. `steps` is ignored by AR (one token per step);
-    `cache_refresh`, `cache_growth`: a PGM's encoder cache; `compile`: a torch.compile mode for
-    the network of a PGM or MDLM (both: see `iterate_pgm`)."""
+def iterate_text(model, *, known_tokens: torch.Tensor, known_mask: torch.Tensor,
+                 settings: SamplerSettings = SamplerSettings(), generator: torch.Generator | None = None,
+                 compile: str | None = None, stats: dict | None = None):
+    """The sampling loop of `model`'s kind as `settings` say (its sampler: see
+    `pgm.sampling.settings.SAMPLERS`; resolved here unless they already are): a generator of
+    `StepUpdate`s that returns the tokens. `compile`: a torch.compile mode for the network of a
+    PGM or MDLM (see `iterate_pgm`)."""
     kind = model.config.kind
-    sampler = check_text_sampler(kind, sampler, order)
+    settings = settings.resolve(kind, "text", unknown=int((~known_mask).sum(1).max()), compile=compile)
+    if kind == "ar" and compile:
+        raise ValueError("compile applies to PGM, MDLM and MaskGIT sampling, not to the autoregressive model")
     device = next(model.parameters()).device
-    common = dict(known_tokens=known_tokens.to(device), known_mask=known_mask.to(device), options=options,
+    common = dict(known_tokens=known_tokens.to(device), known_mask=known_mask.to(device), options=settings.options,
                   generator=generator, stats=stats)
+    sampler, steps = settings.sampler, settings.steps
     if kind == "pgm":
-        common.update(cache_refresh=cache_refresh, cache_growth=cache_growth)
-        if sampler == "reference":
-            return iterate_pgm(model, steps=steps, order=order, view="reference", compile=compile, **common)
-        return iterate_pgm(model, steps=steps, counts=sampler, order=order, compile=compile, **common)
-    if cache_refresh is not None:
-        raise ValueError(f"the encoder cache (cache_refresh) is for PGM models, not {kind}")
+        view = dict(view="reference") if sampler == "reference" else dict(counts=sampler)
+        return iterate_pgm(model, steps=steps, order=settings.order, compile=compile, **view, **settings.cache,
+                           **common)
     if kind == "ar":
-        if compile:
-            raise ValueError("compile applies to PGM, MDLM and MaskGIT sampling, not to the autoregressive model")
         return iterate_autoregressive(model, use_cache=sampler == "kv-cache", **common)
     return iterate_mdlm(model, steps=steps, cache=sampler != "ancestral-nocache",
                         logits_everywhere=sampler == "ancestral-full", compile=compile, **common)

@@ -22,7 +22,7 @@ from pathlib import Path
 from .eval.generative import load_evaluator
 from .formats import CONFIG_FILE, write_atomic, write_json
 from .pipeline import load
-from .sampling.pgm import cache_label, cache_settings
+from .sampling.settings import cache_label, cache_settings
 
 STEPS = (16, 32, 64, 128, 256)
 

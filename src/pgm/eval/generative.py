@@ -31,7 +31,8 @@ from ..formats import TOKENIZER_DIR
 from ..generation import iterate_text
 from ..hub import load_pretrained_dir
 from ..objectives import token_nll
-from ..sampling import SamplingOptions, run_to_end
+from ..sampling import run_to_end
+from ..sampling.settings import SamplerSettings
 
 
 @dataclasses.dataclass
@@ -216,17 +217,15 @@ def load_evaluator(spec: str, *, device="cpu", batch_size: int | None = None) ->
     return RunEvaluator(spec, device=device, batch_size=batch_size or 32)
 
 
-def generative_perplexity(model, tokenizer, evaluator: Evaluator, *, num_samples: int, steps: int,
-                          batch_size: int = 32, sampler: str | None = None, order: str = "random",
-                          options: SamplingOptions = SamplingOptions(float64=True), seed: int = 0,
+def generative_perplexity(model, tokenizer, evaluator: Evaluator, *, num_samples: int,
+                          settings: SamplerSettings = SamplerSettings(), batch_size: int = 32, seed: int = 0,
                           length: int | None = None, autocast=contextlib.nullcontext,
-                          cache_refresh: int | str | None = None, cache_growth: float | None = None,
                           compile: str | None = None) -> GenerativeResult:
-    """Draw `num_samples` unconditional samples (after a BOS) and score them with `evaluator`.
-    `autocast` makes the context manager the sampling runs under; `cache_refresh` and
-    `cache_growth` set a PGM's encoder cache, `compile` a torch.compile mode for the network
-    (see `pgm.sampling.iterate_pgm`)."""
+    """Draw `num_samples` unconditional samples (after a BOS) as `settings` say and score them with
+    `evaluator`. `autocast` makes the context manager the sampling runs under; `compile` a
+    torch.compile mode for the network (see `pgm.sampling.iterate_pgm`)."""
     length = length or model.config.length
+    settings = settings.resolve(model.config.kind, "text", unknown=length - 1, compile=compile)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     samples, seconds = [], 0.0
@@ -239,10 +238,8 @@ def generative_perplexity(model, tokenizer, evaluator: Evaluator, *, num_samples
         synchronize(device)
         started = time.perf_counter()
         with autocast():
-            tokens = run_to_end(iterate_text(model, known_tokens=known, known_mask=known_mask, steps=steps,
-                                             sampler=sampler, order=order, options=options, generator=generator,
-                                             cache_refresh=cache_refresh, cache_growth=cache_growth,
-                                             compile=compile))
+            tokens = run_to_end(iterate_text(model, known_tokens=known, known_mask=known_mask, settings=settings,
+                                             generator=generator, compile=compile))
         synchronize(device)
         seconds += time.perf_counter() - started
         samples.append(tokens.cpu())
@@ -252,5 +249,5 @@ def generative_perplexity(model, tokenizer, evaluator: Evaluator, *, num_samples
     total = sum(counts)
     return GenerativeResult(perplexity=math.exp(sum(nll) / total), nll=sum(nll) / total,
                             nll_stderr=ratio_stderr(nll, counts), evaluator_tokens=total,
-                            entropy=sum(entropies) / len(entropies), num_samples=num_samples, steps=steps,
+                            entropy=sum(entropies) / len(entropies), num_samples=num_samples, steps=settings.steps,
                             generated_tokens=num_samples * (length - 1), sampling_seconds=seconds)

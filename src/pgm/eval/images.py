@@ -4,6 +4,8 @@ tokenizer puts under any model of its codes."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -13,8 +15,10 @@ import torch
 
 from ..data.image_tokens import split_images
 from ..data.images import IMAGE_SUFFIXES, resize_center_crop, to_unit_range
+from ..formats import write_json
 from ..models.base import check_ids
-from ..sampling import SamplingOptions, generate_codes
+from ..sampling import generate_codes
+from ..sampling.settings import SamplerSettings
 from .fid import FeatureStatistics, fd_classifier
 
 
@@ -51,26 +55,23 @@ def reconstruction_quality(vq, data_config, extractor=None) -> dict:
 
 
 @torch.no_grad()
-def image_quality(model, vq, data, data_config, extractor, *, num_samples: int, steps: int, sampler: str,
-                  guidance: float, guidance_schedule: str, seed: int, batch_size: int = 64,
-                  temperature: float = 1.0, cache_refresh: int | str | None = None,
-                  cache_growth: float | None = None, compile: str | None = None) -> dict:
+def image_quality(model, vq, data, data_config, extractor, *, num_samples: int,
+                  settings: SamplerSettings = SamplerSettings(), seed: int = 0, batch_size: int = 64,
+                  compile: str | None = None) -> dict:
     """FD and IS under `extractor`'s features (the in-repo classifier, or Inception) of
-    `num_samples` generated images, labelled like the first validation images, against every
-    real validation image; and the same for the VQ reconstructions of those validation images:
-    the floor the tokenizer puts under any model of its codes. `cache_refresh`, `cache_growth`:
-    a PGM's encoder cache; `compile`: a torch.compile mode (see `pgm.sampling.iterate_pgm`)."""
+    `num_samples` generated images (sampled as `settings` say), labelled like the first validation
+    images, against every real validation image; and the same for the VQ reconstructions of those
+    validation images: the floor the tokenizer puts under any model of its codes. `compile`: a
+    torch.compile mode (see `pgm.sampling.iterate_pgm`)."""
     real_images, _, _ = split_images(data_config, train_split=False)
     real = to_unit_range(real_images)
     count = min(num_samples, len(data.val))
     labels = data.val.labels_of(range(count)).tolist()
+    settings = settings.resolve(model.config.kind, "image", unknown=vq.num_tokens, compile=compile)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    options = SamplingOptions(temperature=temperature)
     started = time.perf_counter()
-    codes = torch.cat([generate_codes(model, torch.tensor(labels[start:start + batch_size]), steps=steps,
-                                      sampler=sampler, guidance=guidance, guidance_schedule=guidance_schedule,
-                                      options=options, generator=generator, cache_refresh=cache_refresh,
-                                      cache_growth=cache_growth, compile=compile).cpu()
+    codes = torch.cat([generate_codes(model, torch.tensor(labels[start:start + batch_size]), settings=settings,
+                                      generator=generator, compile=compile).cpu()
                        for start in range(0, count, batch_size)])
     images = vq.decode(codes)
     seconds = time.perf_counter() - started
@@ -85,6 +86,27 @@ def image_quality(model, vq, data, data_config, extractor, *, num_samples: int, 
 # --- FID against a reference set, in shards -------------------------------------------------------------------------
 
 SHARD_PATTERN = "shard-{:05d}.npz"
+SETTINGS_FILE = "settings.json"  # what a shard directory's images were made with
+
+
+def settings_key(settings: dict) -> str:
+    """A short name for a set of settings (a shard directory's, a reference's statistics')."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def claim_shards(directory: Path, settings: dict) -> None:
+    """Record the settings a shard directory is for, and refuse one that holds another evaluation's."""
+    recorded = directory / SETTINGS_FILE
+    if recorded.is_file():
+        found = json.loads(recorded.read_text())
+        if found != settings:
+            changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+            raise ValueError(f"{directory} holds the shards of another evaluation (it differs in "
+                             f"{', '.join(changed)}): choose other shards, or remove them")
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(recorded, settings)
+
 
 
 def reference_files(folder: Path) -> tuple[list[Path], list[int] | None, int]:

@@ -21,10 +21,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..eval.likelihood import Item, TextScore, context_keys, greedy_suffixes, suffix_scores
-from ..generation import check_text_sampler, iterate_text
+from ..generation import iterate_text
 from ..objectives import objective_for
 from ..pipeline import TextPipeline, load
-from ..sampling import SamplingOptions
+from ..sampling.settings import SamplerSettings
 from ..sampling.common import run_to_end
 
 METHODS = ("conditional", "whole-sequence")
@@ -60,7 +60,8 @@ class HarnessModel(LM):
                                                                         precision=precision, gpt2_file=gpt2_file)
         if self.pipe.modality != "text":
             raise ValueError(f"the harness scores text; {self.pipe.name} holds a {self.pipe.modality} model")
-        check_text_sampler(self.pipe.config.kind, None, order)
+        # The order and steps, checked for this model now (the positions left are not known yet).
+        SamplerSettings(order=order).resolve(self.pipe.config.kind, "text", unknown=1)
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         self.num_mc, self.method, self.batch_size, self.seed = num_mc, method, batch_size, seed
@@ -183,11 +184,12 @@ class HarnessModel(LM):
                 known_mask[row, :1 + len(context_ids)] = True
             unknown = int((~known_mask).sum(1).max())
             steps = None if self.pipe.config.kind == "ar" else min(self.steps or unknown, unknown)
+            temperature, top_p = sampling
+            settings = SamplerSettings(steps=steps, order=self.order, temperature=temperature, top_p=top_p)
             generator = torch.Generator(device=self.pipe.device).manual_seed(self.seed)
             with torch.no_grad(), self.pipe.autocast():
                 tokens = run_to_end(iterate_text(self.pipe.model, known_tokens=known, known_mask=known_mask,
-                                                 steps=steps, order=self.order,
-                                                 options=SamplingOptions(*sampling), generator=generator,
+                                                 settings=settings, generator=generator,
                                                  compile=self.pipe.compile)).cpu()
             for row, (index, context_ids, new_tokens, until) in enumerate(members):
                 start = 1 + len(context_ids)

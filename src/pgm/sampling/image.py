@@ -26,15 +26,13 @@ clean set and are never changed.
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import torch
 
-from .categorical import SamplingOptions
 from .common import run_to_end
 from .pgm import iterate_pgm
+from .settings import SamplerSettings
 
-IMAGE_SAMPLERS = ("halton", "confidence")
 REGIONS = ("top", "bottom", "left", "right", "border", "center")  # what `region_mask` keeps
 
 
@@ -100,26 +98,22 @@ def generate_codes(model, labels: torch.Tensor, **options) -> torch.Tensor:
 
 
 @torch.no_grad()
-def iterate_codes(model, labels: torch.Tensor, *, steps: int = 32, sampler: str = "halton",
-                  guidance: float = 0.0, guidance_schedule: Literal["linear", "constant"] = "linear",
-                  options: SamplingOptions = SamplingOptions(), first_step_temperature_scale: float = 2.0,
-                  confidence_noise: float = 5.0, known_codes: torch.Tensor | None = None,
-                  known_cells: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  view: str | None = None, hide_newest: bool = False, redraw: bool = False,
-                  cache_refresh: int | str | None = None, cache_growth: float | None = None,
-                  compile: str | None = None, stats: dict | None = None):
+def iterate_codes(model, labels: torch.Tensor, *, settings: SamplerSettings = SamplerSettings(),
+                  known_codes: torch.Tensor | None = None, known_cells: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, compile: str | None = None, stats: dict | None = None,
+                  view: str | None = None, first_step_temperature_scale: float = 2.0, confidence_noise: float = 5.0):
     """VQ codes [B, grid^2] of one image per label (labels [B]; the null class = unconditional): a
     generator that yields a `StepUpdate` after every step, its positions counted in grid cells
     (row-major), and returns the codes.
 
-    known_codes/known_cells [B, grid^2] fix some cells (inpainting and outpainting). `view`
-    overrides the model's sampling view (the PGM's "reference" view is for tests). `hide_newest`
-    (PGM) and `redraw` (MaskGIT) reproduce the authors' released samplers (see `iterate_pgm`);
-    `cache_refresh`, `cache_growth`: the PGM's encoder cache; `compile`: a torch.compile mode
-    for the network (both: see `iterate_pgm`).
+    `settings`: steps, sampler (halton or confidence), guidance and its schedule, temperature,
+    the PGM's encoder cache, and `hide_newest` (PGM) and `redraw` (MaskGIT), which reproduce the
+    authors' released samplers (see `iterate_pgm`); resolved here unless they already are.
+    known_codes/known_cells [B, grid^2] fix some cells (inpainting and outpainting). `compile`: a
+    torch.compile mode for the network. `view` overrides the model's sampling view (the PGM's
+    "reference" view is for tests); `first_step_temperature_scale` and `confidence_noise` are the
+    authors' (see `iterate_pgm`).
     """
-    if sampler not in IMAGE_SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(IMAGE_SAMPLERS)}, got {sampler!r}")
     config = model.config
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
@@ -148,16 +142,18 @@ def iterate_codes(model, labels: torch.Tensor, *, steps: int = 32, sampler: str 
                              f"{tuple(known_codes.shape)} and {tuple(known_cells.shape)}")
         known_tokens[:, offset:] = torch.where(known_cells.to(device), known_codes.to(device), 0)
         known_mask[:, offset:] = known_cells.to(device)
-    order = "confidence" if sampler == "confidence" else torch.cat(
-        [torch.arange(offset), halton_order(grid) + offset]).to(device)
-    updates = iterate_pgm(model, known_tokens=known_tokens, known_mask=known_mask, steps=steps, counts="arccos",
-                          order=order, options=options, generator=generator, cond=labels, guidance=guidance,
-                          guidance_schedule=guidance_schedule,
+    unknown = cells - int(known_mask[:, offset:].sum(1).min())
+    settings = settings.resolve(config.kind, "image", unknown=unknown, compile=compile)
+    confidence = settings.sampler == "confidence"
+    order = "confidence" if confidence else torch.cat([torch.arange(offset), halton_order(grid) + offset]).to(device)
+    updates = iterate_pgm(model, known_tokens=known_tokens, known_mask=known_mask, steps=settings.steps,
+                          counts="arccos", order=order, options=settings.options, generator=generator, cond=labels,
+                          guidance=settings.guidance, guidance_schedule=settings.guidance_schedule,
                           first_step_temperature_scale=first_step_temperature_scale,
-                          confidence_noise=confidence_noise if sampler == "confidence" else 0.0,
+                          confidence_noise=confidence_noise if confidence else 0.0,
                           suppress=(codebook, codebook + 1) if offset else (codebook,), view=view,
-                          hide_newest=hide_newest, redraw=redraw, cache_refresh=cache_refresh,
-                          cache_growth=cache_growth, compile=compile, stats=stats)
+                          hide_newest=settings.hide_newest, redraw=settings.redraw, **settings.cache, compile=compile,
+                          stats=stats)
     while True:
         try:
             update = next(updates)

@@ -31,10 +31,9 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..generation import SAMPLERS
 from ..pipeline import Pipeline, to_pictures
-from ..sampling.image import IMAGE_SAMPLERS, REGIONS
-from ..sampling.pgm import ORDERS
+from ..sampling.image import REGIONS
+from ..sampling.settings import IMAGE_SAMPLERS, ORDERS, SAMPLERS
 from .scheduler import Busy, Job, Scheduler
 
 STATIC = Path(__file__).parent / "static"
@@ -61,29 +60,24 @@ def run_names(sources: list[str]) -> list[str]:
     return names
 
 
-def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_samples: int = 16,
-               preview_every: int = 2, worker_thread: bool = True) -> Starlette:
-    """The application serving `pipelines` (name -> text or image pipeline). `capacity`: requests
-    held at once (more are refused with 503); `max_samples`: rows one request may ask for;
-    `preview_every`: image runs' grids are decoded for the page every this many steps;
-    `worker_thread` False: the caller runs `app.state.scheduler.work()` (see `Scheduler`)."""
-    for name, pipe in pipelines.items():
-        if pipe.modality not in ("text", "image"):
-            raise ValueError(f"{name} holds a {pipe.config.kind} model, which does not generate: serve a text or "
-                             "image model")
-    scheduler = Scheduler(capacity, thread=worker_thread)
+class _Server:
+    """The handlers of the application's routes, over the loaded pipelines and the one worker."""
 
-    def pipeline_of(body: dict) -> tuple[str, Pipeline]:
+    def __init__(self, pipelines: dict[str, Pipeline], scheduler: Scheduler, max_samples: int, preview_every: int):
+        self.pipelines, self.scheduler = pipelines, scheduler
+        self.max_samples, self.preview_every = max_samples, preview_every
+
+    def pipeline_of(self, body: dict) -> tuple[str, Pipeline]:
         name = body.pop("run", None)
         if name is None:
-            if len(pipelines) > 1:
-                raise Refused(f"name the run to use: one of {', '.join(pipelines)}")
-            name = next(iter(pipelines))
-        if name not in pipelines:
-            raise Refused(f"no run named {name!r} is loaded; the runs are {', '.join(pipelines)}", 404)
-        return name, pipelines[name]
+            if len(self.pipelines) > 1:
+                raise Refused(f"name the run to use: one of {', '.join(self.pipelines)}")
+            name = next(iter(self.pipelines))
+        if name not in self.pipelines:
+            raise Refused(f"no run named {name!r} is loaded; the runs are {', '.join(self.pipelines)}", 404)
+        return name, self.pipelines[name]
 
-    async def submit(request: Request, previews: bool) -> tuple[Job, asyncio.Queue, tuple]:
+    async def submit(self, request: Request, previews: bool) -> tuple[Job, asyncio.Queue, tuple]:
         """Check and queue a request; (the job, its messages, the first message)."""
         try:
             body = await request.json()
@@ -91,10 +85,11 @@ def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_sample
             raise Refused("the request body must be JSON (an object of the pipeline's arguments)") from None
         if not isinstance(body, dict):
             raise Refused(f"the request body must be a JSON object of arguments, not {type(body).__name__}")
-        name, pipe = pipeline_of(body)
+        name, pipe = self.pipeline_of(body)
         if "images" in body:
             body["images"] = _pictures(body["images"])
         loop, messages = asyncio.get_running_loop(), asyncio.Queue()
+        max_samples, every = self.max_samples, self.preview_every
 
         def start():
             stream = pipe.stream(**body)
@@ -106,7 +101,7 @@ def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_sample
             return stream
 
         def describe(kind, event, job):
-            return _message(name, pipe, kind, event, job, previews and _preview_due(kind, event, preview_every))
+            return _message(name, pipe, kind, event, job, previews and _preview_due(kind, event, every))
 
         def deliver(kind, message):
             try:
@@ -116,13 +111,13 @@ def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_sample
 
         job = Job(start, describe, deliver)
         try:
-            scheduler.submit(job)
+            self.scheduler.submit(job)
         except Busy as busy:
             raise Refused(str(busy), 503) from None
         try:
             first = await messages.get()
         except asyncio.CancelledError:
-            scheduler.cancel(job)
+            self.scheduler.cancel(job)
             raise
         if first[0] == "invalid":
             raise Refused(first[1])
@@ -130,19 +125,19 @@ def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_sample
             raise Refused(first[1], 500)
         return job, messages, first
 
-    async def generate(request: Request) -> Response:
-        job, messages, message = await submit(request, previews=False)
+    async def generate(self, request: Request) -> Response:
+        job, messages, message = await self.submit(request, previews=False)
         try:
             while message[0] not in ("done", "error"):
                 message = await messages.get()
         finally:
-            scheduler.cancel(job)
+            self.scheduler.cancel(job)
         if message[0] == "error":
             return JSONResponse({"error": message[1]}, status_code=500)
         return JSONResponse(message[1])
 
-    async def stream(request: Request) -> Response:
-        job, messages, first = await submit(request, previews=True)
+    async def stream(self, request: Request) -> Response:
+        job, messages, first = await self.submit(request, previews=True)
 
         async def events():
             message = first
@@ -154,22 +149,23 @@ def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_sample
                         return
                     message = await messages.get()
             finally:  # the client went away (closed the tab, pressed stop) or the request ended
-                scheduler.cancel(job)
+                self.scheduler.cancel(job)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "runs": list(pipelines), "active": scheduler.active,
+    async def healthz(self, request: Request) -> Response:
+        scheduler = self.scheduler
+        return JSONResponse({"status": "ok", "runs": list(self.pipelines), "active": scheduler.active,
                              **{how: scheduler.counts[how] for how in ("completed", "cancelled", "invalid", "failed",
                                                                        "refused")}})
 
-    async def runs(request: Request) -> Response:
-        return JSONResponse({"runs": [_describe_run(name, pipe) for name, pipe in pipelines.items()],
-                             "max_samples": max_samples})
+    async def runs(self, request: Request) -> Response:
+        return JSONResponse({"runs": [_describe_run(name, pipe) for name, pipe in self.pipelines.items()],
+                             "max_samples": self.max_samples})
 
-    async def validation_image(request: Request) -> Response:
-        name, pipe = pipeline_of({"run": request.path_params["run"]})
+    async def validation_image(self, request: Request) -> Response:
+        name, pipe = self.pipeline_of({"run": request.path_params["run"]})
         index = request.path_params["index"]
         if pipe.modality != "image" or pipe.run is None:
             raise Refused(f"{name} is not an image run: it has no validation images", 404)
@@ -179,6 +175,20 @@ def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_sample
         codes = pipe.data.val[[index]][0][:, 1:]
         picture = (await asyncio.to_thread(lambda: to_pictures(pipe.decode_codes(codes))))[0]
         return Response(_png(picture), media_type="image/png")
+
+
+def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_samples: int = 16,
+               preview_every: int = 2, worker_thread: bool = True) -> Starlette:
+    """The application serving `pipelines` (name -> text or image pipeline). `capacity`: requests
+    held at once (more are refused with 503); `max_samples`: rows one request may ask for;
+    `preview_every`: image runs' grids are decoded for the page every this many steps;
+    `worker_thread` False: the caller runs `app.state.scheduler.work()` (see `Scheduler`)."""
+    for name, pipe in pipelines.items():
+        if pipe.modality not in ("text", "image"):
+            raise ValueError(f"{name} holds a {pipe.config.kind} model, which does not generate: serve a text or "
+                             "image model")
+    scheduler = Scheduler(capacity, thread=worker_thread)
+    server = _Server(pipelines, scheduler, max_samples, preview_every)
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -192,9 +202,9 @@ def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_sample
         return JSONResponse({"error": str(error)}, status_code=error.status)
 
     app = Starlette(routes=[
-        Route("/", page), Route("/healthz", healthz), Route("/runs", runs),
-        Route("/generate", generate, methods=["POST"]), Route("/stream", stream, methods=["POST"]),
-        Route("/validation/{run}/{index:int}.png", validation_image),
+        Route("/", page), Route("/healthz", server.healthz), Route("/runs", server.runs),
+        Route("/generate", server.generate, methods=["POST"]), Route("/stream", server.stream, methods=["POST"]),
+        Route("/validation/{run}/{index:int}.png", server.validation_image),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], exception_handlers={Refused: refused}, lifespan=lifespan)
     app.state.scheduler = scheduler

@@ -1,0 +1,166 @@
+"""The pipeline every model kind shares: the model with its tokenizer, device and precision;
+requests checked once and turned into a sampling plan, run to the end or step by step; the
+validation ELBO of the run the model came from."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from ..data import data_directory, load_prepared
+from ..devices import Precision, autocast, describe_precision, synchronize
+from ..eval import validation_elbo
+from ..objectives import objective_for
+from ..runs import read_run_config
+from ..sampling import StepUpdate, run_to_end
+from ..sampling.settings import SamplerSettings
+from .request import GenerationRequest, Samples, StepEvent, Stream, positive
+
+
+@dataclasses.dataclass
+class SamplingPlan:
+    """A checked request, ready to run: `updates()` starts its sampling loop, `finish` turns the
+    loop's result into `Samples`, `event` one of its updates into a `StepEvent`, `given()` is the
+    event of the known tokens; `steps` and `length` (the positions of a row) as resolved."""
+
+    steps: int
+    length: int
+    updates: Callable[[], Iterator[StepUpdate]]
+    finish: Callable[[torch.Tensor, float], Samples]
+    event: Callable[[StepUpdate, float], StepEvent]
+    given: Callable[[], StepEvent]
+
+
+class Pipeline:
+    """A model, its tokenizer, the device and the precision (see `pgm.pipeline`).
+
+    `modality` is "text", "image" or "vq"; `run` is the run directory the model came from (its
+    validation data is what `validation` scores), or None."""
+
+    modality = ""
+
+    def __init__(self, model, tokenizer, device: torch.device, precision: Precision = "auto", name: str = "",
+                 compile: str | None = None):
+        self.model, self.tokenizer, self.device, self.precision = model, tokenizer, device, precision
+        self.compile = compile  # the torch.compile mode of the sampling network, None: eager
+        origin = model.origin
+        self.source = origin.source if origin else ""  # the file or checkpoint the weights came from
+        self.name = name or self.source  # what the pipeline was loaded from, as given
+        self.run = origin.run_dir if origin else None
+        self._data = None
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def dtype(self) -> str:
+        return describe_precision(self.device, self.precision)
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__}: {self.config.kind}, {self.model.num_parameters() / 1e6:.2f}M parameters, "
+                f"on {self.device} ({self.dtype}), from {self.name}>")
+
+    def autocast(self):
+        return autocast(self.device, self.precision)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def generate(self, **arguments) -> list:
+        """Texts (text models) or PIL images (image models) for a request; see `GenerationRequest`
+        and `SamplerSettings` for the arguments."""
+        return self.sample(**arguments).outputs
+
+    def sample(self, **arguments) -> Samples:
+        """`generate`, with the tokens and the timing."""
+        plan = self.plan(GenerationRequest.from_arguments(arguments))
+        synchronize(self.device)
+        started = time.perf_counter()
+        with self.autocast():
+            tokens = run_to_end(plan.updates())
+        synchronize(self.device)
+        return plan.finish(tokens, time.perf_counter() - started)
+
+    def stream(self, **arguments) -> Stream:
+        """The request of `generate`, one `StepEvent` per step, then a last event with the samples
+        (a `Stream`: `given` holds the known tokens). Closing it stops the work. The checks run here,
+        before the first step."""
+        plan = self.plan(GenerationRequest.from_arguments(arguments))
+        return Stream(plan.given(), plan.length, self._events(plan))
+
+    def _events(self, plan: SamplingPlan) -> Iterator[StepEvent]:
+        started = time.perf_counter()
+        updates = plan.updates()
+        while True:
+            try:
+                with self.autocast():
+                    update = next(updates)
+            except StopIteration as stop:
+                samples = plan.finish(stop.value, time.perf_counter() - started)
+                yield StepEvent(plan.steps, plan.steps, samples.seconds, [], [], done=True, samples=samples)
+                return
+            yield plan.event(update, time.perf_counter() - started)
+
+    def plan(self, request: GenerationRequest) -> SamplingPlan:
+        """A request checked (every argument, once) and turned into a `SamplingPlan`."""
+        raise ValueError(f"{self.name} holds a {self.config.kind} model, which does not generate")
+
+    def checked(self, request: GenerationRequest) -> None:
+        """Refuse the inputs of the other modality and arguments of the wrong type."""
+        other = "image" if self.modality == "text" else "text"
+        given = request.given(other)
+        if given:
+            article = "an" if self.modality == "image" else "a"
+            raise ValueError(f"{given[0]} applies to {other} models; {self.name} holds {article} {self.modality} "
+                             f"{self.config.kind} model")
+        request.check_types()
+
+    def resolved(self, settings: SamplerSettings, unknown: int) -> SamplerSettings:
+        """Sampler settings checked for this model and `unknown` positions to generate, defaults filled."""
+        return settings.resolve(self.config.kind, self.modality, unknown=unknown, compile=self.compile,
+                                holder=self.name)
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    @property
+    def data(self):
+        """The prepared data (rows, tokenizer, meta) of the run the model came from."""
+        if self._data is None:
+            self._data = load_prepared(data_directory(self._run(), self.run_config.data))
+        return self._data
+
+    @property
+    def run_config(self):
+        """The configuration of the run the model came from."""
+        return read_run_config(self._run())
+
+    def _run(self) -> Path:
+        if self.run is None:
+            raise ValueError(f"{self.name} is not a training run, so it has no validation data to evaluate on")
+        return self.run
+
+    def validation(self, *, passes: int = 4, rows: int = 0, batch_size: int = 32, seed: int = 0):
+        """The validation ELBO of the run's validation rows (the first `rows`, 0: all) over `passes`
+        Monte-Carlo passes (an autoregressive model and a VQ are exact in one)."""
+        positive("passes", passes)
+        positive("batch_size", batch_size)
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"rows must be a non-negative integer (0: all), got {rows!r}")
+        data = self.data
+        exact = self.config.kind in ("ar", "vq")
+        indices = range(min(rows, len(data.val))) if rows else None
+        return validation_elbo(self.model, objective_for(self.model), data.val, indices=indices,
+                               batch_size=batch_size, passes=1 if exact else passes, seed=seed, device=self.device,
+                               autocast=self.autocast,
+                               bos_always_clean=self.run_config.train.bos_always_clean)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """The model with its tokenizer and model card, as a pretrained directory."""
+        return self.model.save_pretrained(directory, self.tokenizer)
