@@ -15,11 +15,17 @@ group-1 positions.
 
 Cached inference view, `model.predict_cached(cache, ...)`: the same, except that a clean token's
 encoder states (the keys and values of every block, and what the decoder reads of its output)
-are kept in an `EncoderCache` from the call that encoded it. A call encodes only the tokens
-that became clean since the last one, attending to the cached keys and values of the older
-tokens and to each other; a refresh re-encodes the whole clean set. Without refreshes, a token
+are kept in an `EncoderCache` (`encoder_cache.py`) from the call that encoded it. A call
+encodes only the tokens that became clean since the last one, attending to the cached keys and
+values of the older tokens and to each other; a refresh re-encodes the whole clean set. Without refreshes, a token
 is encoded as if by an encoder in which each token attends only to tokens that were clean no
 later than itself: an approximation of the bidirectional encoder, exact for the first call.
+
+Shapes in the comments: B rows; L token positions and R registers (0 or 2); N clean tokens and
+Q queried positions of `predict`; n tokens that a `predict_cached` call encodes, S slots of its
+cache and K slots that its queries read; Lk keys (encoded states) and Lq queries of a block, in
+whichever view; D hidden size, split into `heads` heads of d channels; C conditioning width; V
+vocabulary size.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch import nn
 
 from ..config import require
 from .base import TimeConditionedModel, TokenTransformerConfig, check_ids, check_labels
+from .encoder_cache import EncoderCache, SlotPlan
 from .layers import (ClassEmbedding, CrossAttentionBlock, FinalLayer, GroupMask, Rotary, SelfAttentionBlock,
                      TimestepEmbedder, TokenEmbedding, apply_rotary, attend, sinusoid, split_heads)
 
@@ -76,8 +83,9 @@ class Encoder(nn.Module):
             for _ in range(config.encoder_blocks))
 
     def forward(self, x, cond, rope, mask):
+        # x [B, Lk, D]; cond [B or 1, C]; rope cos, sin [B or 1, 1, Lk, d]; mask [B, 1, Lk, Lk] or less, or None
         for block in self.blocks:
-            x = block(x, cond, rope, mask)
+            x = block(x, cond, rope, mask)  # [B, Lk, D]
         return x
 
 
@@ -96,7 +104,8 @@ class GroupSwap(nn.Module):
         if config.query_processor == "linear":
             self.query_processor = nn.Linear(hidden, hidden)
         else:
-            self.query_processor = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.SiLU(), nn.Linear(4 * hidden, hidden))
+            self.query_processor = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.SiLU(),
+                                                 nn.Linear(4 * hidden, hidden))
         self.hidden_to_key_value = nn.Linear(hidden, 2 * hidden)
         self.output_linear = nn.Linear(hidden, hidden)
         self.register_buffer("pos_freqs", sinusoid(torch.arange(config.sequence_length), hidden), persistent=False)
@@ -113,39 +122,41 @@ class GroupSwap(nn.Module):
         return self.mode in ("learn+freqs+mean", "learn+freqs+logsumexp")
 
     def queries(self, positions: torch.Tensor, summary: torch.Tensor | None) -> torch.Tensor:
-        """Queries [B or 1, Lq, H] for `positions` ([Lq] or [B, Lq])."""
-        pre = self.base_embedding
+        """The queries of `positions` ([Lq] or [B, Lq]), plus `summary` ([B, Lq or 1, D]) when given."""
+        pre = self.base_embedding  # [1, D]
         if self.mode != "learn":
-            pre = pre + self.pos_freqs[positions]
+            pre = pre + self.pos_freqs[positions]  # [Lq, D] or [B, Lq, D]
         else:
-            pre = pre.expand(*positions.shape, -1)
+            pre = pre.expand(*positions.shape, -1)  # [Lq, D] or [B, Lq, D]: one query for every position
         if pre.dim() == 2:
-            pre = pre[None]
+            pre = pre[None]  # [1, Lq, D]
         if summary is not None:
-            pre = pre + summary
-        return self.query_processor(self.pre_query_norm(pre))
+            pre = pre + summary  # [B, Lq, D]
+        return self.query_processor(self.pre_query_norm(pre))  # [B or 1, Lq, D]
 
     def summarise(self, memory: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-        """Mean or logsumexp over the encoder states where `members` [B, Lk] is True -> [B, H].
-        An empty selection gives zeros, with zero gradient."""
-        members = members[..., None]
+        """Mean or logsumexp of the encoder states `memory` where `members` [B, Lk] is True. An
+        empty selection gives zeros, with zero gradient."""
+        members = members[..., None]  # [B, Lk, 1]
         if self.mode == "learn+freqs+mean":
-            count = members.sum(1).clamp(min=1)
-            return (memory * members).sum(1) / count
-        nonempty = members.any(1)
+            count = members.sum(1).clamp(min=1)  # [B, 1]
+            return (memory * members).sum(1) / count  # [B, D]
+        nonempty = members.any(1)  # [B, 1]
+        # [B, Lk, D]; an empty row is zeros rather than all -inf, whose logsumexp has a NaN gradient
         filled = memory.masked_fill(~members, float("-inf")).where(nonempty[:, None], 0.0)
-        return torch.logsumexp(filled, dim=1).where(nonempty, 0.0)
+        return torch.logsumexp(filled, dim=1).where(nonempty, 0.0)  # [B, D]
 
     def keys_values(self, memory: torch.Tensor, key_rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated keys and values [B, heads, Lk, d] of the encoder states `memory`."""
-        k, v = self.hidden_to_key_value(memory).chunk(2, dim=-1)
+        """Rotated keys and values of the encoder states `memory`."""
+        k, v = self.hidden_to_key_value(memory).chunk(2, dim=-1)  # [B, Lk, D] each
+        # [B, heads, Lk, d] each
         return apply_rotary(split_heads(k, self.num_heads), key_rope), split_heads(v, self.num_heads)
 
     def forward(self, keys_values, query_positions, query_rope, mask, summary):
-        k, v = keys_values
-        q = self.queries(query_positions, summary)
-        q = split_heads(q.expand(k.shape[0], -1, -1), self.num_heads)
-        return self.output_linear(attend(apply_rotary(q, query_rope), k, v, mask))
+        k, v = keys_values  # [B, heads, Lk, d] each
+        q = self.queries(query_positions, summary)  # [B or 1, Lq, D]
+        q = split_heads(q.expand(k.shape[0], -1, -1), self.num_heads)  # [B, heads, Lq, d]
+        return self.output_linear(attend(apply_rotary(q, query_rope), k, v, mask))  # [B, Lq, D]
 
 
 class Decoder(nn.Module):
@@ -157,90 +168,16 @@ class Decoder(nn.Module):
             for _ in range(config.decoder_blocks))
 
     def keys_values(self, memory: torch.Tensor, key_rope) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """What GroupSwap and then each layer read of the encoder states: keys and values
-        [B, heads, Lk, d] each."""
+        """What GroupSwap and then each layer read of the encoder states: 1 + layers pairs of keys
+        and values [B, heads, Lk, d]."""
         return [self.group_swap.keys_values(memory, key_rope)] + [
             layer.project_keys_values(memory, key_rope) for layer in self.layers]
 
     def forward(self, keys_values, cond, query_positions, query_rope, mask, summary):
-        x = self.group_swap(keys_values[0], query_positions, query_rope, mask, summary)
+        x = self.group_swap(keys_values[0], query_positions, query_rope, mask, summary)  # [B, Lq, D]
         for layer, layer_keys_values in zip(self.layers, keys_values[1:]):
-            x = layer(x, layer_keys_values, cond, query_rope, mask)
+            x = layer(x, layer_keys_values, cond, query_rope, mask)  # [B, Lq, D]
         return x
-
-
-@dataclasses.dataclass
-class _Writes:
-    """Where a call stores the states of the tokens it encodes, and what it attends to: internal
-    slots `start`.. (rows in step) or `index` [B, n] (ragged rows; padding goes to the sink slot);
-    keys are the slots below `width`, those where `key_mask` [B, 1, 1, width] holds (None: all).
-    `only_new`: the call encodes every key itself (a refresh), so attention needs no cache reads."""
-
-    start: int | None
-    index: torch.Tensor | None
-    width: int
-    key_mask: torch.Tensor | None
-    only_new: bool
-
-
-class EncoderCache:
-    """Clean-set states of a PGM kept between sampling steps, slot by slot in the sampler's
-    packed order (internal slot 0 holds the register, with registers; the last slot is a sink
-    for ragged rows' padding). `encoded`: how many of each row's clean slots hold states (an int,
-    or [B] when rows differ)."""
-
-    def __init__(self, length: int, registers: bool, encoder_blocks: int, readers: int):
-        self.offset = int(registers)
-        self.capacity = length + self.offset + 1
-        self.sink = self.capacity - 1
-        self.empty = True
-        self.encoded: int | torch.Tensor = 0
-        self.writes: _Writes | None = None
-        self.blocks = [_KeyValueStates(self) for _ in range(encoder_blocks)]
-        self.readers = [_KeyValueStates(self) for _ in range(readers)]  # GroupSwap's, then each decoder layer's
-        self.memory: torch.Tensor | None = None  # final encoder states [B, capacity, H], when GroupSwap reads them
-
-    def store(self, buffer: torch.Tensor | None, new: torch.Tensor, dim: int) -> torch.Tensor:
-        """Write `new` (the encoded tokens along `dim`) into `buffer`, allocated at the first
-        write with `capacity` slots along `dim`; returns the buffer."""
-        if buffer is None:
-            shape = list(new.shape)
-            shape[dim] = self.capacity
-            buffer = new.new_zeros(shape)  # masked slots must hold finite values: NaN * 0 is NaN
-        writes = self.writes
-        if writes.index is None:
-            buffer.narrow(dim, writes.start, new.shape[dim]).copy_(new)
-        else:
-            shape = [1] * new.dim()
-            shape[0], shape[dim] = writes.index.shape
-            buffer.scatter_(dim, writes.index.view(shape).expand_as(new), new)
-        return buffer
-
-    def keys(self, buffer: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
-        """What a query reads along `dim`: the new states themselves on a refresh, otherwise the
-        buffer's first `width` slots."""
-        return new if self.writes.only_new else buffer.narrow(dim, 0, self.writes.width)
-
-
-class _KeyValueStates:
-    """Cached keys and values [B, heads, capacity, d] of one encoder block or one decoder reader;
-    `extend` is the hook `SelfAttentionBlock` calls."""
-
-    def __init__(self, cache: EncoderCache):
-        self.cache = cache
-        self.keys_buffer = self.values_buffer = None
-
-    def extend(self, k: torch.Tensor, v: torch.Tensor):
-        """Store the new tokens' k, v; return the keys, values and key mask a query reads."""
-        cache = self.cache
-        self.keys_buffer = cache.store(self.keys_buffer, k, 2)
-        self.values_buffer = cache.store(self.values_buffer, v, 2)
-        return cache.keys(self.keys_buffer, k, 2), cache.keys(self.values_buffer, v, 2), cache.writes.key_mask
-
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values a query reads when the call encoded nothing."""
-        width = self.cache.writes.width
-        return self.keys_buffer.narrow(2, 0, width), self.values_buffer.narrow(2, 0, width)
 
 
 class PartitionTransformer(TimeConditionedModel):
@@ -273,11 +210,11 @@ class PartitionTransformer(TimeConditionedModel):
 
     def forward(self, tokens: torch.Tensor, groups: torch.Tensor, cond: torch.Tensor | None = None, *,
                 check_inputs: bool = True) -> torch.Tensor:
-        """Training view: logits [B, L, V] at every position, each predicted from the other group.
+        """Training view: logits at every position, each predicted from the other group.
 
         tokens: [B, L] ids; groups: [B, L] of 0/1 (or bool); cond: noise levels or class labels [B].
         """
-        batch, length = tokens.shape
+        batch, length = tokens.shape  # B, L
         if check_inputs:
             self._check_common("tokens", tokens, cond, batch)
             if length > self.config.length:
@@ -286,32 +223,33 @@ class PartitionTransformer(TimeConditionedModel):
                 raise ValueError(f"groups has shape {tuple(groups.shape)} but tokens have shape {tuple(tokens.shape)}")
             if groups.dtype != torch.bool and not bool(((groups == 0) | (groups == 1)).all()):
                 raise ValueError("groups must hold only 0 and 1")
-        groups = groups.bool()
-        cond_vector = self.conditioning(cond, batch)
-        x = self.vocab_embed(tokens)
-        registers = self.config.registers
+        groups = groups.bool()  # [B, L]
+        cond_vector = self.conditioning(cond, batch)  # [B or 1, C]
+        x = self.vocab_embed(tokens)  # [B, L, D]
+        registers = self.config.registers  # R
         if registers:
-            x = torch.cat([self.reg_tokens.weight.to(x.dtype).expand(batch, -1, -1), x], dim=1)
-            register_groups = torch.tensor([True, False], device=tokens.device).expand(batch, -1)
-            groups = torch.cat([register_groups, groups], dim=1)
-        positions = torch.arange(length + registers, device=tokens.device)
-        rope = self.rotary_emb(positions)
-        memory = self.encoder(x, cond_vector, rope, GroupMask(groups, groups, same=True))  # [B, R+L] groups
+            x = torch.cat([self.reg_tokens.weight.to(x.dtype).expand(batch, -1, -1), x], dim=1)  # [B, R+L, D]
+            register_groups = torch.tensor([True, False], device=tokens.device).expand(batch, -1)  # [B, R]
+            groups = torch.cat([register_groups, groups], dim=1)  # [B, R+L]
+        positions = torch.arange(length + registers, device=tokens.device)  # [R+L] sequence positions
+        rope = self.rotary_emb(positions)  # cos, sin [1, 1, R+L, d]
+        memory = self.encoder(x, cond_vector, rope, GroupMask(groups, groups, same=True))  # [B, R+L, D]
         summary = None
         if self.decoder.group_swap.content_dependent:
             summarise = self.decoder.group_swap.summarise
-            of_group0, of_group1 = summarise(memory, ~groups), summarise(memory, groups)
+            of_group0, of_group1 = summarise(memory, ~groups), summarise(memory, groups)  # [B, D] each
+            # [B, L, D]: each query reads the summary of the other group
             summary = torch.where(groups[:, registers:, None], of_group0[:, None], of_group1[:, None])
         # The registers are never predicted: queries start at the first token position.
-        query_rope = tuple(c[:, :, registers:] for c in rope)
+        query_rope = tuple(c[:, :, registers:] for c in rope)  # cos, sin [1, 1, L, d]
         x = self.decoder(self.decoder.keys_values(memory, rope), cond_vector, positions[registers:], query_rope,
-                         GroupMask(groups[:, registers:], groups, same=False), summary)
-        return self.output_layer(x, cond_vector)
+                         GroupMask(groups[:, registers:], groups, same=False), summary)  # [B, L, D]
+        return self.output_layer(x, cond_vector)  # [B, L, V]
 
     def predict(self, clean_tokens: torch.Tensor, clean_positions: torch.Tensor, query_positions: torch.Tensor,
                 lengths: torch.Tensor | None = None, cond: torch.Tensor | None = None, *,
                 check_inputs: bool = True) -> torch.Tensor:
-        """Inference view: logits [B, Q, V] at `query_positions` given only the clean tokens.
+        """Inference view: logits at `query_positions` given only the clean tokens.
 
         clean_tokens, clean_positions: [B, N]; query_positions: [B, Q]; lengths: [B] number of
         valid clean tokens per row when rows hold clean sets of different sizes (right-padded),
@@ -321,33 +259,33 @@ class PartitionTransformer(TimeConditionedModel):
         if check_inputs:
             self._check_common("clean_tokens", clean_tokens, cond, clean_tokens.shape[0])
             self._check_predict_inputs(clean_tokens, clean_positions, query_positions, lengths)
-        batch, num_clean = clean_tokens.shape
-        cond_vector = self.conditioning(cond, batch)
-        x = self.vocab_embed(clean_tokens)
+        batch, num_clean = clean_tokens.shape  # B, N
+        cond_vector = self.conditioning(cond, batch)  # [B or 1, C]
+        x = self.vocab_embed(clean_tokens)  # [B, N, D]
         registers = self.config.registers
         if registers:
             # The clean set holds group 0's register (row 1, sequence position 1).
-            x = torch.cat([self.reg_tokens.weight[1:].to(x.dtype).expand(batch, -1, -1), x], dim=1)
+            x = torch.cat([self.reg_tokens.weight[1:].to(x.dtype).expand(batch, -1, -1), x], dim=1)  # [B, 1+N, D]
             register_position = torch.ones(batch, 1, dtype=clean_positions.dtype, device=clean_positions.device)
-            clean_positions = torch.cat([register_position, clean_positions + registers], dim=1)
-            query_positions = query_positions + registers
-            num_clean += 1
+            clean_positions = torch.cat([register_position, clean_positions + registers], dim=1)  # [B, 1+N]
+            query_positions = query_positions + registers  # [B, Q] sequence positions
+            num_clean += 1  # N counts the register from here on
             lengths = None if lengths is None else lengths + 1
-        key_rope = self.rotary_emb(clean_positions)
-        query_rope = self.rotary_emb(query_positions)
-        valid = mask = None
+        key_rope = self.rotary_emb(clean_positions)  # cos, sin [B, 1, N, d]
+        query_rope = self.rotary_emb(query_positions)  # cos, sin [B, 1, Q, d]
+        valid = mask = None  # None: every clean column is a real token
         if lengths is not None:
             valid = torch.arange(num_clean, device=clean_tokens.device) < lengths[:, None]  # [B, N]
-            mask = valid[:, None, None, :]
-        memory = self.encoder(x, cond_vector, key_rope, mask)
+            mask = valid[:, None, None, :]  # [B, 1, 1, N]: no query or token reads the padding
+        memory = self.encoder(x, cond_vector, key_rope, mask)  # [B, N, D]
         summary = None
         if self.decoder.group_swap.content_dependent:
             members = valid if valid is not None else torch.ones(batch, num_clean, dtype=torch.bool,
-                                                                 device=clean_tokens.device)
-            summary = self.decoder.group_swap.summarise(memory, members)[:, None]
+                                                                 device=clean_tokens.device)  # [B, N]
+            summary = self.decoder.group_swap.summarise(memory, members)[:, None]  # [B, 1, D], the same for every query
         x = self.decoder(self.decoder.keys_values(memory, key_rope), cond_vector, query_positions, query_rope, mask,
-                         summary)
-        return self.output_layer(x, cond_vector)
+                         summary)  # [B, Q, D]
+        return self.output_layer(x, cond_vector)  # [B, Q, V] logits of the queries only
 
     def new_cache(self) -> EncoderCache:
         """An empty cache for `predict_cached`: one per sampling run (its rows are the run's)."""
@@ -365,62 +303,62 @@ class PartitionTransformer(TimeConditionedModel):
         values of the slots before them and each other; `refresh` re-encodes every visible slot,
         and then the logits are `predict`'s. The first call on an empty cache is a refresh.
         """
-        batch = slot_tokens.shape[0]
+        batch = slot_tokens.shape[0]  # B
         device = slot_tokens.device
         refresh = refresh or cache.empty
-        start = 0 if refresh else cache.encoded
-        offset = cache.offset
+        start = 0 if refresh else cache.encoded  # the first slot encoded now: int or [B]
+        offset = cache.offset  # the cache's slot of clean slot 0 (1 with a register)
         with_register = refresh and self.config.registers  # the clean set's register is encoded with the rest
         if isinstance(start, torch.Tensor) or isinstance(visible, torch.Tensor):  # ragged rows
-            start = torch.as_tensor(start, device=device).expand(batch)
-            visible = torch.as_tensor(visible, device=device).expand(batch)
-            columns = start[:, None] + torch.arange(int((visible - start).max()), device=device)
-            fresh = columns < visible[:, None]
-            columns = columns.clamp(max=slot_tokens.shape[1] - 1)
-            new_tokens, new_positions = slot_tokens.gather(1, columns), slot_positions.gather(1, columns)
-            index = torch.where(fresh, columns + offset, cache.sink)
+            start = torch.as_tensor(start, device=device).expand(batch)  # [B]
+            visible = torch.as_tensor(visible, device=device).expand(batch)  # [B]
+            columns = start[:, None] + torch.arange(int((visible - start).max()), device=device)  # [B, n]
+            fresh = columns < visible[:, None]  # [B, n]: False on a row's padding
+            columns = columns.clamp(max=slot_tokens.shape[1] - 1)  # [B, n], padding kept inside the buffers
+            new_tokens, new_positions = slot_tokens.gather(1, columns), slot_positions.gather(1, columns)  # [B, n]
+            index = torch.where(fresh, columns + offset, cache.sink)  # [B, n] cache slots, padding to the sink
             if with_register:
-                index = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=device), index], dim=1)
-            width = int(visible.max()) + offset
-            key_mask = (torch.arange(width, device=device) < visible[:, None] + offset)[:, None, None]
-            cache.writes = _Writes(None, index, width, key_mask, only_new=refresh)
+                index = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=device), index], dim=1)  # [B, 1+n]
+            width = int(visible.max()) + offset  # K
+            key_mask = (torch.arange(width, device=device) < visible[:, None] + offset)[:, None, None]  # [B, 1, 1, K]
+            cache.plan = SlotPlan(None, index, width, key_mask, only_new=refresh)
         else:
-            new_tokens, new_positions = slot_tokens[:, start:visible], slot_positions[:, start:visible]
-            cache.writes = _Writes(0 if with_register else start + offset, None, visible + offset, None,
-                                   only_new=refresh)
-        writes = cache.writes
+            new_tokens, new_positions = slot_tokens[:, start:visible], slot_positions[:, start:visible]  # [B, n]
+            cache.plan = SlotPlan(0 if with_register else start + offset, None, visible + offset, None,
+                                  only_new=refresh)
+        plan = cache.plan
         registers = self.config.registers
-        new_positions = new_positions + registers
-        x = self.vocab_embed(new_tokens)
+        new_positions = new_positions + registers  # [B, n] sequence positions
+        x = self.vocab_embed(new_tokens)  # [B, n, D]
         if with_register:  # row 1 at sequence position 1, as in `predict`
-            x = torch.cat([self.reg_tokens.weight[1:].to(x.dtype).expand(batch, -1, -1), x], dim=1)
+            x = torch.cat([self.reg_tokens.weight[1:].to(x.dtype).expand(batch, -1, -1), x], dim=1)  # [B, 1+n, D]
             new_positions = torch.cat([torch.ones(batch, 1, dtype=new_positions.dtype, device=device), new_positions],
-                                      dim=1)
-        cond_vector = self.conditioning(cond, batch)
+                                      dim=1)  # [B, 1+n]
+        cond_vector = self.conditioning(cond, batch)  # [B or 1, C]
         summarise = self.decoder.group_swap.content_dependent
         if x.shape[1] or refresh:
-            key_rope = self.rotary_emb(new_positions)
+            key_rope = self.rotary_emb(new_positions)  # cos, sin [B, 1, n, d]
             for block, states in zip(self.encoder.blocks, cache.blocks):
-                x = block(x, cond_vector, key_rope, cache=states)
+                x = block(x, cond_vector, key_rope, cache=states)  # [B, n, D], reading K keys and values
             if summarise:  # the final states themselves are read only by a content-dependent GroupSwap
-                cache.memory = cache.store(cache.memory, x, 1)
-            readers = [states.extend(k, v)[:2]
+                cache.memory = cache.store(cache.memory, x, 1)  # [B, S, D]
+            readers = [states.extend(k, v)[:2]  # 1 + decoder layers pairs of [B, heads, K, d]
                        for states, (k, v) in zip(cache.readers, self.decoder.keys_values(x, key_rope))]
-            memory = cache.keys(cache.memory, x, 1) if summarise else None
+            memory = cache.keys(cache.memory, x, 1) if summarise else None  # [B, K, D]
             cache.empty = False
         else:
-            readers = [states.read() for states in cache.readers]
-            memory = cache.memory.narrow(1, 0, writes.width) if summarise else None
+            readers = [states.read() for states in cache.readers]  # 1 + decoder layers pairs of [B, heads, K, d]
+            memory = cache.memory.narrow(1, 0, plan.width) if summarise else None  # [B, K, D]
         cache.encoded = visible
         summary = None
         if summarise:
-            members = (writes.key_mask[:, 0, 0] if writes.key_mask is not None
-                       else torch.ones(batch, writes.width, dtype=torch.bool, device=device))
-            summary = self.decoder.group_swap.summarise(memory, members)[:, None]
-        query_positions = query_positions + registers
-        x = self.decoder(readers, cond_vector, query_positions, self.rotary_emb(query_positions), writes.key_mask,
-                         summary)
-        return self.output_layer(x, cond_vector)
+            members = (plan.key_mask[:, 0, 0] if plan.key_mask is not None
+                       else torch.ones(batch, plan.width, dtype=torch.bool, device=device))  # [B, K]
+            summary = self.decoder.group_swap.summarise(memory, members)[:, None]  # [B, 1, D]
+        query_positions = query_positions + registers  # [B, Q] sequence positions
+        x = self.decoder(readers, cond_vector, query_positions, self.rotary_emb(query_positions), plan.key_mask,
+                         summary)  # [B, Q, D]
+        return self.output_layer(x, cond_vector)  # [B, Q, V] logits of the queries only
 
     def _check_common(self, name, tokens, cond, batch) -> None:
         check_ids(name, tokens, self.config.vocab_size)
@@ -453,4 +391,5 @@ class PartitionTransformer(TimeConditionedModel):
         if bool(repeated.any()):
             row = int(repeated.any(1).nonzero()[0])
             position = int(ordered[row, 1:][repeated[row]][0])
-            raise ValueError(f"position {position} appears more than once among the clean and query positions of row {row}")
+            raise ValueError(f"position {position} appears more than once among the clean and query positions "
+                             f"of row {row}")
