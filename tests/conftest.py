@@ -60,7 +60,7 @@ def image_runs(tmp_path_factory):
     import sys
 
     from pgm.data.corpus import DataError
-    from pgm.data.images import load_fashion_mnist
+    from pgm.data.image_sets import load_fashion_mnist
 
     try:
         load_fashion_mnist("test")

@@ -130,7 +130,7 @@ def write_idx(path, array: np.ndarray) -> None:
 
 def test_fid_classifier_reports_the_images_it_used(tmp_path, pgm_main, monkeypatch):
     from pgm.data.corpus import DataError
-    from pgm.data.images import load_fashion_mnist
+    from pgm.data.image_sets import load_fashion_mnist
 
     try:
         images, labels = load_fashion_mnist("test")

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from pgm.sampling import sample_mdlm, sample_pgm
 from pgm.sampling.compiled import bucket
-from pgm.sampling.image import generate_codes
+from pgm.sampling.codes import generate_codes
 from pgm.sampling.settings import SamplerSettings
 
 

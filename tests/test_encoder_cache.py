@@ -11,7 +11,7 @@ import reference_forward
 from conftest import tiny_pgm
 from pgm.bench import Shape, pgm_flops, pgm_step_flops
 from pgm.sampling import sample_pgm
-from pgm.sampling.image import generate_codes
+from pgm.sampling.codes import generate_codes
 from pgm.sampling.settings import SamplerSettings
 from test_images import image_pgm
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pgm.data.corpus import DataError
-from pgm.data.images import fit_size, load_fashion_mnist
+from pgm.data.image_sets import fit_size, load_fashion_mnist
 from pgm.eval.fid import (ClassifierConfig, FeatureClassifier, FeatureStatistics, InceptionFeatures, clean_resize,
                           fd_classifier, frechet_distance, inception_score, train_classifier)
 
@@ -240,7 +240,7 @@ class TinyExtractor(nn.Module):
 
 
 def test_shards_resume_after_a_kill_and_do_not_depend_on_the_processes(tmp_path):
-    from pgm.eval.images import sharded_features
+    from pgm.eval.image_metrics import sharded_features
 
     calls = []
 
@@ -275,7 +275,7 @@ def test_shards_resume_after_a_kill_and_do_not_depend_on_the_processes(tmp_path)
 
 def test_fid_against_a_reference_folder_samples_its_labels(image_runs, tmp_path):
     import pgm
-    from pgm.data.images import load_fashion_mnist
+    from pgm.data.image_sets import load_fashion_mnist
     from pgm.eval.fid import train_classifier
 
     images, labels = load_fashion_mnist("test")

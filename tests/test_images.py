@@ -10,7 +10,7 @@ from pgm.models.layers import Conditioning
 from pgm.sampling import SamplingOptions
 from pgm.sampling.common import StepCounts, arccos_bounds
 from pgm.sampling.settings import SamplerSettings
-from pgm.sampling.image import generate_codes, halton_order, radical_inverse, region_mask
+from pgm.sampling.codes import generate_codes, halton_order, radical_inverse, region_mask
 from pgm.sampling.pgm import guidance_weight, guided_logits, sample_pgm
 
 CODEBOOK, GRID, CLASSES = 12, 4, 3
@@ -270,7 +270,7 @@ def test_sample_writes_a_png_grid_and_inpaints(image_runs):
 
 
 def test_eval_reports_psnr_usage_and_classifier_fd(image_runs):
-    from pgm.data.images import fit_size, load_fashion_mnist
+    from pgm.data.image_sets import fit_size, load_fashion_mnist
     from pgm.eval.fid import train_classifier
 
     from test_cli import assert_clean_failure, pgm
@@ -297,7 +297,7 @@ def test_image_data_refuses_overlapping_splits_and_bad_labels(tmp_path):
 
     from pgm.data import DataConfig
     from pgm.data.corpus import DataError
-    from pgm.data.image_tokens import split_images
+    from pgm.data.image_rows import split_images
 
     with pytest.raises(DataError, match="same images"):
         split_images(DataConfig(source="fashion-mnist", split="test", val_split="validation", tokenizer="pixels"),

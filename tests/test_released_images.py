@@ -237,7 +237,7 @@ class StepCounter(torch.nn.Module):
 
 def test_redraw_draws_every_decoded_cell_again_at_each_step():
     from pgm.sampling.common import arccos_bounds
-    from pgm.sampling.image import halton_order
+    from pgm.sampling.codes import halton_order
 
     model, labels = StepCounter(), torch.tensor([0, 1])
     kept = generate_codes(model, labels, settings=SamplerSettings(steps=4, temperature=0))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pgm.config import ConfigError
-from pgm.eval.images import code_statistics
+from pgm.eval.image_metrics import code_statistics
 from pgm.importers import load_llamagen_vq
 from pgm.models.vq import VQConfig, VQModel
 
@@ -414,7 +414,7 @@ def test_code_statistics_reports_usage_and_perplexity():
 
 def test_a_tiny_vq_learns_to_reconstruct_fashion_mnist():
     from pgm.data.corpus import DataError
-    from pgm.data.images import load_fashion_mnist
+    from pgm.data.image_sets import load_fashion_mnist
 
     try:
         images, _ = load_fashion_mnist("train")

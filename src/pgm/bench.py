@@ -420,7 +420,7 @@ def bench_images(presets=("fmnist-pgm", "fmnist-maskgit"), *, steps_list=(32,), 
     or the released models' shapes (`pgm.presets.IMAGE_SHAPES`). Counted: VQ codes generated; the
     VQ decoder, the same for both, is left out."""
     from .presets import image_model_config
-    from .sampling.image import generate_codes
+    from .sampling.codes import generate_codes
 
     device = resolve_device(device)
     rows = []

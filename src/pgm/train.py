@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .data import (PreparedData, check_prepared, data_directory, load_prepared, prepare_data, prepared_recipe,
                    same_recipe)
 from .devices import autocast, describe_precision, process_device, uses_bf16
-from .eval.images import psnr
+from .eval.image_metrics import psnr
 from .eval.perplexity import seed_for, validation_elbo
 from .formats import (CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, copy_directory, remove_partial, replaced_atomically,
                       write_json)

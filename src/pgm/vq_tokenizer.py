@@ -17,7 +17,7 @@ import torch
 
 from .data import VQCodes
 from .data.corpus import DataError
-from .data.images import to_unit_range
+from .data.image_sets import to_unit_range
 from .formats import CONFIG_FILE, TOKENIZER_CONFIG, FormatError, write_json
 from .hub import from_pretrained
 from .runs import RunError

@@ -119,7 +119,7 @@ def cmd_eval(args) -> int:
 
 
 def _print_validation(pipe, result) -> None:
-    from ..eval.images import psnr
+    from ..eval.image_metrics import psnr
     from ..runs import validation_metric
 
     kind = pipe.config.kind
@@ -162,7 +162,7 @@ def _print_image_quality(scores: dict) -> None:
 
 
 def cmd_fid_classifier(args) -> int:
-    from ..data.images import fit_size, load_fashion_mnist
+    from ..data.image_sets import fit_size, load_fashion_mnist
     from ..eval.fid import train_classifier
 
     train_images, train_labels = load_fashion_mnist("train")

@@ -67,7 +67,7 @@ def cmd_sample(args) -> int:
 def _print_images(args, pipe, samples) -> int:
     import torch
 
-    from ..image_generation import save_grid
+    from ..pictures import save_grid
 
     source = Path(args.source)
     out = Path(args.out) if args.out else (source if source.is_dir() else Path(".")) / "samples.png"

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..formats import DATA_DIR, TOKENIZER_DIR, copy_directory, replaced_directory, write_json
 from .config import DataConfig, recipe_differences
 from .corpus import BUILTIN, DataError, chunk_documents, load_documents, split_documents
-from .image_tokens import PixelTokenizer, VQCodes, prepare_image_data
+from .image_rows import PixelTokenizer, VQCodes, prepare_image_data
 from .packing import TokenRows
 from .prepare import META_FILE, prepare_text, prepared_meta, same_recipe, unigram_nll, usable_cores
 from .tokenizers import Tokenizer, load_tokenizer

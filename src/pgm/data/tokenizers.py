@@ -17,7 +17,7 @@ import numpy as np
 
 from ..formats import TOKENIZER_CONFIG, write_json
 from .corpus import DataError
-from .image_tokens import load_image_tokenizer
+from .image_rows import load_image_tokenizer
 
 GPT2_FILE = "gpt2.tiktoken"
 # GPT-2's pre-tokenisation pattern, as tiktoken defines it for the "gpt2"/"r50k_base" encodings.

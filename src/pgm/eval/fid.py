@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.images import to_unit_range
+from ..data.image_sets import to_unit_range
 from ..models.classifier import ClassifierConfig, FeatureClassifier
 
 INCEPTION_SIZE = 299

@@ -25,7 +25,8 @@ to generate (`GenerationRequest`) and how (`pgm.sampling.settings.SamplerSetting
 """
 
 from .base import Pipeline, SamplingPlan
-from .image import ImagePipeline, VQPipeline, to_pictures
+from ..pictures import to_pictures
+from .image import ImagePipeline, VQPipeline
 from .load import convert, load
 from .request import GenerationRequest, Samples, StepEvent, Stream
 from .text import TextPipeline

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.images import fit_size, to_uint8
+from ..data.image_sets import fit_size
 from ..eval.fid import DEFAULT_CLASSIFIER, FeatureStatistics, frechet_distance, inception_score, load_feature_extractor
-from ..eval.images import (claim_shards, image_quality, reconstruction_quality, reference_labels,
+from ..eval.image_metrics import (claim_shards, image_quality, reconstruction_quality, reference_labels,
                            reference_statistics, settings_key, sharded_features, spread_labels)
-from ..image_generation import parse_classes, region_cells
+from ..pictures import to_pictures
 from ..sampling import StepUpdate, generate_codes, iterate_codes
+from ..sampling.codes import region_mask
 from .base import Pipeline, SamplingPlan
 from .request import (EVERY_CLASS, VALIDATION_IMAGES, GenerationRequest, Samples, StepEvent, known_pairs, positive,
                       settings_of)
@@ -149,7 +150,7 @@ class ImagePipeline(Pipeline):
                       num_samples: int = 1000, batch_size: int = 32, seed: int = 0, **settings) -> dict:
         """FD and IS of `num_samples` generated images (labelled like the run's first validation
         images) against the validation images, beside the VQ tokenizer's floor; see
-        `pgm.eval.images.image_quality`. `settings`: how to sample, as in `generate`
+        `pgm.eval.image_metrics.image_quality`. `settings`: how to sample, as in `generate`
         (`SamplerSettings`). With the metric's name and the settings used."""
         positive("num_samples", num_samples)
         positive("batch_size", batch_size)
@@ -244,7 +245,7 @@ class VQPipeline(Pipeline):
     def reconstruction(self, *, fid: bool = False, classifier: str | Path = DEFAULT_CLASSIFIER,
                        inception: str | Path | None = None) -> dict:
         """Codebook use and code perplexity on the run's validation images and, with `fid` (or
-        `inception`), the FD of their reconstructions; see `pgm.eval.images.reconstruction_quality`."""
+        `inception`), the FD of their reconstructions; see `pgm.eval.image_metrics.reconstruction_quality`."""
         extractor, metric = (None, None)
         if fid or inception is not None:
             extractor, metric = load_feature_extractor(classifier=classifier, inception=inception,
@@ -252,9 +253,31 @@ class VQPipeline(Pipeline):
         return {"metric": metric, **reconstruction_quality(self.tokenizer, self.run_config.data, extractor)}
 
 
-def to_pictures(images: torch.Tensor) -> list:
-    """PIL images of float images [N, C, H, W] in [-1, 1]."""
-    from PIL import Image
+def parse_classes(items, class_names: list[str], num_classes: int) -> list[int]:
+    """Class labels from numbers or names (case-insensitive; one, or a list); "none" is the null class."""
+    items = list(items) if isinstance(items, (list, tuple)) else [items]
+    if not items:
+        raise ValueError("classes is empty: give class numbers or names (or leave it out for every class)")
+    lowered = [name.lower() for name in class_names]
+    labels = []
+    for item in items:
+        text = str(item).strip().lower()
+        if isinstance(item, bool) or not isinstance(item, (int, str, np.integer)):
+            raise ValueError(f"a class is a number or a name, got {item!r}")
+        if text in ("none", "null"):
+            labels.append(num_classes)
+        elif text.isdecimal() and int(text) < num_classes:
+            labels.append(int(text))
+        elif text in lowered:
+            labels.append(lowered.index(text))
+        else:
+            names = f", or one of {', '.join(class_names)}" if class_names else ""
+            raise ValueError(f"unknown class {item!r}: give a number below {num_classes}, none{names}")
+    return labels
 
-    pixels = to_uint8(images)
-    return [Image.fromarray(p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0)) for p in pixels]
+
+def region_cells(count: int, cells: int, region: str) -> torch.Tensor:
+    """Bool [count, cells]: the cells kept (known) of each of `count` grids for a named region
+    (see `region_mask`)."""
+    grid = round(cells ** 0.5)
+    return region_mask(grid, region).reshape(1, -1).expand(count, -1)

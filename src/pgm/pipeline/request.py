@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..sampling.image import REGIONS
+from ..sampling.codes import REGIONS
 from ..sampling.settings import SamplerSettings
 
 VALIDATION_IMAGES = 10  # images completed by `known` when none are given

@@ -32,7 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..pipeline import Pipeline, to_pictures
-from ..sampling.image import REGIONS
+from ..sampling.codes import REGIONS
 from ..sampling.settings import IMAGE_SAMPLERS, ORDERS, SAMPLERS
 from .scheduler import Busy, Job, Scheduler
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..formats import DATA_DIR, TOKENIZER_CONFIG, TOKENIZER_DIR, replaced_atomically, replaced_directory, write_json
 from .corpus import DataError
-from .images import load_images
+from .image_sets import load_images
 from .packing import dtype_for
 
 CACHE_DIR = "token-cache"

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.image_tokens import split_images
-from ..data.images import IMAGE_SUFFIXES, resize_center_crop, to_unit_range
+from ..data.image_rows import split_images
+from ..data.image_sets import IMAGE_SUFFIXES, resize_center_crop, to_unit_range
 from ..formats import write_json
 from ..models.base import check_ids
 from ..sampling import generate_codes

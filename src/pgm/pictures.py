@@ -1,0 +1,41 @@
+"""Image tensors as pictures: PIL images, and PNG grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.image_sets import to_uint8
+from .formats import replaced_atomically
+
+
+def to_pictures(images: torch.Tensor) -> list:
+    """PIL images of float images [N, C, H, W] in [-1, 1]."""
+    from PIL import Image
+
+    pixels = to_uint8(images)
+    return [Image.fromarray(p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0)) for p in pixels]
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int = 2) -> Path:
+    """Images [N, C, H, W] in [-1, 1] -> one PNG, `columns` per row, upscaled `scale`x (nearest)."""
+    from PIL import Image
+
+    path = Path(path)
+    pixels = to_uint8(images)  # [N, C, H, W]
+    n, c, h, w = pixels.shape
+    rows = -(-n // columns)
+    pad = 2
+    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for index in range(n):
+        r, col = divmod(index, columns)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = \
+            pixels[index].transpose(1, 2, 0)
+    picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(path) as temporary:
+        picture.save(temporary, format="PNG")
+    return path
