@@ -91,6 +91,30 @@ def test_top_p_is_applied_after_the_mask_logit_is_removed():
     assert torch.allclose(frequencies, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.01)
 
 
+def test_top_k_keeps_the_k_most_likely_after_the_mask_logit_is_removed():
+    # Without the suppressed id the distribution is [0.5, 0.3, 0.2]; the top 2 are ids 0 and 1.
+    logits = torch.tensor([0.5, 0.3, 0.2, 1.0]).log()
+    logits[3] = 10.0
+    draws = sample_categorical(logits.expand(20000, -1), SamplingOptions(top_k=2), suppress=(3,), generator=seeded(0))
+    frequencies = torch.bincount(draws, minlength=4) / 20000
+    assert torch.allclose(frequencies, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.01)
+    one = sample_categorical(logits.expand(50, -1), SamplingOptions(top_k=1), suppress=(3,), generator=seeded(0))
+    assert (one == 0).all()  # top_k=1 is greedy
+
+
+def test_top_k_reaches_every_front_end_from_the_settings(text_run, pgm_main):
+    import pgm
+
+    pipe = pgm.load(text_run)
+    greedy = pipe.sample(num_samples=2, steps=5, temperature=0).tokens
+    assert torch.equal(pipe.sample(num_samples=2, steps=5, top_k=1, seed=4).tokens, greedy)
+    code, out, err = pgm_main("sample", text_run, "--num-samples", "2", "--steps", "5", "--top-k", "1")
+    assert code == 0 and out == pgm_main("sample", text_run, "--num-samples", "2", "--steps", "5",
+                                         "--temperature", "0")[1]
+    with pytest.raises(ValueError, match="top_k must be a non-negative integer"):
+        pipe.generate(top_k=-3)
+
+
 def test_filter_top_p_keeps_at_least_the_best_token():
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
     kept = torch.isfinite(filter_top_p(logits, 0.01))
@@ -125,6 +149,8 @@ def test_sampling_options_are_validated():
         SamplingOptions(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingOptions(temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingOptions(top_k=1.5)
 
 
 def test_mdlm_logits_only_where_revealed_draw_the_same_tokens_as_logits_everywhere():

@@ -10,19 +10,22 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
-    """temperature 0 means greedy; top_p < 1 keeps the smallest set of tokens whose
-    probability reaches top_p; float64 locates the draw in a float64 cumulative distribution (the
+    """temperature 0 means greedy; top_k > 0 keeps the k most likely tokens; top_p < 1 keeps the
+    smallest set of tokens whose probability reaches top_p; float64 locates the draw in a float64 cumulative distribution (the
     paper samples in float64: in lower precision, small probabilities are misrepresented)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     float64: bool = True
+    top_k: int = 0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be non-negative, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0: every token), got {self.top_k!r}")
 
 
 def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -37,12 +40,16 @@ def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def sampling_logits(logits: torch.Tensor, options: SamplingOptions, suppress: Sequence[int] = ()) -> torch.Tensor:
     """The logits of the distribution actually sampled: suppressed ids (the mask token) removed
-    first, so they never take part in the nucleus mass, then temperature, then the nucleus."""
+    first, so they never take part in the nucleus mass, then temperature, the k most likely, then
+    the nucleus."""
     logits = logits.to(torch.float32, copy=True)  # our own copy: the steps below work in place
     if suppress:
         logits.index_fill_(-1, torch.tensor(list(suppress), device=logits.device), float("-inf"))
     if options.temperature not in (0, 1):
         logits.div_(options.temperature)
+    if 0 < options.top_k < logits.shape[-1]:
+        kth = logits.topk(options.top_k, dim=-1).values[..., -1:]
+        logits.masked_fill_(logits < kth, float("-inf"))  # ties with the k-th stay
     if options.top_p < 1:
         logits = filter_top_p(logits, options.top_p)
     return logits

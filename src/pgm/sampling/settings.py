@@ -98,6 +98,7 @@ class SamplerSettings:
     temperature: float = _setting(1.0, "sampling temperature (0: greedy)", type=float)
     top_p: float = _setting(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability",
                             type=float)
+    top_k: int = _setting(0, "keep only the k most likely tokens at each draw (0: every token)", type=int)
     float32: bool = _setting(False, "draw from a float32 instead of a float64 cumulative distribution",
                              action="store_true")
     guidance: float | None = _setting(None, "classifier-free guidance weight w (default 0)", "image", type=float)
@@ -228,7 +229,8 @@ class SamplerSettings:
     @property
     def options(self) -> SamplingOptions:
         """How each token is drawn (temperature, top-p, float64)."""
-        return SamplingOptions(temperature=float(self.temperature), top_p=float(self.top_p), float64=not self.float32)
+        return SamplingOptions(temperature=float(self.temperature), top_p=float(self.top_p), float64=not self.float32,
+                               top_k=self.top_k)
 
     @property
     def cache(self) -> dict:
