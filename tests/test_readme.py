@@ -91,6 +91,12 @@ def front_door(tmp_path_factory, request):
     gpt2 = find_gpt2_file()
     if gpt2 is not None:
         shutil.copyfile(gpt2, root / "gpt2.tiktoken")
+    from conftest import tiny_mdlm
+    from test_mdlm_owt import write_mdlm_owt
+
+    # kuleshov-group/mdlm-owt's layout, GPT-2's vocabulary and its mask
+    write_mdlm_owt(root / "mdlm-owt", tiny_mdlm(vocab_size=50258, length=160, hidden_size=16, num_heads=2, blocks=1,
+                                                cond_dim=8))
     from test_released_images import tiny_image_pgm, tiny_maskgit, tiny_vq, write_image_checkpoint
 
     for name in ("images_pgm_12_12_100epochs.ckpt", "images_pgm_14_10_100epochs.ckpt"):

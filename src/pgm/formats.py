@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,14 +161,20 @@ class Origin:
     card: dict = dataclasses.field(default_factory=dict)
 
 
-def model_card(config: dict, parameters: int, card: dict) -> str:
-    """A pretrained directory's README.md: what the model is, its shape, and what `card` knows of
-    its training (data, tokens seen, validation, source), as the Hub's model cards do."""
+DEFAULT_LICENSE = "apache-2.0"  # the model card's license when neither its card nor `pgm push --license` names one
+LIBRARY_NAME = "partition-gm"  # the Hub's library_name: the name pip installs
+
+
+def model_card(config: dict, parameters: int, card: dict, repo_id: str | None = None) -> str:
+    """A pretrained directory's README.md: the Hub's metadata as YAML front matter (`card_metadata`),
+    then what the model is, its shape, and what `card` knows of its training (data, tokens seen,
+    validation, source), and how to load it: from `repo_id` when it is published there. The text
+    depends on its arguments only (no dates), so that it can be compared byte for byte."""
     kind = config.get("kind", "?")
     shape = ", ".join(f"{k}={v}" for k, v in config.items() if k != "kind")
     rows = [("kind", kind), ("parameters", f"{parameters / 1e6:.2f}M"), ("configuration", shape)]
     labels = {"data": "data", "tokens_seen": "tokens seen", "validation": "validation", "weights": "weights",
-              "source": "trained or imported from", "distillation": "distillation"}
+              "source": "trained or imported from", "init_from": "started from", "distillation": "distillation"}
     for key, label in labels.items():
         value = card.get(key)
         if value in (None, "", {}):
@@ -178,6 +185,79 @@ def model_card(config: dict, parameters: int, card: dict) -> str:
             value = f"{value / 1e6:.2f}M"
         rows.append((label, value))
     table = "\n".join(f"| {label} | {str(value).replace('|', '/')} |" for label, value in rows)
-    return (f"# A partition-gm {kind} model\n\n| | |\n|---|---|\n{table}\n\n"
-            "Load it with `pgm.load(\"THIS_DIRECTORY\")` in Python or `pgm sample THIS_DIRECTORY` on the command "
-            "line (pip install partition-gm).\n")
+    if repo_id is None:
+        loading = ("Load it with `pgm.load(\"THIS_DIRECTORY\")` in Python or `pgm sample THIS_DIRECTORY` on the "
+                   "command line (pip install partition-gm).\n")
+    else:
+        loading = (f"Load it in Python (pip install \"partition-gm[hf]\"):\n\n```python\nimport pgm\n\n"
+                   f"pipe = pgm.load(\"{repo_id}\")\n```\n\n"
+                   f"or sample it on the command line: `pgm sample {repo_id}`.\n")
+    front = "\n".join(yaml_lines(card_metadata(config, card, repo_id)))
+    return f"---\n{front}\n---\n\n# A partition-gm {kind} model\n\n| | |\n|---|---|\n{table}\n\n{loading}"
+
+
+def generation_task(config: dict) -> str:
+    """What a model of `config` does, as the Hub names tasks: text or image generation (class-conditional
+    code models, as `pgm.models.is_image_model` says), a VQ's reconstruction, a classifier's labels."""
+    kind = config.get("kind")
+    if kind == "vq":
+        return "image-to-image"
+    if kind == "classifier":
+        return "image-classification"
+    return "image-generation" if kind == "maskgit" or config.get("num_classes") else "text-generation"
+
+
+def card_metadata(config: dict, card: dict, repo_id: str | None = None) -> dict:
+    """The Hub's model card metadata: library, license, tags, the Hub datasets it was trained on, and
+    its last validation number as a model-index result."""
+    kind = config.get("kind", "?")
+    task = generation_task(config)
+    diffusion = ["diffusion", "masked-diffusion"] if kind in ("pgm", "mdlm") else []
+    metadata = {"library_name": LIBRARY_NAME, "license": card.get("license") or DEFAULT_LICENSE,
+                "tags": [LIBRARY_NAME, kind, *diffusion, task]}
+    source = (card.get("data") or {}).get("source")
+    hub_dataset, _, hub_config = source[3:].partition(":") if str(source).startswith("hf:") else (None, "", "")
+    if hub_dataset:
+        metadata["datasets"] = [hub_dataset]
+    validation = {k: v for k, v in (card.get("validation") or {}).items() if k != "step"}
+    if validation and source:
+        label, value = next(iter(validation.items()))
+        name, _, unit = label.partition(" ")  # "ELBO nats/token", as `pgm.runs.validation_metric` writes it
+        dataset = {"name": hub_dataset or source, "type": hub_dataset or source}
+        if hub_config:
+            dataset["config"] = hub_config
+        metric = {"name": f"validation {name} ({unit})" if unit else f"validation {name}", "type": name.lower(),
+                  "value": value}
+        metadata["model-index"] = [{"name": repo_id.split("/")[-1] if repo_id else f"{LIBRARY_NAME}-{kind}",
+                                    "results": [{"task": {"type": task}, "dataset": dataset, "metrics": [metric]}]}]
+    return metadata
+
+
+_PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9._/+-]*")
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "y", "n", "null"}  # plain, these would not read as text
+
+
+def yaml_lines(value, indent: str = "") -> list[str]:
+    """Nested dicts, lists and scalars as block YAML (what the Hub's front matter needs, without a
+    YAML library): words plain, any other text in double quotes (JSON's escapes are YAML's)."""
+    def scalar(item) -> str:
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, (int, float)):
+            return repr(item)
+        text = str(item)
+        return text if _PLAIN.fullmatch(text) and text.lower() not in _YAML_WORDS else json.dumps(text)
+
+    lines = []
+    for key, item in (value.items() if isinstance(value, dict) else ((None, item) for item in value)):
+        lead = f"{indent}{key}:" if key is not None else f"{indent}-"
+        if not isinstance(item, (dict, list)):
+            lines.append(f"{lead} {scalar(item)}")
+        elif not item:
+            lines.append(f"{lead} {json.dumps(item)}")  # [] or {}: flow style, the only way to write them empty
+        elif key is None and isinstance(item, dict):  # "- first: ..." and the rest aligned under it
+            nested = yaml_lines(item, indent + "  ")
+            lines += [f"{lead} {nested[0].lstrip()}", *nested[1:]]
+        else:
+            lines += [lead, *yaml_lines(item, indent + "  ")]
+    return lines

@@ -1,5 +1,5 @@
 """The `pgm` command line: prepare, train, consolidate, distill, sample, eval, fid-classifier,
-report, convert, serve, harness, bench. Each command's module registers its flags beside its
+report, convert, push, serve, harness, bench. Each command's module registers its flags beside its
 handler; this module only parses and dispatches.
 
 Mistakes in what the user asked for (an unknown preset or setting, a wrong value, missing data,
@@ -15,9 +15,9 @@ import sys
 
 from .. import __version__
 from ..allocator import keep_freed_memory
-from . import bench, convert, evaluate, harness, report, sample, serve, train
+from . import bench, convert, evaluate, harness, push, report, sample, serve, train
 
-COMMANDS = (train, sample, evaluate, report, convert, serve, harness, bench)  # in the order of `pgm --help`
+COMMANDS = (train, sample, evaluate, report, convert, push, serve, harness, bench)  # in the order of `pgm --help`
 
 
 def build_parser() -> argparse.ArgumentParser:

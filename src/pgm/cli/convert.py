@@ -1,5 +1,5 @@
-"""`pgm convert official`: a released checkpoint (the authors' text and image models, LlamaGen's VQ)
-written as a pretrained directory."""
+"""`pgm convert official`: a released checkpoint (the authors' text and image models, LlamaGen's VQ,
+a directory in kuleshov-group/mdlm-owt's transformers layout) written as a pretrained directory."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from .common import given
 
 def register(commands) -> None:
     convert = commands.add_parser("convert", help="import released checkpoints (the authors' text and image "
-                                                  "models, LlamaGen's VQ) into our format")
+                                                  "models, LlamaGen's VQ, kuleshov-group/mdlm-owt) into our format")
     convert.add_argument("source", choices=("official",), help="official: a released file; which one it is (text, "
                                                                "image PGM, MaskGIT, VQ) is read from its content")
-    convert.add_argument("checkpoint")
+    convert.add_argument("checkpoint", help="the released file, or a directory in kuleshov-group/mdlm-owt's "
+                                            "transformers layout (config.json, model.safetensors or pytorch_model.bin)")
     convert.add_argument("out_dir")
     convert.add_argument("--weights", choices=("ema", "raw"),
                          help="text: the EMA average (default, when the file has one) or the raw weights")
-    convert.add_argument("--gpt2-file", help="text: a local gpt2.tiktoken to store with the model (offline use)")
+    convert.add_argument("--gpt2-file", help="text (mdlm-owt too): a local gpt2.tiktoken to store with the model "
+                                             "(offline use)")
     convert.add_argument("--vq", help="images: the VQ tokenizer to keep with the model (LlamaGen's vq_ds8_c2i.pt "
                                       "or a converted VQ directory)")
     convert.add_argument("--vq-reference", action="store_true",

@@ -76,10 +76,12 @@ class PretrainedModel(nn.Module):
     config: object
     origin: Origin | None = None
 
-    def save_pretrained(self, directory: str | Path, tokenizer=None, *, keep_tokenizer: bool = True) -> Path:
+    def save_pretrained(self, directory: str | Path, tokenizer=None, *, keep_tokenizer: bool = True,
+                        repo_id: str | None = None) -> Path:
         """Write config.json, model.safetensors, the model card README.md and tokenizer/ into
         `directory`: `tokenizer` when given, else the tokenizer this model was loaded with (none
-        with `keep_tokenizer=False`). Every file, and the tokenizer directory, is replaced atomically."""
+        with `keep_tokenizer=False`). `repo_id`: the Hub repository the directory is written for,
+        which the card loads it from. Every file, and the tokenizer directory, is replaced atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         origin = self.origin or Origin(source="")
@@ -99,7 +101,7 @@ class PretrainedModel(nn.Module):
         save_weights(self.savable_state(), directory / WEIGHTS_FILE)
         write_json(directory / CONFIG_FILE, values)
         write_atomic(directory / MODEL_CARD,
-                     model_card(self.config.to_dict(), self.num_parameters(), origin.card).encode())
+                     model_card(self.config.to_dict(), self.num_parameters(), origin.card, repo_id).encode())
         return directory
 
     def savable_state(self, state: dict | None = None) -> dict:

@@ -1,5 +1,6 @@
-"""`pgm.load(source)`: the pipeline of a run, a pretrained directory, a released checkpoint or a Hub
-id; and `convert`, a released checkpoint written as a pretrained directory."""
+"""`pgm.load(source)`: the pipeline of a run, a pretrained directory, a released checkpoint, an
+mdlm-owt directory or a Hub id; and `convert`, a released checkpoint or an mdlm-owt directory
+written as a pretrained directory."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ..data import DataError, load_tokenizer
 from ..data.tokenizers import GPT2Tokenizer, named_tokenizer
 from ..devices import Precision, describe_precision, resolve_device
 from ..formats import TOKENIZER_DIR, replaced_directory
-from ..hub import from_pretrained
+from ..hub import from_pretrained, is_transformers_directory
 from ..models import is_image_model
 from ..runs import CHECKPOINTS
 from ..sampling.compiled import check_compile_mode
@@ -23,19 +24,21 @@ from .text import TextPipeline
 
 def load(source: str | Path, *, device: str | torch.device = "auto", weights: str | None = None,
          precision: Precision = "auto", vq: str | Path | None = None, gpt2_file: str | None = None,
-         compile: str | None = None, **import_options) -> Pipeline:
+         compile: str | None = None, revision: str | None = None, token: str | None = None,
+         **import_options) -> Pipeline:
     """The pipeline for `source`: a run directory, a pretrained directory, a released checkpoint
     file or a Hub id, on `device` ("auto": a GPU when there is one) in `precision` ("auto": bf16
     autocast on a GPU, float32 on a CPU). `weights`: "ema" (the average) or "raw"; by default the
     average where the source has one. `vq` overrides an image model's VQ tokenizer (a VQ run or
     pretrained directory, or LlamaGen's file); `gpt2_file` is GPT-2's BPE file for checkpoints that
     name GPT-2's tokenizer (offline). `compile`: a torch.compile mode for the sampling network of
-    a PGM, MDLM or MaskGIT (see `pgm.sampling.compiled`); None: eager. `import_options` apply to
+    a PGM, MDLM or MaskGIT (see `pgm.sampling.compiled`); None: eager. `revision` (a branch, tag or
+    commit) and `token` (for a private repository) apply to Hub ids. `import_options` apply to
     released checkpoint files (see `pgm.importers`)."""
     device = resolve_device(device)
     describe_precision(device, precision)  # checks its name
     check_compile_mode(compile)
-    model = from_pretrained(source, weights=weights, **import_options)
+    model = from_pretrained(source, weights=weights, revision=revision, token=token, **import_options)
     config, origin = model.config, model.origin
     if compile and config.kind not in ("pgm", "mdlm", "maskgit"):
         raise ValueError(f"compile applies to sampling a PGM, MDLM or MaskGIT; {source} holds a {config.kind} model")
@@ -72,14 +75,16 @@ def load(source: str | Path, *, device: str | torch.device = "auto", weights: st
 
 def convert(checkpoint: str | Path, out_dir: str | Path, *, weights: str | None = None, gpt2_file: str | None = None,
             vq: str | Path | None = None, vq_reference: bool = False, **import_options) -> tuple[Path, str]:
-    """A released checkpoint file written as a pretrained directory (`pgm convert official`): the
-    authors' text models with GPT-2's BPE file when one is found offline (else the tokenizer is
+    """A released checkpoint file, or a directory in kuleshov-group/mdlm-owt's transformers layout,
+    written as a pretrained directory (`pgm convert official`): the authors' text models and
+    mdlm-owt with GPT-2's BPE file when one is found offline (else the tokenizer is
     recorded by name and found when loaded), their image models with the VQ tokenizer `vq` (held
     in tokenizer/, or only named there with `vq_reference`), LlamaGen's VQ on its own. Returns the
     directory and what it says of the tokenizer."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if not checkpoint.is_file():
-        raise ValueError(f"{checkpoint} is not a checkpoint file")
+    if not checkpoint.is_file() and not is_transformers_directory(checkpoint):
+        raise ValueError(f"{checkpoint} is neither a checkpoint file nor a directory in kuleshov-group/mdlm-owt's "
+                         "transformers layout")
     if (out_dir / CHECKPOINTS).exists():
         raise ValueError(f"{out_dir} is a training run; choose another output directory")
     model = from_pretrained(checkpoint, weights=weights, **import_options)
