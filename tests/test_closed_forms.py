@@ -109,6 +109,9 @@ class Rows:
     def labels_of(self, indices):
         return None
 
+    def given_of(self, indices):
+        return None
+
 
 def test_validation_scores_the_evaluation_elbo_not_the_training_loss():
     model, objective = tiny_pgm(), PartitionObjective()

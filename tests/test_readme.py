@@ -1,9 +1,10 @@
 """The README is the front door and docs/*.md the rooms behind it: every Python block in them runs,
 and every `pgm` command in them parses with today's command line; those that only need a run, a
 pretrained directory or a checkpoint file run too, against tiny stand-ins made under the names the
-pages use (runs/text-small is a text-tiny run of length 128, runs/fmnist-pgm an image-pgm-tiny run,
-pgm_8_8.ckpt, the image checkpoints and vq_ds8_c2i.pt small files in the released layouts). A block
-or command that appears on several pages runs once. Every relative link and anchor of the pages
+pages use (runs/text-small is a text-tiny run of length 128, runs/copy its fine-tuning on the
+built-in pairs, runs/fmnist-pgm an image-pgm-tiny run, pgm_8_8.ckpt, the image checkpoints and
+vq_ds8_c2i.pt small files in the released layouts). A block or command that appears on several
+pages runs once. Every relative link and anchor of the pages
 resolves."""
 
 import re
@@ -85,6 +86,9 @@ def front_door(tmp_path_factory, request):
     for name, kind in (("text-small", "text-tiny"), ("ar-small", "ar-tiny")):
         config = preset(kind).with_overrides(["model.length=128", "train.max_steps=6"])
         train(config, root / "runs" / name, log=lambda *a: None)
+    copy = preset("text-tiny").with_overrides([f"train.init_from={root / 'runs' / 'text-small'}", "data.format=pairs",
+                                               "data.packing=pad", "model.length=64", "train.max_steps=2"])
+    train(copy, root / "runs" / "copy", log=lambda *a: None)  # the fine-tuned run the pages show
     torch.manual_seed(0)
     model = redraw_zero_initialised(pgm.PartitionTransformer(tiny_pgm_config(vocab_size=50258, length=160)))
     write_checkpoint(root / "pgm_8_8.ckpt", model, hyper_config({"length": 160}))

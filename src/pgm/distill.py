@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from .data import (DataConfig, check_prepared, link_prepared, load_prepared, load_tokenizer, prepare_data,
                    prepared_recipe, same_recipe)
+from .data.config import TOKENIZER_FIELDS
 from .eval.perplexity import seed_for
 from .formats import TOKENIZER_DIR, Origin
 from .models import build_model
@@ -40,7 +41,6 @@ from .train_config import DistillConfig, TrainConfig
 
 DISTILLED_KINDS = ("pgm", "mdlm")
 ROUNDS_DIR = "rounds"
-TOKENIZER_FIELDS = ("tokenizer", "vocab_size", "gpt2_file")  # what the teacher's tokenizer decides
 
 
 def predicted_log_probs(model, tokens: torch.Tensor, clean: torch.Tensor, queries: torch.Tensor,
@@ -187,6 +187,8 @@ class Distiller(Trainer):
     def __init__(self, config: RunConfig, run_dir: Path, info, log, teacher=None):
         if config.distill is None:
             raise RunError(f"{run_dir} is a training run, not a distillation: continue it with pgm train --resume")
+        if config.data.format == "pairs":
+            raise RunError("pgm distill distils on text rows; data.format=pairs is for fine-tuning with pgm train")
         if config.distill.grow_from == "ema" and config.train.ema <= 0:
             raise RunError("distill.grow_from=ema needs an average of the student's weights: set train.ema > 0")
         super().__init__(config, run_dir, info, log)

@@ -21,9 +21,18 @@ def to_pictures(images: torch.Tensor) -> list:
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int = 2) -> Path:
     """Images [N, C, H, W] in [-1, 1] -> one PNG, `columns` per row, upscaled `scale`x (nearest)."""
+    path = Path(path)
+    picture = grid_picture(images, columns, scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(path) as temporary:
+        picture.save(temporary, format="PNG")
+    return path
+
+
+def grid_picture(images: torch.Tensor, columns: int, scale: int = 2):
+    """Images [N, C, H, W] in [-1, 1] -> one PIL image, `columns` per row, upscaled `scale`x (nearest)."""
     from PIL import Image
 
-    path = Path(path)
     pixels = to_uint8(images)  # [N, C, H, W]
     n, c, h, w = pixels.shape
     rows = -(-n // columns)
@@ -34,8 +43,4 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int =
         canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = \
             pixels[index].transpose(1, 2, 0)
     picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with replaced_atomically(path) as temporary:
-        picture.save(temporary, format="PNG")
-    return path
+    return picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)

@@ -7,6 +7,7 @@
     RUN/checkpoints/step_0001200/      model.safetensors, ema.safetensors, optimizer.pt, state.json
                                        (a sharded run: sharded/ and state.json, see `pgm.sharding`)
     RUN/metrics.jsonl, RUN/loss.png    what happened
+    RUN/tensorboard/, RUN/wandb/       the same, for a logger (train.logger; see `pgm.tracking`)
 
 Checkpoints are written into a hidden temporary directory and renamed into place
 (`pgm.formats.replaced_directory`), so a checkpoint directory either is complete or does not
@@ -279,6 +280,8 @@ def run_card(run_dir: Path, checkpoint: Path, weights: str) -> dict:
     card = {"data": {name: getattr(data, name) for name in described},
             "tokens_seen": step * config.train.batch_size * config.model.length,
             "weights": weights, "source": str(checkpoint)}
+    if config.train.init_from:
+        card["init_from"] = f"{config.train.init_from} ({config.train.init_weights} weights)"
     meta = prepared_meta(data_directory(run_dir, data))
     classes = meta.get("classes") if meta else None
     if classes:

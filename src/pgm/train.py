@@ -25,25 +25,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import (PreparedData, check_prepared, data_directory, load_prepared, prepare_data, prepared_recipe,
-                   same_recipe)
+from .data import (PreparedData, check_prepared, data_directory, load_prepared, load_tokenizer, prepare_data,
+                   prepared_recipe, same_recipe)
+from .data.config import TOKENIZER_FIELDS
 from .devices import autocast, describe_precision, process_device, uses_bf16
 from .eval.image_metrics import psnr
 from .eval.perplexity import seed_for, validation_elbo
 from .formats import (CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, copy_directory, remove_partial, replaced_atomically,
                       write_json)
+from .initial_weights import FROM_SOURCE, InitialModel, load_initial_state, open_initial_model, starting_settings
 from .models import build_model, is_image_model
 from .models.layers import training_attention
 from .objectives import objective_for
+from .objectives.losses import always_clean_mask
 from .presets import vq_preset_for
 from .runs import (METRICS_FILE, MetricsLog, RunConfig, RunError, is_sharded, latest_checkpoint, load_checkpoint,
                    read_checkpoint_state, read_run_config, remove_partial_checkpoints, save_checkpoint,
                    save_sharded_checkpoint, validation_metric)
 from .sharding import SHARDED_DIR, checkpoint_activations, distribute_whole, load_shards, save_shards, shard
+from .tracking import SampleLogger, tracker_for
 from .vq_tokenizer import vq_tokenizer_for_data
 
 RESUMABLE_FIELDS = {"max_steps", "eval_every", "eval_rows", "save_every", "keep_checkpoints", "log_every", "progress",
-                    "device", "parallel", "activation_checkpointing", "attention"}
+                    "device", "parallel", "activation_checkpointing", "attention", "logger", "log_samples"}
 
 
 @dataclasses.dataclass
@@ -235,6 +239,8 @@ def open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
     (a resumed run keeps its saved recipe; only RESUMABLE_FIELDS may change)."""
     if resume:
         saved = read_run_config(run_dir)
+        if saved.data.tokenizer == FROM_SOURCE and config.data.tokenizer == "bpe":  # what starting replaced
+            config = dataclasses.replace(config, data=config.data.replace(tokenizer=FROM_SOURCE))
         if saved.sections != config.sections:
             raise RunError(f"{run_dir} holds a run of sections {', '.join(saved.sections)}, not "
                            f"{', '.join(config.sections)}: start a new run instead")
@@ -284,6 +290,7 @@ def run_trainer(trainer_class, config: RunConfig, run_dir: Path, *, resume: bool
         return run_dir
     finally:
         if trainer is not None:
+            trainer.tracker.close(failed=not finished)
             trainer.__dict__.clear()  # what holds the process group (DDP's reducer) goes before the group
         if joined:
             leave_distributed(finished)
@@ -300,6 +307,10 @@ class Trainer:
         self.device: torch.device | None = None  # once the process has joined the run
         self.step = 0
         self.metrics = MetricsLog(run_dir / METRICS_FILE, info.main)
+        self.tracker = tracker_for(config.train, info.main)  # here, so that a missing package stops the run at once
+        self.log_samples = SampleLogger(self.tracker, config.train.log_samples, config.train.seed)
+        self.seconds_before, self.started = 0.0, time.monotonic()  # the run's own clock (`elapsed`)
+        self.initial: InitialModel | None = None  # the model of train.init_from, for a run not yet started
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -309,6 +320,13 @@ class Trainer:
         once per recipe by the first process while the others wait for it; then fill in the
         configuration what the data decides and save it."""
         config, run_dir = self.config, self.run_dir
+        tc = config.train
+        if config.data.tokenizer == FROM_SOURCE and not tc.init_from:
+            raise RunError("data.tokenizer=init_from encodes with the tokenizer of train.init_from, which is not set")
+        if tc.init_from and latest_checkpoint(run_dir) is None:  # checked before any work on the data
+            self.initial = open_initial_model(tc.init_from, tc.init_weights, config.data)
+            data, model = starting_settings(config.data, config.model, self.initial, tc.init_resize_vocab, self.log)
+            self.config = config = dataclasses.replace(config, data=data, model=model)
         recipe = config.data.recipe(config.model.length)
         if config.data.prepared:
             prepared = self.check_prepared(Path(config.data.prepared).expanduser())
@@ -341,11 +359,27 @@ class Trainer:
         """Prepare the data of `recipe` (this run's) into the run directory."""
         config = self.config
         prepare_data(config.data, config.model.length, self.run_dir, log=self.log, image_encoder=self._image_encoder(),
-                     progress=config.train.progress)
+                     tokenizer=self._source_tokenizer(), progress=config.train.progress)
 
     def check_prepared(self, directory: Path) -> Path:
         """The data directory `data.prepared` names, finished and of this run's recipe."""
-        return check_prepared(directory, self.config.data, self.config.model.length)
+        data = self.config.data
+        if data.tokenizer != FROM_SOURCE:
+            return check_prepared(directory, data, self.config.model.length)
+        # Rows of the recipe apart from the tokenizer settings, encoded with init_from's tokenizer
+        found = (prepared_recipe(directory) or {}).get("data", {})
+        data = data.replace(**{field: found.get(field, getattr(data, field)) for field in TOKENIZER_FIELDS})
+        directory = check_prepared(directory, data, self.config.model.length)
+        if load_tokenizer(directory / TOKENIZER_DIR).identity() != self._source_tokenizer().identity():
+            raise RunError(f"data.prepared={directory} was encoded with another tokenizer than that of "
+                           f"train.init_from={self.config.train.init_from}")
+        return directory
+
+    def _source_tokenizer(self):
+        """With data.tokenizer=init_from, the tokenizer of the model the run started from."""
+        if self.config.data.tokenizer != FROM_SOURCE:
+            return None
+        return self.initial.tokenizer if self.initial else load_tokenizer(self.run_dir / TOKENIZER_DIR)
 
     def take_prepared(self, directory: Path) -> None:
         """Use a prepared data directory: its tokenizer copied into the run (a run samples and
@@ -354,7 +388,10 @@ class Trainer:
         copy_directory(directory / TOKENIZER_DIR, self.run_dir / TOKENIZER_DIR)
 
     def resolved_config(self) -> RunConfig:
-        """The configuration with what the prepared data decides filled in."""
+        """The configuration with what the prepared data decides filled in (a run on init_from's
+        tokenizer keeps init_from's vocabulary, which the tokenizer's ids fit in)."""
+        if self.config.data.tokenizer == FROM_SOURCE:
+            return self.config
         return resolve_config(self.config, self.data)
 
     def _image_encoder(self):
@@ -378,7 +415,12 @@ class Trainer:
             raise RunError(f"train.attention={tc.attention} applies to a PGM's training view; a "
                            f"{self.config.model.kind} model has one way to attend")
         torch.manual_seed(tc.seed)
-        self.model = build_model(self.config.model).to(self.device)
+        self.model = build_model(self.config.model)
+        if self.initial is not None:  # before the average and the shards, which start from these weights
+            load_initial_state(self.initial, self.model)
+            self.log(f"weights from {tc.init_from} ({self.initial.model.origin.card.get('weights') or tc.init_weights})")
+            self.initial = None
+        self.model = self.model.to(self.device)
         if tc.activation_checkpointing:
             checkpoint_activations(self.model)
         self.sharded = tc.parallel == "fsdp"
@@ -417,9 +459,11 @@ class Trainer:
                 loaded = load_checkpoint(checkpoint)
                 self.take_whole(loaded)
             self.step = loaded["state"]["step"]
+            self.seconds_before = loaded["state"].get("elapsed_s", 0.0)  # none in checkpoints older than the clock
             self.restore(loaded)
             self.log(f"resuming {self.run_dir} from step {self.step}")
-        self.metrics.truncate_after(self.step)
+        self.metrics.truncate_after(self.step if checkpoint is not None else -1)  # a new start logs step 0 anew
+        self.tracker.start(self.run_dir, self.step, self.config.to_dict())
 
     def take_whole(self, loaded: dict) -> None:
         """Take the model, optimizer and average of an unsharded checkpoint (or a sharded one read whole)."""
@@ -453,8 +497,10 @@ class Trainer:
             start = info.rank * self.per_process + m * self.micro
             part = rows[start:start + self.micro]
             tokens, valid = self.data.train[part]
-            labels = self.data.train.labels_of(part)
+            labels, given = self.data.train.labels_of(part), self.data.train.given_of(part)
             labeled = {} if labels is None else {"labels": labels.to(self.device)}
+            if given is not None:  # pairs: the EOS that fill a row are learned too (where an answer ends)
+                labeled["given"], valid = given.to(self.device), None
             tokens = tokens.to(self.device, non_blocking=True)
             valid = None if valid is None else valid.to(self.device)
             sync = m == self.accumulation - 1 or info.world_size == 1
@@ -488,26 +534,25 @@ class Trainer:
         """The loss noise of the whole global batch of this step (its `rows`)."""
         return self.objective.draw_noise(len(rows), self.config.model.length, generator=generator)
 
-    def batch_loss(self, tokens: torch.Tensor, valid: torch.Tensor | None, noise, **labeled) -> torch.Tensor:
+    def batch_loss(self, tokens: torch.Tensor, valid: torch.Tensor | None, noise, given: torch.Tensor | None = None,
+                   **labeled) -> torch.Tensor:
         """What one micro-batch backpropagates: its share of this process's loss, so that the
-        micro-batches of a step add up to the mean loss of the process's rows."""
-        out = self.objective.loss(self.network, tokens, valid=valid, always_clean=self._always_clean(tokens),
+        micro-batches of a step add up to the mean loss of the process's rows. `given`: the
+        leading tokens each row is given (pairs: BOS and prompt)."""
+        out = self.objective.loss(self.network, tokens, valid=valid, always_clean=self._always_clean(tokens, given),
                                   noise=noise, **labeled)
         return out.loss / self.accumulation
 
-    def _always_clean(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        if not self.config.train.bos_always_clean:
-            return None
-        always_clean = torch.zeros_like(tokens, dtype=torch.bool)
-        always_clean[:, 0] = True
-        return always_clean
+    def _always_clean(self, tokens: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor | None:
+        return always_clean_mask(tokens, given, self.config.train.bos_always_clean)
 
     def validate(self) -> float:
         """Validation of the averaged weights on the evaluation rows, logged; returns the number
         the progress bar shows."""
         with self.ema.applied(self.model) if self.ema else contextlib.nullcontext():
             record = {"step": self.step, **self.validation_record()}
-        self.metrics.write(record)
+            self.log_samples(self.model, self.data, self.config.data, self.step, self.device)
+        self.write_record(record)
         return record[self.VALIDATION_KEY]
 
     def validation_record(self) -> dict:
@@ -524,7 +569,7 @@ class Trainer:
         loss plot."""
         model, ema, tc = self.model, self.ema, self.config.train
         state = {"step": self.step, "ema_updates": ema.updates if ema else 0, "parameters": model.num_parameters(),
-                 **self.checkpoint_state()}
+                 "elapsed_s": round(self.elapsed(), 3), **self.checkpoint_state()}
         if self.sharded:
             average = ema.averaged() if ema else None
             save_sharded_checkpoint(self.run_dir, self.step,
@@ -553,6 +598,18 @@ class Trainer:
     def describe_validation(self, value: float) -> str:
         return describe_validation(self.config.model, value)
 
+    def elapsed(self) -> float:
+        """Seconds the run has been running over all its starts, set-up included: a resumed run
+        continues from what its checkpoint recorded, as its steps do (time spent after it is lost)."""
+        return self.seconds_before + time.monotonic() - self.started
+
+    def write_record(self, record: dict) -> None:
+        """A metrics.jsonl record, stamped with the wall clock (`time`, Unix seconds) and the run's
+        own (`elapsed_s`); its numbers go to the tracker too, at its step."""
+        record.update(time=round(time.time(), 3), elapsed_s=round(self.elapsed(), 3))
+        self.metrics.write(record)
+        self.tracker.scalars(record, record["step"])
+
     def status(self) -> dict:
         """Fields that each training record and the progress bar show beyond the loss."""
         return {}
@@ -573,8 +630,11 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
-        window = LossWindow()
         last_val = None
+        if self.step == 0 and tc.init_from:  # where the weights start on this run's data: the fine-tuning's baseline
+            last_val = self.validate()
+            self.log(f"step 0, the weights of {tc.init_from}: {self.describe_validation(last_val)}")
+        window = LossWindow()  # after that validation, which is no part of the first steps' speed
         self.model.train()
         try:
             while self.step < tc.max_steps:
@@ -584,7 +644,7 @@ class Trainer:
                 if self.step % tc.log_every == 0 or final:
                     status = self.status()
                     record = {"step": self.step, **window.flush(), "lr": lr, "grad_norm": grad_norm, **status}
-                    self.metrics.write(record)
+                    self.write_record(record)
                     if progress is not None:
                         progress.set_postfix(**status, loss=f"{record['loss']:.3f}",
                                              tok_s=f"{record['tokens_per_s']:.0f}",

@@ -41,6 +41,14 @@ class TrainConfig(Config):
     # How a PGM's training view runs its attention (pgm.models.layers.training_attention): dense
     # masked SDPA, grouped (a loop over rows and groups) or jagged (one nested-tensor call, for GPUs)
     attention: Literal["dense", "grouped", "jagged"] = "dense"
+    # Start from released or earlier weights (weights only: optimizer, schedule and step start fresh):
+    # anything pgm.load opens (a run, a pretrained directory, an authors' checkpoint, a Hub id)
+    init_from: str = ""
+    init_weights: Literal["auto", "ema", "raw"] = "auto"  # auto: the weights the source samples with
+    init_resize_vocab: bool = False  # a larger vocabulary than the source's: new rows from the mean embedding
+    # Where the run is followed live besides metrics.jsonl (rank 0 only): none, tensorboard or wandb
+    logger: Literal["none", "tensorboard", "wandb"] = "none"
+    log_samples: int = 4  # decoded samples (text) or grid images logged at each validation (0: none)
 
     def validate(self) -> None:
         require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")
@@ -56,6 +64,7 @@ class TrainConfig(Config):
         require(self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
         require(0 <= self.label_dropout < 1, f"label_dropout must lie in [0, 1), got {self.label_dropout}")
         require(self.log_every >= 1, f"log_every must be positive, got {self.log_every}")
+        require(self.log_samples >= 0, f"log_samples must be non-negative, got {self.log_samples}")
 
     def learning_rate(self, step: int) -> float:
         """Linear warm-up over `warmup_steps`, then constant or cosine down to min_lr_ratio * lr."""

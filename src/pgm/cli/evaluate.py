@@ -123,6 +123,8 @@ def _print_validation(pipe, result) -> None:
     from ..runs import validation_metric
 
     kind = pipe.config.kind
+    pairs = pipe.modality == "text" and pipe.run_config.data.format == "pairs"
+    scored = "response tokens (each pair's prompt given)" if pairs else "tokens"
     if kind == "vq":
         print(f"validation: {result.tokens // pipe.config.length} images; MSE {result.nll:.5f} per pixel on [-1, 1], "
               f"PSNR {psnr(result.nll):.2f} dB")
@@ -131,16 +133,17 @@ def _print_validation(pipe, result) -> None:
         name, unit = validation_metric(pipe.config)
         print(f"validation: {result.tokens} codes x {result.passes} passes; {name} {result.nll:.4f}{spread} {unit}")
     elif kind == "ar":
-        print(f"validation: {result.tokens} tokens (exact likelihood)")
+        print(f"validation: {result.tokens} {scored} (exact likelihood)")
         print(f"NLL        {result.nll:.4f} nats/token")
         print(f"perplexity {result.perplexity:.2f}")
     else:
-        print(f"validation: {result.tokens} tokens x {result.passes} Monte-Carlo passes")
+        print(f"validation: {result.tokens} {scored} x {result.passes} Monte-Carlo passes")
         print(f"ELBO       {result.nll:.4f} +- {result.stderr:.4f} nats/token")
         print(f"perplexity {result.perplexity:.2f} +- {result.perplexity_stderr:.2f}  "
               "(an upper bound: exp of the ELBO)")
     if pipe.modality == "text":
-        print(f"unigram perplexity of the corpus: {math.exp(pipe.data.meta['unigram_val_nll']):.2f}")
+        print(f"unigram perplexity of the {'responses' if pairs else 'corpus'}: "
+              f"{math.exp(pipe.data.meta['unigram_val_nll']):.2f}")
 
 
 def _print_reconstruction(scores: dict) -> None:

@@ -84,6 +84,8 @@ def cmd_prepare(args) -> int:
         raise ValueError("pgm prepare prepares text; image data is encoded by the run that trains on it")
     if config.data.prepared:
         raise ValueError("data.prepared names data to use, not to make: pass --out DATA_DIR instead")
+    if config.data.format == "pairs":
+        raise ValueError("pairs (data.format=pairs) are prepared by the run that fine-tunes on them, pgm train")
     out = Path(args.out)
     before = prepared_meta(out)
     started = time.perf_counter()

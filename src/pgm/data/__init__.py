@@ -13,6 +13,7 @@ from .config import DataConfig, recipe_differences
 from .corpus import BUILTIN, DataError, chunk_documents, load_documents, split_documents
 from .image_rows import PixelTokenizer, VQCodes, prepare_image_data
 from .packing import TokenRows
+from .pairs import prepare_pairs
 from .prepare import META_FILE, prepare_text, prepared_meta, same_recipe, unigram_nll, usable_cores
 from .tokenizers import Tokenizer, load_tokenizer
 
@@ -52,6 +53,8 @@ def prepare_data(config: DataConfig, length: int, directory: Path, log=print, im
         meta = prepare_image_data(config, directory, image_encoder, log)
         meta["recipe"] = config.recipe(length)
         write_json(directory / DATA_DIR / META_FILE, meta)
+    elif config.format == "pairs":
+        prepare_pairs(config, length, directory, tokenizer=tokenizer, log=log)
     else:
         prepare_text(config, length, directory, tokenizer=tokenizer, log=log, replace=True, **options)
     return load_prepared(directory)

@@ -11,6 +11,8 @@ from .corpus import BUILTIN
 # Fields that say where or how the data is read, not what the rows hold: two recipes that differ
 # only in these give the same rows.
 NOT_IN_RECIPE = ("prepared", "gpt2_file", "streaming")
+# What a tokenizer given from elsewhere (a distillation's teacher, a run's init_from) decides instead.
+TOKENIZER_FIELDS = ("tokenizer", "vocab_size", "gpt2_file")
 
 
 @dataclasses.dataclass
@@ -34,6 +36,12 @@ class DataConfig(Config):
     gpt2_file: str = ""  # a local gpt2.tiktoken for offline use
     packing: Literal["wrap", "pad"] = "wrap"
     prepared: str = ""  # a data directory made by `pgm prepare`, used in place (its recipe must be this one)
+    # pairs: (prompt, response) records, one per row `[BOS] prompt response [EOS] [EOS]...`, the prompt
+    # given (never masked, hidden or scored); a .jsonl file or folder, or "builtin" (a copy task)
+    format: Literal["text", "pairs"] = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    too_long: Literal["cut", "refuse"] = "cut"  # pairs: cut the response's end, or refuse a pair that does not fit
     # Images (the tokenizer "pixels" or "vq:VQ_RUN_DIR"; source "fashion-mnist", a folder or hf:NAME):
     image_size: int = 32  # smaller images are zero-padded, larger ones resized and centre-cropped
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
@@ -54,6 +62,11 @@ class DataConfig(Config):
         require(self.image_size >= 4 and self.limit_images >= 0, "image_size must be >= 4 and limit_images >= 0")
         require(not (self.prepared and self.is_image), "data.prepared holds text rows; image data is prepared "
                                                        "by the run that trains on it")
+        if self.format == "pairs":
+            require(not self.is_image, "data.format=pairs holds text pairs; an image run reads images")
+            require(self.packing == "pad", "data.format=pairs puts one pair in each row, padded: set data.packing=pad")
+            require(not self.val_source and not self.val_last,
+                    "data.format=pairs holds out every val_every-th pair; val_source and val_last apply to text")
 
     def recipe(self, length: int) -> dict:
         """What decides the rows of data prepared with these settings at this row length."""

@@ -6,7 +6,8 @@
   the length; the row's valid length is stored beside it.
 
 A split is a list of shard files, each `NAME.bin` (the raw array) + `NAME.bin.json` (rows,
-length, dtype) + for padded rows `NAME.bin.lengths.npy`; `TokenRows` reads them as one array.
+length, dtype) + for padded rows `NAME.bin.lengths.npy` (+ for pairs `NAME.bin.given.npy`, the
+leading tokens each row is given: see `pgm.data.pairs`); `TokenRows` reads them as one array.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class ShardWriter:
     def __init__(self, directory: Path, split: str, number: int, length: int, dtype: np.dtype, padded: bool):
         self.directory, self.split, self.number = directory, split, number
         self.length, self.dtype, self.padded = length, dtype, padded
-        self.rows, self.handle, self.lengths = 0, None, []
+        self.rows, self.handle, self.lengths, self.given = 0, None, [], []
 
     @property
     def path(self) -> Path:
@@ -105,7 +106,7 @@ class ShardWriter:
     def bytes(self) -> int:
         return self.rows * self.length * self.dtype.itemsize
 
-    def write(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:
+    def write(self, rows: np.ndarray, lengths: np.ndarray | None = None, given: np.ndarray | None = None) -> None:
         if not len(rows):
             return
         if self.handle is None:
@@ -113,6 +114,8 @@ class ShardWriter:
         self.handle.write(np.ascontiguousarray(rows, dtype=self.dtype).data)
         if self.padded:
             self.lengths.append(np.asarray(lengths, dtype=np.int32))
+        if given is not None:
+            self.given.append(np.asarray(given, dtype=np.int32))
         self.rows += len(rows)
 
     def close(self) -> dict | None:
@@ -125,10 +128,13 @@ class ShardWriter:
         if self.padded:
             with replaced_atomically(f"{self.path}.lengths.npy") as temporary:
                 np.save(temporary, np.concatenate(self.lengths))
+        if self.given:
+            with replaced_atomically(f"{self.path}.given.npy") as temporary:
+                np.save(temporary, np.concatenate(self.given))
         write_json(f"{self.path}.json", {"rows": self.rows, "length": self.length, "dtype": self.dtype.name})
         entry = {"name": self.path.name, "rows": self.rows}
         self.number += 1
-        self.rows, self.handle, self.lengths = 0, None, []
+        self.rows, self.handle, self.lengths, self.given = 0, None, [], []
         return entry
 
     def abandon(self) -> None:
@@ -153,7 +159,8 @@ def truncate_shard(path: Path, rows: int) -> None:
 
 
 def remove_shard(path: Path) -> None:
-    for file in (Path(f"{path}.json"), path, Path(f"{path}.lengths.npy"), Path(f"{path}.labels.npy")):
+    for file in (Path(f"{path}.json"), path, Path(f"{path}.lengths.npy"), Path(f"{path}.labels.npy"),
+                 Path(f"{path}.given.npy")):
         file.unlink(missing_ok=True)
 
 
@@ -171,6 +178,8 @@ class _Shard:
         lengths_path, labels_path = Path(f"{path}.lengths.npy"), Path(f"{path}.labels.npy")
         self.lengths = np.load(lengths_path, mmap_mode="r") if lengths_path.is_file() else None
         self.labels = np.load(labels_path) if labels_path.is_file() else None
+        given_path = Path(f"{path}.given.npy")
+        self.given = np.load(given_path) if given_path.is_file() else None
 
 
 class TokenRows:
@@ -190,6 +199,8 @@ class TokenRows:
             raise ValueError("the shards of a split disagree in row length or padding")
         labels = [shard.labels for shard in self.shards]
         self.labels = np.concatenate(labels) if all(label is not None for label in labels) else None
+        given = [shard.given for shard in self.shards]
+        self.given = np.concatenate(given) if all(g is not None for g in given) else None
 
     @property
     def lengths(self) -> np.ndarray | None:
@@ -211,6 +222,10 @@ class TokenRows:
                     tokens = np.fromfile(handle, dtype=shard.array.dtype, count=count * self.length)
                     lengths = None if shard.lengths is None else np.asarray(shard.lengths[start_row:start_row + count])
                     yield tokens.reshape(count, self.length), lengths
+
+    def given_of(self, indices) -> torch.Tensor | None:
+        """[B] how many leading tokens of each row are given (BOS and prompt of a pair), or None."""
+        return None if self.given is None else torch.from_numpy(self.given[np.asarray(indices)].astype(np.int64))
 
     def labels_of(self, indices) -> torch.Tensor | None:
         return None if self.labels is None else torch.from_numpy(self.labels[np.asarray(indices)].astype(np.int64))

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from ..objectives.losses import always_clean_mask
+
 
 @dataclasses.dataclass
 class ValidationResult:
@@ -84,10 +86,8 @@ def validation_elbo(model, objective, rows, *, indices=None, batch_size: int = 3
             for part, kept in rank_parts(len(chunk), rank, world_size, micro_batch_size, lockstep):
                 part_tokens = tokens[part].to(device)
                 part_valid = None if valid is None else valid[part].to(device)
-                always_clean = None
-                if bos_always_clean:
-                    always_clean = torch.zeros_like(part_tokens, dtype=torch.bool)
-                    always_clean[:, 0] = True
+                given = rows.given_of(chunk[part])
+                always_clean = always_clean_mask(part_tokens, given, bos_always_clean)
                 labels = rows.labels_of(chunk[part])
                 labeled = {} if labels is None else {"labels": labels.to(device)}
                 with autocast():

@@ -36,6 +36,16 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, suppressed_id: int) -
     return nll.view_as(targets)
 
 
+def always_clean_mask(tokens: torch.Tensor, given: torch.Tensor | None, bos_always_clean: bool) -> torch.Tensor | None:
+    """Bool [B, L]: the positions a row is given, never masked, hidden or scored: its first given[b]
+    tokens (the BOS and prompt of a pair), and the BOS when `bos_always_clean`; None when none is."""
+    if given is None and not bos_always_clean:
+        return None
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+    counts = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if given is None else given.to(tokens.device)
+    return positions < counts.clamp(min=int(bos_always_clean))[:, None]
+
+
 def modeled_positions(tokens: torch.Tensor, valid: torch.Tensor | None, always_clean: torch.Tensor | None) -> torch.Tensor:
     """Tokens whose likelihood is modeled: valid (not padding) and not given (like BOS)."""
     modeled = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.bool()

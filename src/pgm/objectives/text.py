@@ -91,7 +91,14 @@ class PartitionObjective(_DiffusionObjective):
              noise: Noise | None = None) -> LossOutput:
         t, groups, nll = self._forward(model, tokens, always_clean, generator, noise)
         s = self.schedule.complement(t) if self.complement == "exact" else 1 - t
-        weights = torch.where(groups, self.schedule.weight(t)[:, None], self.schedule.weight(s)[:, None])
+        weight = self.schedule.weight(t)[:, None]
+        weights = torch.where(groups, weight, self.schedule.weight(s)[:, None])
+        if always_clean is not None:
+            # A row given more than its BOS (a prompt) is modeled given it: the swapped view would
+            # predict the response from the group without the prompt, so its half goes to the view
+            # that sees the prompt.
+            prompted = always_clean[:, 1:].any(1, keepdim=True)
+            weights = torch.where(prompted, torch.where(groups, 2 * weight, 0.0), weights)
         return finish(weights * nll, modeled_positions(tokens, valid, always_clean), scale=0.5)
 
     def elbo(self, model, tokens: torch.Tensor, valid: torch.Tensor | None = None,
