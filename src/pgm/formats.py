@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -44,19 +45,96 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it to read it back
+    would leave a moment in which another thread creates files under the wrong mask)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_umask_modes(path: Path) -> None:
+    """Set `path` (a file, or a directory and all it holds) to the modes a plain open or mkdir would
+    have given it under the umask. Writers that make their file through a temporary file of their
+    own (safetensors) leave it 0600, and copies keep their source's modes: a run shared by a team
+    must be readable as the team's umask says, whoever wrote which file."""
+    mask = _umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+# Temporary names, beside the final name: files `.STEM.tmp-PID.SUFFIX`, directories `.tmp-NAME-PID`
+# (the PID says whose it is, so that only a dead process's leftovers are removed).
+_TEMPORARY_FILE = re.compile(r"^\..+\.tmp-(?P<pid>\d+)(\.[^.]*)?$")
+_TEMPORARY_DIRECTORY = re.compile(r"^\.tmp-.+-(?P<pid>\d+)$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is a full disk or quota. Writers that are not Python's
+    (safetensors, torch.save) raise their own types, with the system's message inside."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _disk_full(directory: Path) -> bool:
+    """Whether the file system of `directory` has (next to) no room left: how a failed write is known
+    to be a full disk when its writer does not say so (torch.save: "unexpected pos 576 vs 534"). Root
+    may write into the blocks reserved for it, others may not."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return False
+    free = stats.f_bfree if os.geteuid() == 0 else stats.f_bavail
+    return free * stats.f_frsize < 1 << 20
+
+
+def _named_if_full(error: Exception, path: Path) -> Exception:
+    """`error`, or an ENOSPC OSError for `path` when the disk is full and `error` does not say so.
+    Called before the temporary is removed: it is what filled the disk."""
+    if not out_of_space(error) and _disk_full(path.parent):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return error
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffix, so writers that infer the format from
-    it still work). When the block ends normally the file is synced and renamed over `path`;
-    when it raises, the temporary file is removed and `path` is untouched."""
+    it still work). When the block ends normally the file is given the umask's mode, synced and
+    renamed over `path`; when it raises, the temporary file is removed and `path` is untouched."""
     path = Path(path)
     temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield temporary
+        _give_umask_modes(temporary)
         _fsync(temporary)
         os.replace(temporary, path)
-    except Exception:
+    except Exception as error:
+        named = _named_if_full(error, path)
         temporary.unlink(missing_ok=True)
+        if named is not error:
+            raise named from error
         raise
 
 
@@ -80,23 +158,36 @@ def replaced_directory(path: str | Path) -> Iterator[Path]:
     temporary.mkdir(parents=True)
     try:
         yield temporary
+        _give_umask_modes(temporary)
         for file in temporary.rglob("*"):
             if file.is_file():
                 _fsync(file)
         if path.exists():
             shutil.rmtree(path)
         os.rename(temporary, path)
-    except Exception:
+    except Exception as error:
+        named = _named_if_full(error, path)
         shutil.rmtree(temporary, ignore_errors=True)
+        if named is not error:
+            raise named from error
         raise
 
 
 def remove_partial(directory: Path) -> None:
-    """Remove what an interrupted `replaced_directory` left inside `directory`."""
-    if directory.is_dir():
-        for path in directory.iterdir():
-            if path.name.startswith(".tmp-") and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
+    """Remove what an interrupted `replaced_atomically` or `replaced_directory` left inside
+    `directory`: temporaries of a process that no longer runs, or of this one (which is not
+    writing them now, since it is here). A live process's temporary is the file it is writing."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        kind = _TEMPORARY_DIRECTORY if path.is_dir() and not path.is_symlink() else _TEMPORARY_FILE
+        found = kind.match(path.name)
+        if found is None or (int(found["pid"]) != os.getpid() and _process_alive(int(found["pid"]))):
+            continue
+        if kind is _TEMPORARY_DIRECTORY:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def copy_directory(source: Path, target: Path) -> None:
@@ -131,17 +222,20 @@ def save_weights(state: dict, path: Path) -> None:
         save_file(tensors, str(temporary), metadata={"format": "pt"})
 
 
-def load_weights(path: Path) -> dict:
+def load_weights(path: Path, still_works: str = "") -> dict:
+    """The tensors of a safetensors file; a missing or damaged one is one sentence, ending with
+    `still_works` (what the caller can offer instead: other weights, an earlier checkpoint)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    after = f"; {still_works}" if still_works else ""
     if not Path(path).is_file():
-        raise FormatError(f"{path} does not exist")
+        raise FormatError(f"{path} does not exist{after}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise FormatError(f"{path} is truncated or corrupt ({error}); delete its checkpoint directory "
-                          "to fall back to the previous one") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FormatError(f"{path} is truncated or corrupt ({reason}){after}") from None
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from .formats import TOKENIZER_DIR, WEIGHTS_FILE, FormatError, Origin, check_wei
 from .importers import is_transformers_config, read_mdlm_hf_directory, read_released_checkpoint
 from .importers.mdlm_hf import TOKENIZER_NAME as MDLM_HF_TOKENIZER
 from .models import build_model, config_from_dict
-from .runs import CHECKPOINTS, RunError, latest_checkpoint, load_checkpoint, run_card
+from .runs import CHECKPOINTS, RunError, checkpoint_weights, latest_checkpoint, run_card
 
 def load_pretrained_dir(directory: str | Path, weights: str | None = None):
     """(model in eval mode, the file or checkpoint its weights came from) for our directory or a
@@ -37,23 +37,25 @@ def load_pretrained_dir(directory: str | Path, weights: str | None = None):
         return load_transformers_dir(directory, values, weights)
     if "model" not in values:
         raise FormatError(f"{directory / 'config.json'} has no model section")
-    config = config_from_dict(values["model"])
+    try:
+        config = config_from_dict(values["model"])
+    except ValueError as error:  # ConfigError: a saved configuration that does not read, so say which file
+        raise FormatError(f"{directory / 'config.json'} is damaged: {error}") from None
     run_dir = None
     if (directory / CHECKPOINTS).is_dir():
         checkpoint = latest_checkpoint(directory)
         if checkpoint is None:
             raise RunError(f"{directory} has no checkpoint yet")
-        loaded = load_checkpoint(checkpoint, optimizer=False)
-        if weights == "ema" and loaded["ema"] is None:
-            raise RunError(f"{directory} kept no average of its weights (train.ema=0): use the raw weights")
-        averaged = weights != "raw" and loaded["ema"] is not None
-        state = loaded["ema"] if averaged else loaded["model"]
+        state, averaged = checkpoint_weights(checkpoint, weights)
         source, run_dir = checkpoint, directory
         card = run_card(directory, checkpoint, "ema" if averaged else "raw")
     else:
         source = directory / WEIGHTS_FILE
         state = load_weights(source)
         card = values.get("card", {})
+        if not isinstance(card, dict):
+            raise FormatError(f"{directory / 'config.json'} is damaged: its card is a JSON {type(card).__name__}, "
+                              "not an object")
         if weights is not None and card.get("weights") != weights:
             raise FormatError(f"{directory} holds one set of weights ({card.get('weights') or 'unnamed'}), not "
                               f"{weights} ones: leave the choice of weights out")

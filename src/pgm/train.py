@@ -31,16 +31,16 @@ from .data.config import TOKENIZER_FIELDS
 from .devices import autocast, describe_precision, process_device, uses_bf16
 from .eval.image_metrics import psnr
 from .eval.perplexity import seed_for, validation_elbo
-from .formats import (CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, copy_directory, remove_partial, replaced_atomically,
-                      write_json)
+from .formats import (CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, copy_directory, out_of_space, remove_partial,
+                      replaced_atomically, write_json)
 from .initial_weights import FROM_SOURCE, InitialModel, load_initial_state, open_initial_model, starting_settings
 from .models import build_model, is_image_model
 from .models.layers import training_attention
 from .objectives import objective_for
 from .objectives.losses import always_clean_mask
 from .presets import vq_preset_for
-from .runs import (METRICS_FILE, MetricsLog, RunConfig, RunError, is_sharded, latest_checkpoint, load_checkpoint,
-                   read_checkpoint_state, read_run_config, remove_partial_checkpoints, save_checkpoint,
+from .runs import (METRICS_FILE, MetricsLog, RunConfig, RunError, checkpoint_step, fallback, is_sharded,
+                   latest_checkpoint, load_checkpoint, read_checkpoint_state, read_run_config, remove_partial_checkpoints, save_checkpoint,
                    save_sharded_checkpoint, validation_metric)
 from .sharding import SHARDED_DIR, checkpoint_activations, distribute_whole, load_shards, save_shards, shard
 from .tracking import SampleLogger, tracker_for
@@ -469,10 +469,18 @@ class Trainer:
         """Take the model, optimizer and average of an unsharded checkpoint (or a sharded one read whole)."""
         updates = loaded["state"].get("ema_updates", loaded["state"]["step"])
         if not self.sharded:
-            self.model.load_state_dict(loaded["model"])
-            self.optimizer.load_state_dict(loaded["optimizer"])
-            if self.ema is not None and loaded["ema"] is not None:
-                self.ema.load(loaded["ema"], updates)
+            # Files that read well but belong to another model (or optimizer) are damaged too.
+            checkpoint = latest_checkpoint(self.run_dir)
+            for file, take in (("model.safetensors", lambda: self.model.load_state_dict(loaded["model"])),
+                               ("optimizer.pt", lambda: self.optimizer.load_state_dict(loaded["optimizer"])),
+                               ("ema.safetensors", lambda: self.ema is not None and loaded["ema"] is not None
+                                and self.ema.load(loaded["ema"], updates))):
+                try:
+                    take()
+                except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+                    reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()
+                    raise RunError(f"{checkpoint / file} does not fit this run's model ({reason}); to resume, "
+                                   f"{fallback(checkpoint, resuming=True)}") from None
             return
         if self.ema is not None and loaded["ema"] is not None:  # the average, sharded like the parameters
             distribute_whole(self.model, loaded["ema"])
@@ -570,18 +578,28 @@ class Trainer:
         model, ema, tc = self.model, self.ema, self.config.train
         state = {"step": self.step, "ema_updates": ema.updates if ema else 0, "parameters": model.num_parameters(),
                  "elapsed_s": round(self.elapsed(), 3), **self.checkpoint_state()}
-        if self.sharded:
-            average = ema.averaged() if ema else None
-            save_sharded_checkpoint(self.run_dir, self.step,
-                                    lambda directory: save_shards(directory, model, self.optimizer, average),
-                                    state, tc.keep_checkpoints)
-        elif self.info.main:
-            averaged = model.savable_state(ema.state_dict(model)) if ema else None
-            save_checkpoint(self.run_dir, self.step, model.savable_state(), averaged, self.optimizer.state_dict(),
-                            state, tc.keep_checkpoints, extra=self.checkpoint_weights())
-        if self.info.main:
-            plot_losses(self.metrics.records(), self.run_dir / "loss.png",
-                        f"{self.config.model.kind}: {self.run_dir.name}", self.VALIDATION_KEY)
+        try:
+            if self.sharded:
+                average = ema.averaged() if ema else None
+                save_sharded_checkpoint(self.run_dir, self.step,
+                                        lambda directory: save_shards(directory, model, self.optimizer, average),
+                                        state, tc.keep_checkpoints)
+            elif self.info.main:
+                averaged = model.savable_state(ema.state_dict(model)) if ema else None
+                save_checkpoint(self.run_dir, self.step, model.savable_state(), averaged, self.optimizer.state_dict(),
+                                state, tc.keep_checkpoints, extra=self.checkpoint_weights())
+            if self.info.main:
+                plot_losses(self.metrics.records(), self.run_dir / "loss.png",
+                            f"{self.config.model.kind}: {self.run_dir.name}", self.VALIDATION_KEY)
+        except Exception as error:
+            if not out_of_space(error):
+                raise
+            # Each writer removed its temporary file, so what is on disk is the checkpoints that were complete.
+            latest = latest_checkpoint(self.run_dir)
+            intact = (f"the last complete checkpoint, step {checkpoint_step(latest)}, is intact" if latest is not None
+                      else "no checkpoint was complete yet")
+            raise RunError(f"no space left on the device of {self.run_dir} ({intact}); make room and continue with "
+                           f"`{self.RESUME_COMMAND} --out {self.run_dir} --resume`") from None
         self.info.barrier()
 
     def checkpoint_state(self) -> dict:
