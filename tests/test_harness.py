@@ -61,8 +61,8 @@ def test_a_model_that_memorised_a_text_picks_its_continuations(memorised, kind, 
     tasks = tmp_path / "tasks"
     write_task(tasks, "memory_cloze", cloze_records(), CLOZE_BODY)
     write_task(tasks, "memory_lambada", lambada_records(), LAMBADA_BODY)
-    results, path = evaluate(memorised[kind], ["memory_cloze", "memory_lambada"], num_mc=16, include=[str(tasks)],
-                             output=tmp_path / "results.json", progress=False)
+    results, path = evaluate(memorised[kind], ["memory_cloze", "memory_lambada"], num_mc=None if kind == "ar" else 16,
+                             include=[str(tasks)], output=tmp_path / "results.json", progress=False)
     assert results["results"]["memory_cloze"]["acc,none"] == 1.0
     # Greedy: the last word predicted at once. The harness's accuracy is our greedy check over its
     # requests; the MDLM and the AR model know the words, while the fixture's PGM, asked with the

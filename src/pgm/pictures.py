@@ -19,13 +19,26 @@ def to_pictures(images: torch.Tensor) -> list:
     return [Image.fromarray(p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0)) for p in pixels]
 
 
+def image_format(path: str | Path) -> str:
+    """The image format a file name asks for by its suffix (PIL's name for it: PNG, JPEG, ...)."""
+    from PIL import Image
+
+    suffix = Path(path).suffix.lower()
+    formats = Image.registered_extensions()
+    if suffix not in formats:
+        raise ValueError(f"{path}: an image file's name ends in its format, such as .png or .jpg, not "
+                         f"{suffix or 'nothing'}")
+    return formats[suffix]
+
+
 def save_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int = 2) -> Path:
-    """Images [N, C, H, W] in [-1, 1] -> one PNG, `columns` per row, upscaled `scale`x (nearest)."""
+    """Images [N, C, H, W] in [-1, 1] -> one image file in the format its suffix names (.png, .jpg,
+    ...), `columns` per row, upscaled `scale`x (nearest)."""
     path = Path(path)
     picture = grid_picture(images, columns, scale)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(path) as temporary:
-        picture.save(temporary, format="PNG")
+        picture.save(temporary, format=image_format(path))
     return path
 
 

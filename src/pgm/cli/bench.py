@@ -8,7 +8,7 @@ from pathlib import Path
 from ..presets import IMAGE_SHAPES
 from ..sampling.compiled import COMPILE_CHOICES, COMPILE_MODES, compile_mode
 from ..sampling.settings import add_arguments
-from .common import given
+from .common import check_counts, given
 
 
 def register(commands) -> None:
@@ -52,7 +52,9 @@ def register(commands) -> None:
 
 
 def _check_flags(args) -> None:
-    """Refuse the flags that do not apply to what is benchmarked."""
+    """Refuse the flags that do not apply to what is benchmarked, and numbers out of range."""
+    check_counts(args, batch_size=1, repeats=1, warmup=0, lengths=2, steps=1, hidden=1, heads=1, pgm_blocks=1,
+                 baseline_blocks=1, vocab=2)
     if args.presets is not None and args.what == "sampling":
         raise ValueError("--presets chooses the models of bench training and bench images; bench sampling builds "
                          "its models from --hidden, --heads and the block counts")

@@ -59,3 +59,12 @@ def add_loading_options(parser: argparse.ArgumentParser, precision_note: str = "
 def given(args, **names) -> dict:
     """{parameter: value} of the flags given on the command line (flag name -> parameter name)."""
     return {parameter: getattr(args, flag) for parameter, flag in names.items() if getattr(args, flag) is not None}
+
+
+def check_counts(args, **minimums) -> None:
+    """Refuse, before any work, a flag's integer (or any of a list of them) below its minimum."""
+    for flag, minimum in minimums.items():
+        value = getattr(args, flag, None)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item < minimum:
+                raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {item}")

@@ -89,9 +89,12 @@ def cmd_eval(args) -> int:
     if rank == 0:
         print(f"{'run' if pipe.run else 'model'} {args.run_dir} ({pipe.config.kind}, {Path(pipe.source).name}, "
               f"{card.get('weights')} weights)")
-    passes = args.passes if args.passes is not None else (4 if pipe.run else 0)
-    if passes != 0:  # 0 skips it; a negative number is refused
-        _print_validation(pipe, pipe.validation(passes=passes, rows=args.rows, batch_size=args.batch_size,
+    if args.passes == 0 and not (args.evaluator or args.fid or args.inception or args.reference is not None
+                                 or pipe.modality == "vq"):
+        raise ValueError("--passes 0 skips the validation, and nothing else was asked (--evaluator for text, --fid "
+                         "or --reference for images)")
+    if args.passes != 0 and (pipe.run or args.passes is not None):  # 0 skips it; a negative number is refused
+        _print_validation(pipe, pipe.validation(passes=args.passes, rows=args.rows, batch_size=args.batch_size,
                                                 seed=args.seed))
     sampling = {**given(args, num_samples="num_samples", batch_size="sample_batch_size"), **given_settings(args)}
     if pipe.modality == "vq":
@@ -138,9 +141,13 @@ def _print_validation(pipe, result) -> None:
         print(f"perplexity {result.perplexity:.2f}")
     else:
         print(f"validation: {result.tokens} {scored} x {result.passes} Monte-Carlo passes")
-        print(f"ELBO       {result.nll:.4f} +- {result.stderr:.4f} nats/token")
-        print(f"perplexity {result.perplexity:.2f} +- {result.perplexity_stderr:.2f}  "
-              "(an upper bound: exp of the ELBO)")
+        if result.passes > 1:
+            print(f"ELBO       {result.nll:.4f} +- {result.stderr:.4f} nats/token")
+            print(f"perplexity {result.perplexity:.2f} +- {result.perplexity_stderr:.2f}  "
+                  "(an upper bound: exp of the ELBO)")
+        else:  # one draw has no spread to measure
+            print(f"ELBO       {result.nll:.4f} nats/token (one pass: no error estimate; --passes 2 or more gives one)")
+            print(f"perplexity {result.perplexity:.2f}  (an upper bound: exp of the ELBO)")
     if pipe.modality == "text":
         print(f"unigram perplexity of the {'responses' if pairs else 'corpus'}: "
               f"{math.exp(pipe.data.meta['unigram_val_nll']):.2f}")

@@ -12,8 +12,8 @@ def register(commands) -> None:
     harness.add_argument("--tasks", nargs="+", required=True,
                          help="harness task names: pgm_lambada and pgm_cloze are built offline from the built-in "
                               "corpus's validation split; others come from the harness (the Hub) or --include")
-    harness.add_argument("--num-mc", type=int, default=128, help="Monte-Carlo samples per log-likelihood (PGM, "
-                                                                 "MDLM; AR is exact)")
+    harness.add_argument("--num-mc", type=int, help="Monte-Carlo samples per log-likelihood (PGM, MDLM; default "
+                                                    "128; AR is exact)")
     harness.add_argument("--limit", type=int, help="score only the first K examples of each task")
     harness.add_argument("--method", default="conditional",  # checked by the harness model, with its choices
                          help="conditional: the continuation given the clean context (default); whole-sequence: the "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..sampling.settings import add_arguments
+from .common import check_counts
 
 
 def register(commands) -> None:
@@ -32,6 +33,7 @@ def register(commands) -> None:
 def cmd_report(args) -> int:
     from .. import report as reports
 
+    check_counts(args, num_samples=1, batch_size=1, passes=1, tokens=1, steps=1)
     steps = getattr(args, "steps", None)
     refreshes, growths = getattr(args, "cache_refresh", None), getattr(args, "cache_growth", None)
     out_dir = Path(args.out)

@@ -47,12 +47,15 @@ def request_arguments(args) -> dict:
 
 
 def cmd_sample(args) -> int:
+    from ..pictures import image_format
     from ..pipeline import load
 
     pipe = load(args.source, device=args.device, weights=args.weights, precision=args.precision, vq=args.vq,
                 gpt2_file=args.gpt2_file, compile=compile_mode(args.compile))
     if pipe.modality == "text" and args.out is not None:
         raise ValueError("--out writes an image grid; text samples are printed")
+    if args.out is not None:
+        image_format(args.out)  # a name that says no format is refused before sampling
     samples = pipe.sample(**request_arguments(args))
     if pipe.modality == "image":
         return _print_images(args, pipe, samples)

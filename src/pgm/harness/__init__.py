@@ -26,13 +26,17 @@ __all__ = ["BUILTIN_TASKS", "METHODS", "HarnessModel", "evaluate", "results_path
 def results_path(source: str | Path, tasks: list[str], *, method: str, num_mc: int, limit: int | None) -> Path:
     """Where `evaluate` writes by default: harness/ in the model's directory (a checkpoint file's
     folder), named after the tasks and the settings."""
-    source = Path(source)
-    folder = source if source.is_dir() else source.parent
     name = f"{'+'.join(tasks)}-{method}-mc{num_mc}" + (f"-limit{limit}" if limit else "")
-    return folder / "harness" / f"{name}.json"
+    return harness_folder(source) / f"{name}.json"
 
 
-def evaluate(source, tasks: list[str], *, num_mc: int = 128, limit: int | None = None, method: str = "conditional",
+def harness_folder(source: str | Path) -> Path:
+    """harness/ in the model's directory (a checkpoint file's folder)."""
+    source = Path(source)
+    return (source if source.is_dir() else source.parent) / "harness"
+
+
+def evaluate(source, tasks: list[str], *, num_mc: int | None = None, limit: int | None = None, method: str = "conditional",
              batch_size: int = 64, seed: int = 0, num_fewshot: int | None = None, include: list[str] = (),
              output: str | Path | None = None, device: str = "auto", weights: str | None = None,
              precision: str = "auto", gpt2_file: str | None = None, bootstrap_iters: int = 1000,
@@ -55,10 +59,10 @@ def evaluate(source, tasks: list[str], *, num_mc: int = 128, limit: int | None =
         if not Path(folder).is_dir():
             raise ValueError(f"--include {folder}: no such folder of task YAML files")
     where = source if pipeline is None else pipeline.run or pipeline.source
-    path = Path(output) if output is not None else results_path(where, tasks, method=method, num_mc=num_mc, limit=limit)
+    results_folder = Path(output).parent if output is not None else harness_folder(where)
     paths = [str(Path(folder).resolve()) for folder in include]
     if any(task in BUILTIN_TASKS for task in tasks):
-        paths.append(str(write_builtin_tasks(path.parent / "tasks")))
+        paths.append(str(write_builtin_tasks(results_folder / "tasks")))
     # Indexing the harness's own thousands of task files takes seconds: only when a task needs it.
     manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
     if manager is None or any(task not in manager.all_tasks for task in tasks):
@@ -70,6 +74,9 @@ def evaluate(source, tasks: list[str], *, num_mc: int = 128, limit: int | None =
     model = HarnessModel(str(source) if pipeline is None else None, pipeline=pipeline, num_mc=num_mc, method=method,
                          batch_size=batch_size, seed=seed, device=device, weights=weights, precision=precision,
                          gpt2_file=gpt2_file, progress=progress)
+    # Named after the settings the model took (an AR model's exact likelihoods: mc1).
+    path = Path(output) if output is not None else results_path(where, tasks, method=method, num_mc=model.num_mc,
+                                                                 limit=limit)
     try:
         results = simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters,

@@ -28,6 +28,7 @@ from ..sampling.settings import SamplerSettings
 from ..sampling.common import run_to_end
 
 METHODS = ("conditional", "whole-sequence")
+DEFAULT_NUM_MC = 128  # Monte-Carlo samples per log-likelihood of a PGM or MDLM
 GENERATION_OPTIONS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")
 
 
@@ -40,7 +41,7 @@ class HarnessModel(LM):
     checkpoints offline; `steps`, `order`: `generate_until`'s sampler (default: one token per
     step, random order)."""
 
-    def __init__(self, path: str | None = None, *, pipeline: TextPipeline | None = None, num_mc: int = 128,
+    def __init__(self, path: str | None = None, *, pipeline: TextPipeline | None = None, num_mc: int | None = None,
                  method: str = "conditional", batch_size: int = 64, seed: int = 0, device: str = "auto",
                  weights: str | None = None, precision: str = "auto", gpt2_file: str | None = None,
                  steps: int | None = None, order: str = "random", progress: bool = True, **unknown):
@@ -51,7 +52,7 @@ class HarnessModel(LM):
                              f"precision, gpt2_file, steps and order, not {', '.join(sorted(unknown))}")
         if (path is None) == (pipeline is None):
             raise ValueError("give the pgm harness model a path (model_args=path=RUN) or a loaded pipeline")
-        for name, value in (("num_mc", num_mc), ("batch_size", batch_size)):
+        for name, value in (("num_mc", DEFAULT_NUM_MC if num_mc is None else num_mc), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if method not in METHODS:
@@ -60,11 +61,16 @@ class HarnessModel(LM):
                                                                         precision=precision, gpt2_file=gpt2_file)
         if self.pipe.modality != "text":
             raise ValueError(f"the harness scores text; {self.pipe.name} holds a {self.pipe.modality} model")
+        exact = self.pipe.config.kind == "ar"
+        if exact and num_mc not in (None, 1):
+            raise ValueError(f"num_mc applies to Monte-Carlo likelihoods; {self.pipe.name} holds an autoregressive "
+                             "model, whose likelihoods are exact: leave num_mc out")
         # The order and steps, checked for this model now (the positions left are not known yet).
         SamplerSettings(order=order).resolve(self.pipe.config.kind, "text", unknown=1)
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        self.num_mc, self.method, self.batch_size, self.seed = num_mc, method, batch_size, seed
+        self.num_mc = 1 if exact else DEFAULT_NUM_MC if num_mc is None else num_mc
+        self.method, self.batch_size, self.seed = method, batch_size, seed
         self.steps, self.order, self.progress = steps, order, progress
         self.objective = objective_for(self.pipe.model)
         self._device = self.pipe.device
@@ -75,7 +81,7 @@ class HarnessModel(LM):
         """What the scores depend on, for the results file."""
         card = self.pipe.model.origin.card if self.pipe.model.origin else {}
         return {"source": self.pipe.name, "kind": self.pipe.config.kind, "weights": card.get("weights"),
-                "num_mc": 1 if self.pipe.config.kind == "ar" else self.num_mc, "method": self.method,
+                "num_mc": self.num_mc, "method": self.method,
                 "seed": self.seed, "batch_size": self.batch_size, "dtype": self.pipe.dtype,
                 "loglikelihood": self.loglikelihood_summary()}
 

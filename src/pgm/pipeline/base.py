@@ -20,6 +20,10 @@ from ..sampling import StepUpdate, run_to_end
 from ..sampling.settings import SamplerSettings
 from .request import GenerationRequest, Samples, StepEvent, Stream, positive
 
+# GPT-2's longest token has 128 bytes and a character at least one, so a text of more characters than
+# this per position of the model takes more tokens than it has positions (with any tokenizer we ship).
+CHARACTERS_PER_POSITION = 128
+
 
 @dataclasses.dataclass
 class SamplingPlan:
@@ -118,6 +122,19 @@ class Pipeline:
             raise ValueError(f"{given[0]} applies to {other} models; {self.name} holds {article} {self.modality} "
                              f"{self.config.kind} model")
         request.check_types()
+        # A text that cannot fit is refused by its size before the tokenizer spends seconds on megabytes.
+        limit = self.config.length * CHARACTERS_PER_POSITION
+        for name in ("prompt", "infill"):
+            value = getattr(request, name)
+            for number, text in enumerate([value] if isinstance(value, str) else
+                                          value if isinstance(value, (list, tuple)) else [], 1):
+                if isinstance(text, str) and len(text) > limit:
+                    raise ValueError(f"{name} {number} has {len(text)} characters, more than the model's "
+                                     f"{self.config.length} positions can hold (at most {limit})")
+
+    def rows(self, request: GenerationRequest) -> int:
+        """The samples `request` asks for, before any of its work (see `GenerationRequest.rows`)."""
+        return request.rows(self.config.num_classes if self.modality == "image" else 0)
 
     def resolved(self, settings: SamplerSettings, unknown: int) -> SamplerSettings:
         """Sampler settings checked for this model and `unknown` positions to generate, defaults filled."""
@@ -146,18 +163,24 @@ class Pipeline:
             raise ValueError(f"{self.name} is not a training run, so it has no validation data to evaluate on")
         return self.run
 
-    def validation(self, *, passes: int = 4, rows: int = 0, batch_size: int = 32, seed: int = 0):
+    def validation(self, *, passes: int | None = None, rows: int = 0, batch_size: int = 32, seed: int = 0):
         """The validation ELBO of the run's validation rows (the first `rows`, 0: all) over `passes`
-        Monte-Carlo passes (an autoregressive model and a VQ are exact in one)."""
-        positive("passes", passes)
+        Monte-Carlo passes (default 4; an autoregressive model and a VQ are exact in one)."""
+        exact = self.config.kind in ("ar", "vq")
+        if exact and passes not in (None, 1):
+            raise ValueError(f"passes applies to a Monte-Carlo ELBO; a {self.config.kind} model's validation is exact "
+                             "in one pass: leave passes out")
+        passes = positive("passes", passes, default=1 if exact else 4)
         positive("batch_size", batch_size)
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise ValueError(f"rows must be a non-negative integer (0: all), got {rows!r}")
         data = self.data
-        exact = self.config.kind in ("ar", "vq")
-        indices = range(min(rows, len(data.val))) if rows else None
+        if rows > len(data.val):
+            raise ValueError(f"rows={rows} is more than the {len(data.val)} validation rows of {self.name}: leave it "
+                             "out (0) to score them all")
+        indices = range(rows) if rows else None
         return validation_elbo(self.model, objective_for(self.model), data.val, indices=indices,
-                               batch_size=batch_size, passes=1 if exact else passes, seed=seed, device=self.device,
+                               batch_size=batch_size, passes=passes, seed=seed, device=self.device,
                                autocast=self.autocast,
                                bos_always_clean=self.run_config.train.bos_always_clean)
 

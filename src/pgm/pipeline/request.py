@@ -73,10 +73,27 @@ class GenerationRequest:
         return [field.name for field in self.inputs() if field.metadata["modality"] == modality
                 and differs(getattr(self, field.name), field.default)]
 
+    def rows(self, every_class: int) -> int:
+        """The samples this request asks for, counted from its inputs alone (nothing tokenized, decoded
+        or allocated), so that a limit on them refuses it at no cost: `num_samples` for each prompt,
+        template, class or image (`every_class`: the classes an image model takes when none are named)."""
+        copies = positive("num_samples", self.num_samples, 1)
+        texts = [strings(name, value) for name, value in (("prompt", self.prompt), ("infill", self.infill))
+                 if value is not None]
+        if texts:
+            return copies * sum(len(items) for items in texts)
+        if self.known is not None:
+            images = VALIDATION_IMAGES if self.images is None else self.images
+            return copies * (images if isinstance(images, int) and not isinstance(images, bool) else
+                             len(images) if isinstance(images, (list, tuple)) else 1)
+        if self.classes is not None:
+            return copies * (len(self.classes) if isinstance(self.classes, (list, tuple)) else 1)
+        return copies * max(every_class, 1)
+
     def check_types(self) -> None:
         """What a server passes is what a client sent: the plain arguments' types."""
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 64:
+            raise ValueError(f"seed must be an integer in [0, 2^64), got {self.seed!r}")
         for name in ("stop_at_eos", "mark"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -172,6 +189,13 @@ def strings(name: str, value) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(item, str) for item in items):
         raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+    for number, item in enumerate(items, 1):
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate: what Python makes of bytes that are not UTF-8
+            which = f"item {number} of {name}" if len(items) > 1 else name
+            raise ValueError(f"{which} is not valid text: character {error.start} is not Unicode (bytes that are "
+                             "not UTF-8?)") from None
     return list(items)
 
 

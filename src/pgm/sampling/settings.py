@@ -74,6 +74,11 @@ def _number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
+# Far past any useful value, and far below where the scaled logits leave the floats' range (a
+# temperature or a guidance of 1e308 drew ids outside the vocabulary).
+LARGEST = {"temperature": 100.0, "guidance": 100.0}
+
+
 def _setting(default, help: str, modality: str | None = None, sweep: bool = False, **cli):
     """A field with its help text, the modality it applies to (None: both), whether `report` and
     `bench` take a list of it, and its argparse keywords."""
@@ -162,8 +167,10 @@ class SamplerSettings:
         """What a server passes is what a client sent: every value of the type its field wants."""
         for name in ("temperature", "top_p", "guidance"):
             value = getattr(self, name)
-            if value is not None and not _number(value):
+            if (value is not None or name != "guidance") and not _number(value):  # guidance: None is the default
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if value is not None and value > LARGEST.get(name, math.inf):
+                raise ValueError(f"{name} must be at most {LARGEST[name]:g} (beyond, the scaled logits overflow), got {value!r}")
         for name in ("float32", "hide_newest", "redraw"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

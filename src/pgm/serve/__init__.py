@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import threading
 import time
@@ -18,7 +19,28 @@ def _uvicorn():
     return uvicorn
 
 
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is this machine's own (127.x, localhost), where only its
+    users reach the page; an unresolvable host is one sentence that names it."""
+    try:
+        found = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        reason = error.strerror if isinstance(error, socket.gaierror) else str(error)
+        raise OSError(f"cannot resolve the host {host!r} ({reason}): give --host an address of this machine, "
+                      "such as 127.0.0.1 (the default) or 0.0.0.0 (every interface)") from None
+    return all(ipaddress.ip_address(address[4][0]).is_loopback for address in found)
+
+
+def exposure_warning(host: str) -> str | None:
+    """What to tell whoever serves on `host` about who else can reach the page, if anyone can."""
+    if is_loopback(host):
+        return None
+    return (f"warning: --host {host} serves the page beyond this machine, and it has no authentication: anyone "
+            "who can reach this address can use the models and this machine's time")
+
+
 def _listen(host: str, port: int) -> socket.socket:
+    is_loopback(host)  # an unknown host is named as such, not blamed on the port
     try:
         return socket.create_server((host, port))
     except OSError as error:

@@ -11,7 +11,9 @@ A request is a JSON object of the pipeline's arguments (`prompt`, `infill`, `num
 `steps`, `length`, `order`, `temperature`, `seed`, `classes`, `guidance`, ...) and `run`, the
 name of a loaded run (not needed when one is loaded). `images` takes PNGs as data URLs or base64,
 or a number N for the run's first N validation images. Whatever the pipeline refuses is answered
-with a 4xx status and {"error": "one sentence"}, and the server goes on serving.
+with a 4xx status and {"error": "one sentence"}, and the server goes on serving. What a request may
+cost is checked before any of it is spent: a body over `max_body_bytes` is refused (413) before it
+is read whole, and one asking for more than `max_samples` rows before it is planned.
 """
 
 from __future__ import annotations
@@ -26,18 +28,19 @@ from pathlib import Path
 
 import torch
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..pipeline import Pipeline, to_pictures
+from ..pipeline import GenerationRequest, Pipeline, to_pictures
 from ..sampling.codes import REGIONS
 from ..sampling.settings import IMAGE_SAMPLERS, ORDERS, SAMPLERS
 from .scheduler import Busy, Job, Scheduler
 
 STATIC = Path(__file__).parent / "static"
 VALIDATION_SHOWN = 10  # validation images offered for inpainting on the page
+MAX_BODY_BYTES = 1_000_000  # a request's JSON: ample for prompts, and a few PNGs to inpaint
 
 
 class Refused(Exception):
@@ -63,9 +66,10 @@ def run_names(sources: list[str]) -> list[str]:
 class _Server:
     """The handlers of the application's routes, over the loaded pipelines and the one worker."""
 
-    def __init__(self, pipelines: dict[str, Pipeline], scheduler: Scheduler, max_samples: int, preview_every: int):
+    def __init__(self, pipelines: dict[str, Pipeline], scheduler: Scheduler, max_samples: int, preview_every: int,
+                 max_body_bytes: int):
         self.pipelines, self.scheduler = pipelines, scheduler
-        self.max_samples, self.preview_every = max_samples, preview_every
+        self.max_samples, self.preview_every, self.max_body_bytes = max_samples, preview_every, max_body_bytes
 
     def pipeline_of(self, body: dict) -> tuple[str, Pipeline]:
         name = body.pop("run", None)
@@ -73,32 +77,33 @@ class _Server:
             if len(self.pipelines) > 1:
                 raise Refused(f"name the run to use: one of {', '.join(self.pipelines)}")
             name = next(iter(self.pipelines))
+        if not isinstance(name, str):
+            raise Refused(f"run must be the name of a loaded run ({', '.join(self.pipelines)}), got "
+                          f"{_shown(name)}")
         if name not in self.pipelines:
             raise Refused(f"no run named {name!r} is loaded; the runs are {', '.join(self.pipelines)}", 404)
         return name, self.pipelines[name]
 
     async def submit(self, request: Request, previews: bool) -> tuple[Job, asyncio.Queue, tuple]:
         """Check and queue a request; (the job, its messages, the first message)."""
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise Refused("the request body must be JSON (an object of the pipeline's arguments)") from None
+        body = _parsed(await _body_within(request, self.max_body_bytes))
         if not isinstance(body, dict):
-            raise Refused(f"the request body must be a JSON object of arguments, not {type(body).__name__}")
+            raise Refused(f"the request body must be a JSON object of arguments, not {_shown(body)}")
         name, pipe = self.pipeline_of(body)
         if "images" in body:
             body["images"] = _pictures(body["images"])
+        try:  # counted from the inputs alone, so that a million samples cost nothing to refuse
+            rows = pipe.rows(GenerationRequest.from_arguments(body))
+        except ValueError as error:
+            raise Refused(str(error)) from None
+        if rows > self.max_samples:
+            raise Refused(f"the request asks for {rows} samples, more than this server's limit of "
+                          f"{self.max_samples} (pgm serve --max-samples)")
         loop, messages = asyncio.get_running_loop(), asyncio.Queue()
-        max_samples, every = self.max_samples, self.preview_every
+        every = self.preview_every
 
         def start():
-            stream = pipe.stream(**body)
-            rows = len(stream.given.positions)
-            if rows > max_samples:
-                stream.close()
-                raise ValueError(f"the request asks for {rows} samples, more than this server's limit of "
-                                 f"{max_samples} (pgm serve --max-samples)")
-            return stream
+            return pipe.stream(**body)
 
         def describe(kind, event, job):
             return _message(name, pipe, kind, event, job, previews and _preview_due(kind, event, every))
@@ -127,11 +132,23 @@ class _Server:
 
     async def generate(self, request: Request) -> Response:
         job, messages, message = await self.submit(request, previews=False)
-        try:
+
+        async def last_message():
+            nonlocal message
             while message[0] not in ("done", "error"):
                 message = await messages.get()
+
+        # Whichever comes first: the end of the request, or its client leaving (a closed connection, a
+        # script's timeout), which would otherwise leave the worker running steps nobody will read.
+        finishing, leaving = asyncio.ensure_future(last_message()), asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((finishing, leaving), return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.scheduler.cancel(job)
+            finishing.cancel()
+            leaving.cancel()
+        if not finishing.done() or finishing.cancelled():
+            return Response(status_code=499)  # nobody is there to read it; nginx's "client closed request"
         if message[0] == "error":
             return JSONResponse({"error": message[1]}, status_code=500)
         return JSONResponse(message[1])
@@ -178,17 +195,18 @@ class _Server:
 
 
 def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_samples: int = 16,
-               preview_every: int = 2, worker_thread: bool = True) -> Starlette:
+               preview_every: int = 2, worker_thread: bool = True, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
     """The application serving `pipelines` (name -> text or image pipeline). `capacity`: requests
     held at once (more are refused with 503); `max_samples`: rows one request may ask for;
     `preview_every`: image runs' grids are decoded for the page every this many steps;
-    `worker_thread` False: the caller runs `app.state.scheduler.work()` (see `Scheduler`)."""
+    `worker_thread` False: the caller runs `app.state.scheduler.work()` (see `Scheduler`);
+    `max_body_bytes`: the largest request body read (larger ones are refused with 413)."""
     for name, pipe in pipelines.items():
         if pipe.modality not in ("text", "image"):
             raise ValueError(f"{name} holds a {pipe.config.kind} model, which does not generate: serve a text or "
                              "image model")
     scheduler = Scheduler(capacity, thread=worker_thread)
-    server = _Server(pipelines, scheduler, max_samples, preview_every)
+    server = _Server(pipelines, scheduler, max_samples, preview_every, max_body_bytes)
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -209,6 +227,52 @@ def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_sample
     ], exception_handlers={Refused: refused}, lifespan=lifespan)
     app.state.scheduler = scheduler
     return app
+
+
+async def _body_within(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) as soon as it is known to pass `limit` bytes: from its
+    Content-Length before reading anything, else (a chunked body) at the chunk that passes it."""
+    too_large = f"the request body is larger than this server's limit of {limit} bytes (pgm serve --max-body-bytes)"
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdecimal():
+            raise Refused(f"the Content-Length header must be a number of bytes, got {declared[:40]!r}")
+        if int(declared) > limit:
+            raise Refused(too_large, 413)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(too_large, 413)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Refused("the client closed the connection before sending the whole request") from None
+    return b"".join(chunks)
+
+
+def _parsed(body: bytes):
+    """The JSON of a request body; whatever is not JSON Python can hold is the client's mistake."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Refused("the request body must be JSON (an object of the pipeline's arguments)") from None
+    except RecursionError:
+        raise Refused("the request body's JSON is nested too deeply: arguments are at most lists of values") from None
+    except ValueError as error:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise Refused(f"the request body holds a number too long to read ({error})") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client of a request whose body has been read goes away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _shown(value) -> str:
+    """A client's value in a message, cut short: the message stays one readable sentence."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _describe_run(name: str, pipe: Pipeline) -> dict:

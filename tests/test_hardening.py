@@ -1,0 +1,91 @@
+"""Issue 32's classes 1, 5, 6 and 8 on the command line and in Python: a number out of range, an
+option that would do nothing, a bench or report argument, text that is not text. Each is refused
+before any work, in one line naming what is wrong, with exit code 2."""
+
+import pytest
+import torch
+
+import pgm
+from pgm.pictures import image_format, save_grid
+
+
+@pytest.fixture(scope="module")
+def ar_run(tmp_path_factory):
+    from pgm.presets import preset
+    from pgm.train import train
+
+    run = tmp_path_factory.mktemp("ar") / "ar"
+    config = preset("ar-tiny").with_overrides(["train.max_steps=4", "train.progress=false"])
+    train(config, run, log=lambda *a: None)
+    return run
+
+
+def refused(pgm_main, *args) -> str:
+    code, out, err = pgm_main(*args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (args, code, err)
+    return lines[0]
+
+
+def test_numbers_out_of_range_and_text_that_is_not_text(text_run, pgm_main):
+    cases = [
+        (["--seed", str(2 ** 64)], f"seed must be an integer in [0, 2^64), got {2 ** 64}"),
+        (["--seed", "-1"], "seed must be an integer in [0, 2^64), got -1"),
+        (["--temperature", "inf"], "temperature must be a finite number, got inf"),
+        (["--guidance", "nan"], "guidance"),
+        (["--prompt", "ok \udcff\udcfe"], "prompt is not valid text: character 3 is not Unicode"),
+    ]
+    for extra, expected in cases:
+        assert expected in refused(pgm_main, "sample", text_run, *extra)
+    pipe = pgm.load(text_run)
+    with pytest.raises(ValueError, match="item 2 of texts is not valid text: character 1"):
+        pipe.score(["fine", "x\ud800"])
+    with pytest.raises(ValueError, match="prompt is not valid text"):
+        pipe.generate(prompt="a\udc80b")
+
+
+def test_options_that_would_do_nothing_are_refused_or_said(text_run, ar_run, pgm_main, tmp_path):
+    assert "a ar model's validation is exact in one pass" in refused(pgm_main, "eval", ar_run, "--passes", "3")
+    assert "--passes 0 skips the validation, and nothing else was asked" in refused(
+        pgm_main, "eval", text_run, "--passes", "0")
+    assert "rows=100000 is more than the" in refused(pgm_main, "eval", text_run, "--rows", "100000")
+    code, out, err = pgm_main("eval", text_run, "--passes", "1", "--rows", "4")
+    assert code == 0 and "nan" not in out and "one pass: no error estimate" in out
+    code, out, err = pgm_main("eval", ar_run, "--rows", "4")  # exact without being asked for passes
+    assert code == 0 and "exact likelihood" in out
+    with pytest.raises(ValueError, match="an autoregressive model's scores are exact in one pass"):
+        pgm.load(ar_run).score(["a text"], passes=8)
+    assert "train.lr is set twice" in refused(pgm_main, "train", "--preset", "text-tiny", "--out", tmp_path / "twice",
+                                              "train.lr=0.1", "lr=0.2")
+    assert not (tmp_path / "twice").exists()
+
+
+def test_the_harness_refuses_monte_carlo_samples_for_an_exact_model(ar_run):
+    pytest.importorskip("lm_eval")
+    from pgm.harness import HarnessModel
+
+    with pytest.raises(ValueError, match="holds an autoregressive model, whose likelihoods are exact"):
+        HarnessModel(str(ar_run), num_mc=4, progress=False)
+    assert HarnessModel(str(ar_run), progress=False).settings["num_mc"] == 1
+
+
+def test_bench_and_report_arguments_are_checked_before_any_work(text_run, pgm_main):
+    tiny = ["--hidden", "32", "--heads", "2", "--vocab", "64", "--warmup", "0"]
+    cases = [
+        (["bench", "sampling", "--batch-size", "-1", *tiny], "--batch-size must be at least 1, got -1"),
+        (["bench", "sampling", "--repeats", "0", *tiny], "--repeats must be at least 1, got 0"),
+        (["bench", "sampling", "--lengths", "32", "--steps", "64", "--models", "pgm", *tiny],
+         "64 steps is more than the 31 positions a PGM decodes in a row of length 32"),
+        (["report", text_run, "--evaluator", "hf:gpt2", "--steps", "0"], "--steps must be at least 1, got 0"),
+        (["report", text_run, "--evaluator", "hf:gpt2", "--num-samples", "-2"], "--num-samples must be at least 1"),
+    ]
+    for args, expected in cases:
+        assert expected in refused(pgm_main, *args)
+
+
+def test_an_image_file_is_written_in_the_format_its_name_says(tmp_path):
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    assert save_grid(images, tmp_path / "grid.jpg", columns=2).read_bytes()[:3] == b"\xff\xd8\xff"
+    assert save_grid(images, tmp_path / "grid.png", columns=2).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match=r"grid.xyz: an image file's name ends in its format, such as .png or .jpg"):
+        image_format(tmp_path / "grid.xyz")
