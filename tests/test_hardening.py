@@ -89,3 +89,16 @@ def test_an_image_file_is_written_in_the_format_its_name_says(tmp_path):
     assert save_grid(images, tmp_path / "grid.png", columns=2).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match=r"grid.xyz: an image file's name ends in its format, such as .png or .jpg"):
         image_format(tmp_path / "grid.xyz")
+
+
+def test_weights_that_do_not_fit_their_configuration_are_named_with_the_first_mismatch(text_run, tmp_path, pgm_main):
+    import json
+
+    saved = pgm.load(text_run).save_pretrained(tmp_path / "saved")
+    config = json.loads((saved / "config.json").read_text())
+    config["model"]["cond_dim"] += 8
+    (saved / "config.json").write_text(json.dumps(config))
+    line = refused(pgm_main, "sample", saved)
+    assert f"{saved / 'model.safetensors'} does not fit the configuration in {saved / 'config.json'}: " in line
+    assert line.endswith("size mismatch for sigma_map.mlp.0.weight: copying a param with shape torch.Size([16, 256]) "
+                         "from checkpoint, the shape in current model is torch.Size([24, 256]).")

@@ -23,6 +23,7 @@ from .formats import TOKENIZER_DIR, WEIGHTS_FILE, FormatError, Origin, check_wei
 from .importers import is_transformers_config, read_mdlm_hf_directory, read_released_checkpoint
 from .importers.mdlm_hf import TOKENIZER_NAME as MDLM_HF_TOKENIZER
 from .models import build_model, config_from_dict
+from .models.base import load_state
 from .runs import CHECKPOINTS, RunError, checkpoint_weights, latest_checkpoint, run_card
 
 def load_pretrained_dir(directory: str | Path, weights: str | None = None):
@@ -61,11 +62,9 @@ def load_pretrained_dir(directory: str | Path, weights: str | None = None):
                               f"{weights} ones: leave the choice of weights out")
     model = build_model(config)
     try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        lines = str(error).splitlines()
-        raise FormatError(f"{source} does not fit the configuration in {directory / 'config.json'}: "
-                          f"{lines[1].strip() if len(lines) > 1 else error}") from None
+        load_state(model, state)
+    except ValueError as error:
+        raise FormatError(f"{source} does not fit the configuration in {directory / 'config.json'}: {error}") from None
     tokenizer_dir = directory / TOKENIZER_DIR
     model.origin = Origin(source=str(source), tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
                           tokenizer_name=values.get("tokenizer"), run_dir=run_dir, card=card)

@@ -22,7 +22,8 @@ from .config import ConfigError
 from .data import DataConfig, Tokenizer, load_tokenizer
 from .data.tokenizers import build_tokenizer, named_tokenizer
 from .hub import from_pretrained
-from .models import build_model, is_image_model
+from .models import is_image_model
+from .models.base import load_state
 
 FROM_SOURCE = "init_from"  # data.tokenizer: the tokenizer of train.init_from
 # Fields that may differ from the source's: the vocabulary (resized, or refused) and the training-only dropout.
@@ -144,8 +145,6 @@ def load_initial_state(initial: InitialModel, run_model: torch.nn.Module) -> Non
                               f"{tuple(expected[name].shape)} in this run (an image model's grid and codebook are "
                               "fixed by its weights: train on the VQ codes it was trained on)")
     try:
-        run_model.load_state_dict(state)
-    except RuntimeError as error:
-        lines = str(error).splitlines()
-        raise ConfigError(f"train.init_from={initial.source} does not fit this run's model: "
-                          f"{lines[1].strip() if len(lines) > 1 else error}") from None
+        load_state(run_model, state)
+    except ValueError as error:
+        raise ConfigError(f"train.init_from={initial.source} does not fit this run's model: {error}") from None

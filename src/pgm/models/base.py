@@ -29,6 +29,16 @@ def check_ids(name: str, ids: torch.Tensor, upper: int, *, what: str = "token id
             raise ValueError(f"{name} holds the {what} {bad}, outside [0, {upper})")
 
 
+def load_state(model: nn.Module, state: dict) -> None:
+    """`model.load_state_dict(state)`; what does not fit is a ValueError of one line (PyTorch's
+    first mismatch), for the caller to say which file it came from."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ValueError(lines[1] if len(lines) > 1 else str(error)) from None
+
+
 def check_attention_shape(config) -> None:
     """Hidden size, heads (an even head dimension) and dropout: what every transformer config shares."""
     require(config.hidden_size >= 2, f"hidden_size must be at least 2, got {config.hidden_size}")
