@@ -93,3 +93,22 @@ def pgm_main(monkeypatch, capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def without_package(monkeypatch):
+    """`without_package("huggingface_hub")`: from then on in the test, importing it (or its
+    submodules) fails as it does where the package is not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def block(prefix: str) -> None:
+        def importing(name, *args, **kwargs):
+            if name == prefix or name.startswith(prefix + "."):
+                raise ImportError(name)
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", importing)
+
+    return block

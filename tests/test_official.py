@@ -319,17 +319,8 @@ def test_save_and_load_round_trip_bit_exactly(released, tmp_path):
     assert torch.equal(from_pretrained(path)(tokens, groups), model(tokens, groups))
 
 
-def test_hub_ids_without_huggingface_hub_give_one_sentence(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_hub(name, *args, **kwargs):
-        if name.startswith("huggingface_hub"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_hub)
+def test_hub_ids_without_huggingface_hub_give_one_sentence(without_package):
+    without_package("huggingface_hub")
     with pytest.raises(ValueError, match="needs huggingface_hub"):
         from_pretrained("jdeschena/pgm/pgm_8_8.ckpt")
 

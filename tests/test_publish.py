@@ -233,17 +233,8 @@ def assert_one_sentence(result, *fragments):
 
 
 def test_without_huggingface_hub_a_push_names_the_extra_and_the_folder_still_works(text_run, tmp_path, pgm_main,
-                                                                                   monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_hub(name, *args, **kwargs):
-        if name.startswith("huggingface_hub"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_hub)
+                                                                                   without_package):
+    without_package("huggingface_hub")
     assert_one_sentence(pgm_main("push", text_run, REPO),
                         "pgm push needs huggingface_hub: pip install 'partition-gm[hf]'")
     assert pgm_main("push", text_run, REPO, "--folder", tmp_path / "offline")[0] == 0
