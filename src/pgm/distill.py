@@ -24,8 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import (DataConfig, check_prepared, link_prepared, load_prepared, load_tokenizer, prepare_data,
-                   prepared_recipe, same_recipe)
+from .data import DataConfig, link_prepared, load_tokenizer, prepare_data, prepared_recipe, same_recipe
 from .data.config import TOKENIZER_FIELDS
 from .eval.perplexity import seed_for
 from .formats import TOKENIZER_DIR, Origin
@@ -211,18 +210,9 @@ class Distiller(Trainer):
         prepare_data(self.config.data, self.config.model.length, self.run_dir, log=self.log,
                      tokenizer=self._teacher_tokenizer(), progress=self.config.train.progress)
 
-    def check_prepared(self, directory: Path) -> Path:
-        """A data directory whose rows are the recipe's apart from the tokenizer settings, which
-        the teacher decides: its tokenizer must be the teacher's."""
-        data = self.config.data
-        prepared = load_prepared(directory) if prepared_recipe(directory) else None
-        if prepared is not None:
-            found = prepared.meta["recipe"]["data"]
-            data = data.replace(**{field: found.get(field, getattr(data, field)) for field in TOKENIZER_FIELDS})
-        directory = check_prepared(directory, data, self.config.model.length)
-        if prepared.tokenizer.identity() != self._teacher_tokenizer().identity():
-            raise RunError(f"data.prepared={directory} was encoded with another tokenizer than the teacher's")
-        return directory
+    def given_tokenizer(self):
+        """The teacher's tokenizer, which the student's data is encoded with whatever data.tokenizer says."""
+        return self._teacher_tokenizer(), "the teacher's"
 
     def _teacher_tokenizer(self):
         return self.teacher_pipe.tokenizer if self.teacher_pipe else load_tokenizer(self.run_dir / TOKENIZER_DIR)

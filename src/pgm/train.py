@@ -40,8 +40,8 @@ from .objectives import objective_for
 from .objectives.losses import always_clean_mask
 from .presets import vq_preset_for
 from .runs import (METRICS_FILE, MetricsLog, RunConfig, RunError, checkpoint_step, fallback, is_sharded,
-                   latest_checkpoint, load_checkpoint, read_checkpoint_state, read_run_config, remove_partial_checkpoints, save_checkpoint,
-                   save_sharded_checkpoint, validation_metric)
+                   latest_checkpoint, load_checkpoint, read_checkpoint_state, read_run_config,
+                   remove_partial_checkpoints, save_checkpoint, save_sharded_checkpoint, validation_metric)
 from .sharding import SHARDED_DIR, checkpoint_activations, distribute_whole, load_shards, save_shards, shard
 from .tracking import SampleLogger, tracker_for
 from .vq_tokenizer import vq_tokenizer_for_data
@@ -357,29 +357,32 @@ class Trainer:
 
     def write_data(self, recipe: dict) -> None:
         """Prepare the data of `recipe` (this run's) into the run directory."""
-        config = self.config
+        config, given = self.config, self.given_tokenizer()
         prepare_data(config.data, config.model.length, self.run_dir, log=self.log, image_encoder=self._image_encoder(),
-                     tokenizer=self._source_tokenizer(), progress=config.train.progress)
+                     tokenizer=None if given is None else given[0], progress=config.train.progress)
 
     def check_prepared(self, directory: Path) -> Path:
-        """The data directory `data.prepared` names, finished and of this run's recipe."""
-        data = self.config.data
-        if data.tokenizer != FROM_SOURCE:
+        """The data directory `data.prepared` names, finished and of this run's recipe; with a
+        tokenizer given from elsewhere (`given_tokenizer`), of the recipe apart from the tokenizer
+        settings, which that tokenizer decides, and encoded with it."""
+        data, given = self.config.data, self.given_tokenizer()
+        if given is None:
             return check_prepared(directory, data, self.config.model.length)
-        # Rows of the recipe apart from the tokenizer settings, encoded with init_from's tokenizer
+        tokenizer, whose = given
         found = (prepared_recipe(directory) or {}).get("data", {})
         data = data.replace(**{field: found.get(field, getattr(data, field)) for field in TOKENIZER_FIELDS})
         directory = check_prepared(directory, data, self.config.model.length)
-        if load_tokenizer(directory / TOKENIZER_DIR).identity() != self._source_tokenizer().identity():
-            raise RunError(f"data.prepared={directory} was encoded with another tokenizer than that of "
-                           f"train.init_from={self.config.train.init_from}")
+        if load_tokenizer(directory / TOKENIZER_DIR).identity() != tokenizer.identity():
+            raise RunError(f"data.prepared={directory} was encoded with another tokenizer than {whose}")
         return directory
 
-    def _source_tokenizer(self):
-        """With data.tokenizer=init_from, the tokenizer of the model the run started from."""
+    def given_tokenizer(self):
+        """(the tokenizer the data is encoded with instead of the one data.tokenizer describes, whose
+        it is), or None: with data.tokenizer=init_from, that of the model the run started from."""
         if self.config.data.tokenizer != FROM_SOURCE:
             return None
-        return self.initial.tokenizer if self.initial else load_tokenizer(self.run_dir / TOKENIZER_DIR)
+        tokenizer = self.initial.tokenizer if self.initial else load_tokenizer(self.run_dir / TOKENIZER_DIR)
+        return tokenizer, f"that of train.init_from={self.config.train.init_from}"
 
     def take_prepared(self, directory: Path) -> None:
         """Use a prepared data directory: its tokenizer copied into the run (a run samples and
@@ -418,7 +421,8 @@ class Trainer:
         self.model = build_model(self.config.model)
         if self.initial is not None:  # before the average and the shards, which start from these weights
             load_initial_state(self.initial, self.model)
-            self.log(f"weights from {tc.init_from} ({self.initial.model.origin.card.get('weights') or tc.init_weights})")
+            weights = self.initial.model.origin.card.get("weights") or tc.init_weights
+            self.log(f"weights from {tc.init_from} ({weights})")
             self.initial = None
         self.model = self.model.to(self.device)
         if tc.activation_checkpointing:
