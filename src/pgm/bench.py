@@ -189,8 +189,8 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
                              "their reference")
     for length in lengths:  # a PGM decodes at least one position per step: it would take fewer than it says
         if max(steps_list) > length - 1 and any(kind.startswith("pgm") for kind in models):
-            raise ValueError(f"{max(steps_list)} steps is more than the {length - 1} positions a PGM decodes in a row of "
-                             f"length {length} (at least one per step)")
+            raise ValueError(f"{max(steps_list)} steps is more than the {length - 1} positions a PGM decodes in a "
+                             f"row of length {length} (at least one per step)")
     device = resolve_device(device)
     peak = matmul_throughput(device, shape.hidden)
     log(f"matmul throughput {peak / 1e9:.1f} GFLOP/s on {device}")

@@ -176,12 +176,9 @@ def tracker_for(settings: TrainConfig, main: bool) -> Tracker:
 def text_samples(model, tokenizer, count: int, generator: torch.Generator) -> list[str]:
     """`count` short unconditional samples of a text model, decoded."""
     config = model.config
-    length = min(config.length, SAMPLE_TOKENS)
-    known_tokens, known_mask = known_from_text(tokenizer, length=length, max_length=config.length, copies=count)
-    settings = SamplerSettings(steps=None if config.kind == "ar" else min(SAMPLE_STEPS, length - 1))
-    tokens = run_to_end(iterate_text(model, known_tokens=known_tokens, known_mask=known_mask, settings=settings,
-                                     generator=generator))
-    return decode_samples(tokens.cpu(), tokenizer, known_mask)
+    known_tokens, known_mask = known_from_text(tokenizer, length=min(config.length, SAMPLE_TOKENS),
+                                               max_length=config.length, copies=count)
+    return decode_samples(_drawn(model, known_tokens, known_mask, generator), tokenizer, known_mask)
 
 
 @torch.no_grad()
@@ -191,11 +188,15 @@ def answers(model, tokenizer, rows, count: int, generator: torch.Generator) -> l
     indices = list(range(min(count, len(rows))))
     tokens, _ = rows[indices]
     known_mask = torch.arange(tokens.shape[1])[None, :] < rows.given_of(indices)[:, None]
+    return decode_samples(_drawn(model, tokens, known_mask, generator), tokenizer, known_mask, stop_at_eos=True)
+
+
+def _drawn(model, known_tokens: torch.Tensor, known_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The rows with their unknown positions drawn in a few steps (an AR model takes one per token)."""
     unknown = int((~known_mask).sum(1).max())
     settings = SamplerSettings(steps=None if model.config.kind == "ar" else min(SAMPLE_STEPS, unknown))
-    generated = run_to_end(iterate_text(model, known_tokens=tokens, known_mask=known_mask, settings=settings,
-                                        generator=generator))
-    return decode_samples(generated.cpu(), tokenizer, known_mask, stop_at_eos=True)
+    return run_to_end(iterate_text(model, known_tokens=known_tokens, known_mask=known_mask, settings=settings,
+                                   generator=generator)).cpu()
 
 
 @torch.no_grad()

@@ -36,11 +36,11 @@ def harness_folder(source: str | Path) -> Path:
     return (source if source.is_dir() else source.parent) / "harness"
 
 
-def evaluate(source, tasks: list[str], *, num_mc: int | None = None, limit: int | None = None, method: str = "conditional",
-             batch_size: int = 64, seed: int = 0, num_fewshot: int | None = None, include: list[str] = (),
-             output: str | Path | None = None, device: str = "auto", weights: str | None = None,
-             precision: str = "auto", gpt2_file: str | None = None, bootstrap_iters: int = 1000,
-             progress: bool = True, pipeline=None) -> tuple[dict, Path]:
+def evaluate(source, tasks: list[str], *, num_mc: int | None = None, limit: int | None = None,
+             method: str = "conditional", batch_size: int = 64, seed: int = 0, num_fewshot: int | None = None,
+             include: list[str] = (), output: str | Path | None = None, device: str = "auto",
+             weights: str | None = None, precision: str = "auto", gpt2_file: str | None = None,
+             bootstrap_iters: int = 1000, progress: bool = True, pipeline=None) -> tuple[dict, Path]:
     """Run the harness's `tasks` on the model at `source` (or an already loaded `pipeline`), and
     write its results JSON (with our settings under "pgm") to `output` or `results_path`.
     `bootstrap_iters`: resamples for the metrics' standard errors (0: none). Returns (results,

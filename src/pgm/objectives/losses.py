@@ -42,8 +42,9 @@ def always_clean_mask(tokens: torch.Tensor, given: torch.Tensor | None, bos_alwa
     if given is None and not bos_always_clean:
         return None
     positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
-    counts = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if given is None else given.to(tokens.device)
-    return positions < counts.clamp(min=int(bos_always_clean))[:, None]
+    if given is None:
+        given = torch.zeros(len(tokens), dtype=torch.long)
+    return positions < given.to(tokens.device).clamp(min=int(bos_always_clean))[:, None]
 
 
 def modeled_positions(tokens: torch.Tensor, valid: torch.Tensor | None, always_clean: torch.Tensor | None) -> torch.Tensor:
