@@ -59,8 +59,8 @@ def image_runs(tmp_path_factory):
     import subprocess
     import sys
 
-    from pgm.data.corpus import DataError
     from pgm.data.image_sets import load_fashion_mnist
+    from pgm.errors import DataError
 
     try:
         load_fashion_mnist("test")

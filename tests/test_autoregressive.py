@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import redraw_zero_initialised
+
 from pgm.models import CausalConfig, CausalTransformer
 from pgm.objectives import AutoregressiveObjective
 from pgm.sampling import SamplingOptions, sample_autoregressive

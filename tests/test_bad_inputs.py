@@ -9,7 +9,6 @@ import pytest
 import torch
 
 
-
 def assert_one_sentence(result, *fragments):
     code, _, err = result
     lines = [line for line in err.splitlines() if line.strip()]
@@ -129,8 +128,8 @@ def write_idx(path, array: np.ndarray) -> None:
 
 
 def test_fid_classifier_reports_the_images_it_used(tmp_path, pgm_main, monkeypatch):
-    from pgm.data.corpus import DataError
     from pgm.data.image_sets import load_fashion_mnist
+    from pgm.errors import DataError
 
     try:
         images, labels = load_fashion_mnist("test")

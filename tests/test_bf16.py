@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_mdlm, tiny_pgm
+from safetensors.torch import load_file
 
 import pgm
 from pgm.presets import preset
@@ -60,8 +59,8 @@ def runs(tmp_path_factory):
         if (name, precision) not in done:
             extra = []
             if name in IMAGE_KINDS:
-                from pgm.data.corpus import DataError
                 from pgm.data.image_sets import load_fashion_mnist
+                from pgm.errors import DataError
 
                 try:
                     load_fashion_mnist("test")
@@ -151,18 +150,12 @@ def test_training_view_logits_under_autocast_are_close_to_float32():
         assert error < 0.02, (type(model).__name__, error)
 
 
-@pytest.mark.parametrize("query_norm", [
-    "rmsnorm",
-    pytest.param("layernorm", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-        "the decoder's pre_query_norm is a torch nn.LayerNorm: FSDP2's bf16 param_dtype makes its weight "
-        "bf16 while the position sinusoid (a float32 buffer, not cast) makes its input float32, and CPU "
-        "autocast does not cast layer_norm to float32 as CUDA's does: 'mixed dtype (CPU): expect parameter "
-        "to have scalar type of Float'. A PGM with the default query_norm cannot train with "
-        "train.parallel=fsdp train.precision=bf16 on CPU."))),
-])
+@pytest.mark.parametrize("query_norm", ["layernorm", "rmsnorm"])
 def test_a_pgm_with_bf16_parameters_runs_under_cpu_autocast(query_norm):
     """What FSDP2's MixedPrecisionPolicy(param_dtype=bfloat16) hands a block's forward on CPU: its
-    parameters in bf16, its buffers as they were, under bf16 autocast; the same logits as float32."""
+    parameters in bf16, its buffers as they were, under bf16 autocast; the same logits as float32.
+    The query norm's input is float32 (the position sinusoid is a buffer) and its weight bf16: a mix
+    CPU's layer_norm refuses, and CPU autocast, unlike CUDA's, does not lift layer_norm to float32."""
     model = tiny_pgm(query_norm=query_norm)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 40, (4, 20), generator=generator)
@@ -176,19 +169,20 @@ def test_a_pgm_with_bf16_parameters_runs_under_cpu_autocast(query_norm):
     assert float((low.float() - reference).abs().max() / reference.abs().max()) < 0.02
 
 
-def test_two_gloo_processes_train_sharded_with_bf16_parameters_and_float32_reductions(runs, tmp_path):
+@pytest.mark.parametrize("name", ["mdlm-tiny", "text-tiny"])
+def test_two_gloo_processes_train_sharded_with_bf16_parameters_and_float32_reductions(runs, tmp_path, name):
     """train.precision=bf16 with train.parallel=fsdp: `uses_bf16` is true for an explicit bf16 on
-    any device, so `shard` gets bf16_parameters=True on CPU too. MDLM, because a PGM with the
-    default query norm cannot (the xfail above)."""
+    any device, so `shard` gets bf16_parameters=True on CPU too. The PGM has the default query norm,
+    a LayerNorm whose bf16 weight meets a float32 input (the test above)."""
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pgm",
-               "train", "--preset", "mdlm-tiny", "--out", str(run_dir), *SHORT, "train.parallel=fsdp",
+               "train", "--preset", name, "--out", str(run_dir), *SHORT, "train.parallel=fsdp",
                "train.precision=bf16"]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) on cpu (bf16 autocast)" in done.stdout, done.stdout
-    sharded, whole = training_steps(run_dir), training_steps(runs("mdlm-tiny", "fp32")[0])
+    sharded, whole = training_steps(run_dir), training_steps(runs(name, "fp32")[0])
     assert [r["step"] for r in sharded] == [1, 2]
     for mine, theirs in zip(sharded, whole):  # the same global batch of 8 rows, split 4 + 4
         assert math.isfinite(mine["loss"]) and relative(mine["loss"], theirs["loss"]) < LOSS_TOLERANCE

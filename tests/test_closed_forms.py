@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import redraw_zero_initialised, tiny_mdlm, tiny_pgm
+
 from pgm.eval.likelihood import pass_noise
 from pgm.eval.perplexity import seed_for, validation_elbo
 from pgm.objectives import LogLinearSchedule, Noise, PartitionObjective

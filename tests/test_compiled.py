@@ -10,8 +10,8 @@ from test_images import CLASSES, image_pgm, tiny_maskgit
 from torch._dynamo.utils import counters
 
 from pgm.sampling import sample_mdlm, sample_pgm
-from pgm.sampling.compiled import bucket
 from pgm.sampling.codes import generate_codes
+from pgm.sampling.compiled import bucket
 from pgm.sampling.settings import SamplerSettings
 
 

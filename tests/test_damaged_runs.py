@@ -269,6 +269,7 @@ def test_remove_partial_clears_a_killed_writers_file_and_directory(tmp_path, pid
 @pytest.mark.parametrize("umask,file_mode,directory_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
 def test_every_file_of_a_fresh_run_has_the_umasks_mode(tmp_path, umask, file_mode, directory_mode):
     from conftest import tiny_config
+
     from pgm.train import train
 
     previous = os.umask(umask)

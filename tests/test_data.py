@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from pgm.data import DataConfig, DataError, TokenRows, load_prepared, prepare_data, training_and_validation_documents
+from pgm.data import DataConfig, TokenRows, load_prepared, prepare_data, training_and_validation_documents
 from pgm.data.corpus import (builtin_corpus_path, builtin_documents, chunk_document, gutenberg_books, load_documents,
                              split_documents)
 from pgm.data.packing import RowPacker, ShardWriter, dtype_for, with_eos
 from pgm.data.tokenizers import GPT2Tokenizer, find_gpt2_file, load_tokenizer, train_bpe
+from pgm.errors import DataError
 
 FAKE_DUMP = """The Project Gutenberg EBook of A Tale, by Someone
 

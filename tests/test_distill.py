@@ -16,9 +16,8 @@ from pgm.distill import ROUNDS_DIR, Distiller, distill, distillation_config, hid
 from pgm.objectives.distill import DIVERGENCES, divergence, draw_distill_noise, teacher_times
 from pgm.objectives.schedules import LogLinearSchedule
 from pgm.presets import distill_preset
-from pgm.train import Distributed
 from pgm.runs import read_run_config
-from pgm.train import train
+from pgm.train import Distributed, train
 from pgm.train_config import DistillConfig
 
 EPS = 1e-3  # the log-linear schedule's

@@ -5,15 +5,15 @@ later than itself; the refresh schedule; the options everywhere they are offered
 import json
 
 import pytest
-import torch
-
 import reference_forward
+import torch
 from conftest import tiny_pgm
+from test_images import image_pgm
+
 from pgm.bench import Shape, pgm_flops, pgm_step_flops
 from pgm.sampling import sample_pgm
 from pgm.sampling.codes import generate_codes
 from pgm.sampling.settings import SamplerSettings
-from test_images import image_pgm
 
 
 def seeded(seed=0):

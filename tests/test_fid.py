@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from pgm.data.corpus import DataError
 from pgm.data.image_sets import fit_size, load_fashion_mnist
+from pgm.errors import DataError
 from pgm.eval.fid import (ClassifierConfig, FeatureClassifier, FeatureStatistics, InceptionFeatures, clean_resize,
                           fd_classifier, frechet_distance, inception_score, train_classifier)
 

@@ -5,20 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, tiny_mdlm, tiny_pgm
 
 import pgm
-from conftest import tiny_config, tiny_mdlm, tiny_pgm
-from pgm.config import ConfigError
-from pgm.data import DataError, load_prepared
+from pgm.data import load_prepared
 from pgm.data.config import DataConfig
 from pgm.data.pairs import COPY_PROMPT, copy_task_pairs, pack_pairs, read_pairs
 from pgm.data.tokenizers import Tokenizer
+from pgm.errors import ConfigError, DataError, RunError
 from pgm.eval.perplexity import seed_for
 from pgm.initial_weights import InitialModel, check_fits, initial_state, load_initial_state
 from pgm.models import CausalConfig, CausalTransformer, MaskGITConfig, MaskGITTransformer
 from pgm.objectives import AutoregressiveObjective, MaskedDiffusionObjective, PartitionObjective, draw_noise
 from pgm.objectives.losses import always_clean_mask
-from pgm.runs import RunError, latest_checkpoint
+from pgm.runs import latest_checkpoint
 from pgm.train import RowSchedule, train
 
 QUIET = {"log": lambda *a: None}

@@ -7,15 +7,14 @@ import sys
 
 import pytest
 import torch
-
 from conftest import tiny_pgm
-from pgm.sampling.settings import SamplerSettings
+
 from pgm.data.tokenizers import train_bpe
 from pgm.eval import generative_perplexity, load_evaluator, unigram_entropy
-from pgm.eval.generative import ratio_stderr
-from pgm.eval.generative import same_tokenizer
+from pgm.eval.generative import ratio_stderr, same_tokenizer
 from pgm.models import CausalConfig, CausalTransformer
 from pgm.objectives import AutoregressiveObjective
+from pgm.sampling.settings import SamplerSettings
 
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
         "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 20

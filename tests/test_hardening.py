@@ -126,13 +126,40 @@ def test_many_text_samples_print_as_they_go_in_bounded_memory(text_run, tmp_path
 
 
 def test_text_in_chunks_keeps_the_prompt_and_draws_each_chunk_anew(text_run, pgm_main, monkeypatch):
-    from pgm.cli import sample
+    from pgm.pipeline import base
 
     code, out, _ = pgm_main("sample", text_run, "--prompt", "The", "--num-samples", "2", "--length", "12", "--seed", "3")
     whole = [block.split("===\n", 1)[1].strip() for block in out.split("=== sample ")[1:]]
-    monkeypatch.setattr(sample, "SAMPLE_CHUNK", 2)
+    monkeypatch.setattr(base, "SAMPLE_CHUNK", 2)
     code, out, _ = pgm_main("sample", text_run, "--prompt", "The", "--num-samples", "5", "--length", "12", "--seed", "3")
     texts = [block.split("===\n", 1)[1].strip() for block in out.split("=== sample ")[1:]]
     assert code == 0 and len(texts) == 5 and all(text.startswith("The") for text in texts)
     assert texts[:2] == whole  # the first chunk is the request of its size, with the request's seed
     assert texts[2:4] != texts[:2]  # the next with a seed of its own
+    pipe = pgm.load(text_run)
+    assert [len(part.outputs) for part in pipe.chunks(prompt=["A", "B"], num_samples=5, length=12)] == [2, 2, 1] * 2
+    generated = pipe.generate(prompt=["A", "B"], num_samples=5, length=12, seed=3)
+    assert [text[0] for text in generated] == ["A"] * 5 + ["B"] * 5  # the request's order: prompt by prompt
+    assert pipe.generate(prompt="The", num_samples=5, length=12, seed=3) == texts  # Python draws as the CLI does
+
+
+def test_images_in_chunks_come_back_in_the_request_order(image_runs, monkeypatch):
+    from pgm.pipeline import base
+
+    pipe = pgm.load(image_runs / "pgm")
+    arguments = dict(classes=[0, 1, 2], num_samples=4, steps=4, seed=5)
+    monkeypatch.setattr(base, "SAMPLE_CHUNK", 6)  # two copies of each of the three classes per chunk
+    parts = list(pipe.chunks(**arguments))
+    assert [part.labels for part in parts] == [[0, 0, 1, 1, 2, 2]] * 2
+    first = pipe.chunks(**{**arguments, "num_samples": 2})  # one chunk: the request drawn as it always was
+    assert torch.equal(parts[0].tokens, next(first).tokens)
+    whole, generated = pipe.sample(**arguments), pipe.generate(**arguments)
+    assert whole.labels == [0] * 4 + [1] * 4 + [2] * 4 and whole.settings["num_samples"] == 4
+    order = [(0, 0), (0, 1), (1, 0), (1, 1)]  # (chunk, copy within it) of each class's four images
+    for label in range(3):
+        for copy, (chunk, row) in enumerate(order):
+            expected = parts[chunk]
+            assert torch.equal(whole.tokens[4 * label + copy], expected.tokens[2 * label + row])
+            assert torch.equal(whole.images[4 * label + copy], expected.images[2 * label + row])
+            assert generated[4 * label + copy].tobytes() == expected.outputs[2 * label + row].tobytes()
+    assert whole.generated == sum(part.generated for part in parts)

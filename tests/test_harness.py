@@ -224,8 +224,9 @@ def test_the_harness_model_refuses_what_it_cannot_do(text_run, memorised):
 
 
 def test_the_authors_text_checkpoints_load_into_the_harness(tmp_path):
-    from pgm.data.tokenizers import find_gpt2_file
     from test_official import hyper_config, tiny_pgm_config, write_checkpoint
+
+    from pgm.data.tokenizers import find_gpt2_file
 
     gpt2 = find_gpt2_file()
     if gpt2 is None:

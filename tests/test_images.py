@@ -8,10 +8,10 @@ import torch
 from pgm.models import MaskGITConfig, PartitionConfig, build_model
 from pgm.models.layers import Conditioning
 from pgm.sampling import SamplingOptions
-from pgm.sampling.common import StepCounts, arccos_bounds
-from pgm.sampling.settings import SamplerSettings
 from pgm.sampling.codes import generate_codes, halton_order, radical_inverse, region_mask
+from pgm.sampling.common import StepCounts, arccos_bounds
 from pgm.sampling.pgm import guidance_weight, guided_logits, sample_pgm
+from pgm.sampling.settings import SamplerSettings
 
 CODEBOOK, GRID, CLASSES = 12, 4, 3
 
@@ -252,7 +252,6 @@ def test_image_runs_share_one_cached_encoding(image_runs):
 
 def test_sample_writes_a_png_grid_and_inpaints(image_runs):
     from PIL import Image
-
     from test_cli import assert_clean_failure, pgm
 
     out = image_runs / "grid.png"
@@ -270,10 +269,10 @@ def test_sample_writes_a_png_grid_and_inpaints(image_runs):
 
 
 def test_eval_reports_psnr_usage_and_classifier_fd(image_runs):
+    from test_cli import assert_clean_failure, pgm
+
     from pgm.data.image_sets import fit_size, load_fashion_mnist
     from pgm.eval.fid import train_classifier
-
-    from test_cli import assert_clean_failure, pgm
 
     images, labels = load_fashion_mnist("test")
     classifier, _ = train_classifier(fit_size(images[:512], 32), labels[:512], fit_size(images[512:640], 32),
@@ -296,8 +295,8 @@ def test_image_data_refuses_overlapping_splits_and_bad_labels(tmp_path):
     from PIL import Image
 
     from pgm.data import DataConfig
-    from pgm.data.corpus import DataError
     from pgm.data.image_rows import split_images
+    from pgm.errors import DataError
 
     with pytest.raises(DataError, match="same images"):
         split_images(DataConfig(source="fashion-mnist", split="test", val_split="validation", tokenizer="pixels"),

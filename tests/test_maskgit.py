@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgm.config import ConfigError
+from pgm.errors import ConfigError
 from pgm.models.maskgit import MaskGITConfig, MaskGITTransformer
 
 TINY = dict(codebook_size=64, grid_size=4, hidden_size=32, depth=2, num_heads=4, mlp_dim=64, num_classes=10,

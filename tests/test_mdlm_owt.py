@@ -7,13 +7,13 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import tiny_mdlm
 from safetensors.torch import load_file, save_file
+from test_data import write_tiktoken_file
 
 import pgm
-from conftest import tiny_mdlm
 from pgm.data.tokenizers import GPT2Tokenizer, find_gpt2_file
 from pgm.models import MaskedDiffusionConfig, MaskedDiffusionTransformer
-from test_data import write_tiktoken_file
 
 TINY_GPT2_MERGES = [b"he", b"ll", b"hell", b"hello", b" t", b"th", b" the"]
 TINY_GPT2_VOCAB = 256 + len(TINY_GPT2_MERGES) + 1  # bytes, merges, <|endoftext|>

@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import redraw_zero_initialised, tiny_pgm
-from pgm.models import ConfigError, PartitionConfig, PartitionTransformer, config_from_dict
+
+from pgm.errors import ConfigError
+from pgm.models import PartitionConfig, PartitionTransformer, config_from_dict
 from pgm.models.layers import (FinalLayer, GroupMask, GroupSegments, LayerNorm, Rotary, apply_rotary, gelu_tanh,
                                grouped_attention, jagged_attention, training_attention)
 

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_mdlm
 
 import pgm
-from conftest import tiny_mdlm
 from pgm.data.tokenizers import train_bpe
 from pgm.generation import known_from_text
 from pgm.models import CausalConfig, CausalTransformer

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
 
-from pgm.data import (DataConfig, DataError, load_prepared, prepare_data, training_and_validation_documents,
-                      unigram_nll)
+from pgm.data import DataConfig, load_prepared, prepare_data, training_and_validation_documents, unigram_nll
 from pgm.data.corpus import PARAGRAPH_BREAK, builtin_documents, chunk_document, group_paragraphs, load_documents
 from pgm.data.prepare import Preparation, encode_unit, prepare_text, training_sample
 from pgm.data.tokenizers import train_bpe
+from pgm.errors import DataError
 
 ROW = 64
 
@@ -99,7 +98,7 @@ def test_rows_follow_the_rules_whatever_the_number_of_workers(corpus, tmp_path, 
         changes["val_source"] = str(tmp_path / "val.jsonl")
     config = small_config(corpus, **changes)
     one = prepare(config, tmp_path / "one", workers=1)
-    three = prepare(config, tmp_path / "three", workers=3)
+    prepare(config, tmp_path / "three", workers=3)
     assert data_files(tmp_path / "one") == data_files(tmp_path / "three")  # the same bytes, shards and meta
     if not config.limit_documents:
         assert len(one["splits"]["train"]["shards"]) > 2  # the shards and units cut the corpus in many places
@@ -264,7 +263,7 @@ def test_two_nodes_train_like_one_process(tiny_data, text_run, tmp_path):
 
 def test_a_run_over_several_nodes_prepares_nothing_itself(tmp_path, monkeypatch):
     """A failed preparation would stop only its own node's processes: the others would wait forever."""
-    from pgm.runs import RunError
+    from pgm.errors import RunError
     from pgm.train import train
 
     for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
@@ -402,10 +401,11 @@ def test_a_run_that_prepares_its_own_data_keeps_an_interrupted_preparation(tmp_p
 
 
 def test_a_distillation_reads_prepared_data_of_its_teachers_tokenizer(tiny_data, text_run, tmp_path):
-    from pgm.distill import distill, distillation_config
-    from pgm.presets import distill_preset
-    from pgm.runs import RunError
     from test_distill import losses
+
+    from pgm.distill import distill, distillation_config
+    from pgm.errors import RunError
+    from pgm.presets import distill_preset
 
     def distilled(run_dir, *overrides):
         config = distillation_config(text_run, *distill_preset("distill-tiny"), list(overrides))[0]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
 import pgm
-from conftest import tiny_config
 from pgm.formats import model_card
 
 REPO = "pgm-lab/tiny-pgm"
@@ -260,8 +260,8 @@ def run_without_average(tmp_path_factory):
 
 
 def test_bad_inputs_are_one_sentence_each(text_run, run_without_average, tmp_path, pgm_main):
-    from test_mdlm_owt import write_mdlm_owt
     from conftest import tiny_mdlm
+    from test_mdlm_owt import write_mdlm_owt
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.ckpt").write_bytes(b"")
@@ -373,8 +373,9 @@ def test_a_directory_card_keeps_its_placeholder_and_no_dates(text_run, tmp_path)
 
 
 def test_an_image_model_travels_with_its_vq_and_one_that_only_names_it_is_refused(tmp_path, pgm_main):
-    from pgm.pipeline import convert
     from test_released_images import tiny_image_pgm, tiny_vq, write_image_checkpoint
+
+    from pgm.pipeline import convert
 
     write_image_checkpoint(tmp_path / "image.ckpt", tiny_image_pgm())
     torch.save({"model": tiny_vq().state_dict()}, tmp_path / "vq.pt")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import redraw_zero_initialised
 
 import pgm
-from conftest import redraw_zero_initialised
 from pgm.cli import build_parser, parse_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,10 +77,11 @@ BLOCKS = all_blocks()
 @pytest.fixture(scope="module")
 def front_door(tmp_path_factory, request):
     """A directory holding the stand-ins under the pages' names."""
+    from test_official import hyper_config, tiny_pgm_config, write_checkpoint
+
     from pgm.data.tokenizers import find_gpt2_file
     from pgm.presets import preset
     from pgm.train import train
-    from test_official import hyper_config, tiny_pgm_config, write_checkpoint
 
     root = tmp_path_factory.mktemp("readme")
     for name, kind in (("text-small", "text-tiny"), ("ar-small", "ar-tiny")):

@@ -12,18 +12,18 @@ import subprocess
 import sys
 
 import pytest
+import reference_forward
 import torch
+from conftest import redraw_zero_initialised
+from test_official import Exploit, hyper_config, tiny_pgm, write_checkpoint
 
 import pgm
-import reference_forward
-from conftest import redraw_zero_initialised
-from pgm.importers import (CheckpointImportError, read_official_image_checkpoint, read_official_text_checkpoint,
-                           read_released_checkpoint)
+from pgm.errors import CheckpointError
+from pgm.importers import read_official_image_checkpoint, read_official_text_checkpoint, read_released_checkpoint
 from pgm.models import MaskGITConfig, MaskGITTransformer, PartitionConfig, PartitionTransformer, VQConfig, VQModel
 from pgm.presets import IMAGE_SHAPES
 from pgm.sampling import generate_codes
 from pgm.sampling.settings import SamplerSettings
-from test_official import Exploit, hyper_config, tiny_pgm, write_checkpoint
 
 CODES, CLASSES, GRID = 32, 5, 32  # a tiny codebook, 5 classes, the released 32 x 32 grid
 CELLS = GRID * GRID
@@ -236,8 +236,8 @@ class StepCounter(torch.nn.Module):
 
 
 def test_redraw_draws_every_decoded_cell_again_at_each_step():
-    from pgm.sampling.common import arccos_bounds
     from pgm.sampling.codes import halton_order
+    from pgm.sampling.common import arccos_bounds
 
     model, labels = StepCounter(), torch.tensor([0, 1])
     kept = generate_codes(model, labels, settings=SamplerSettings(steps=4, temperature=0))
@@ -280,16 +280,16 @@ def test_released_files_are_told_apart_by_their_content_and_refused_by_the_wrong
     kinds = {name: read_released_checkpoint(tmp_path / name).kind for name in ("pgm.ckpt", "maskgit.ckpt", "vq.pt",
                                                                              "text.ckpt")}
     assert kinds == {"pgm.ckpt": "pgm", "maskgit.ckpt": "maskgit", "vq.pt": "vq", "text.ckpt": "text"}
-    with pytest.raises(CheckpointImportError, match="not one of the paper's image checkpoints"):
+    with pytest.raises(CheckpointError, match="not one of the paper's image checkpoints"):
         read_official_image_checkpoint(tmp_path / "text.ckpt")
-    with pytest.raises(CheckpointImportError, match="no state_dict"):
+    with pytest.raises(CheckpointError, match="no state_dict"):
         read_official_text_checkpoint(tmp_path / "pgm.ckpt")
-    with pytest.raises(CheckpointImportError, match="holds raw weights only"):
+    with pytest.raises(CheckpointError, match="holds raw weights only"):
         read_official_image_checkpoint(tmp_path / "pgm.ckpt", weights="ema")
-    with pytest.raises(CheckpointImportError, match="pre_query_mode does not apply to a maskgit"):
+    with pytest.raises(CheckpointError, match="pre_query_mode does not apply to a maskgit"):
         read_released_checkpoint(tmp_path / "maskgit.ckpt", pre_query_mode="learn")
     torch.save({"something": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointImportError, match="none of the released checkpoints"):
+    with pytest.raises(CheckpointError, match="none of the released checkpoints"):
         read_released_checkpoint(tmp_path / "other.pt")
 
 
@@ -306,7 +306,7 @@ def test_mis_shaped_image_tensors_are_refused_by_name(tmp_path):
     state["decoder.layers.1.attn_kv.weight"] = torch.zeros(10, 32)
     del state["output_layer.linear.bias"]
     torch.save({"model_state_dict": state}, tmp_path / "broken.ckpt")
-    with pytest.raises(CheckpointImportError) as error:
+    with pytest.raises(CheckpointError) as error:
         read_official_image_checkpoint(tmp_path / "broken.ckpt")
     message = str(error.value)
     assert "1 missing tensor(s): output_layer.linear.bias" in message

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_mdlm, tiny_pgm
+
 from pgm.sampling import SamplingOptions, filter_top_p, sample_categorical, sample_mdlm, sample_pgm, sample_scored
 
 

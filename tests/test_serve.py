@@ -15,9 +15,9 @@ import time
 
 import httpx
 import pytest
+from conftest import tiny_mdlm
 
 import pgm
-from conftest import tiny_mdlm
 from pgm.pipeline import Stream
 from pgm.serve import running
 from pgm.serve.app import create_app, run_names

@@ -12,13 +12,13 @@ import time
 import httpx
 import pytest
 from starlette.testclient import TestClient
+from test_serve import slowed
 
 import pgm
 from pgm.pipeline import GenerationRequest, Stream
 from pgm.sampling.settings import SamplerSettings
 from pgm.serve import running
 from pgm.serve.app import create_app
-from test_serve import slowed
 
 FIELDS = ["run", *(field.name for field in GenerationRequest.inputs()), *sorted(SamplerSettings.names())]
 # One of each JSON type, the edges of its range, and the numbers JSON cannot spell (sent as Python's

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_config
+from safetensors.torch import load_file
+from test_train import losses, wait_for_checkpoint
 
 import pgm
 from pgm.cli import main
+from pgm.errors import RunError
 from pgm.eval.perplexity import rank_parts
 from pgm.models import build_model
 from pgm.objectives import objective_for
-from pgm.runs import RunError, checkpoint_dirs, is_sharded, latest_checkpoint, load_checkpoint, read_run_config
+from pgm.runs import checkpoint_dirs, is_sharded, latest_checkpoint, load_checkpoint, read_run_config
 from pgm.sharding import checkpoint_activations
 from pgm.train import train
-from test_train import losses, wait_for_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pgm", "train"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
 
 from pgm.data.tokenizers import load_tokenizer
+from pgm.errors import RunError
 from pgm.eval.perplexity import seed_for
 from pgm.generation import decode_samples, iterate_text, known_from_text
 from pgm.hub import load_pretrained_dir
-from pgm.runs import RunError, read_run_config
+from pgm.runs import read_run_config
 from pgm.sampling.common import run_to_end
 from pgm.sampling.settings import SamplerSettings
 from pgm.tracking import SAMPLE_RULE, WANDB_ID_FILE, Tracker, tracker_for

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_config
+from safetensors.torch import load_file
 
 import pgm.runs
 from pgm.hub import load_pretrained_dir
@@ -199,8 +198,8 @@ def test_train_attention_runs_the_training_view_that_way_with_the_same_losses(re
 
 
 def test_train_attention_is_refused_for_a_model_without_groups(tmp_path):
+    from pgm.errors import RunError
     from pgm.presets import preset
-    from pgm.runs import RunError
 
     config = preset("mdlm-tiny").with_overrides(["attention=jagged", "max_steps=2"])
     with pytest.raises(RunError, match="train.attention=jagged applies to a PGM's training view; a mdlm model"):

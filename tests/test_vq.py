@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgm.config import ConfigError
+from pgm.errors import ConfigError
 from pgm.eval.image_metrics import code_statistics
 from pgm.importers import load_llamagen_vq
 from pgm.models.vq import VQConfig, VQModel
@@ -413,8 +413,8 @@ def test_code_statistics_reports_usage_and_perplexity():
 # ---------------------------------------------------------------- learning
 
 def test_a_tiny_vq_learns_to_reconstruct_fashion_mnist():
-    from pgm.data.corpus import DataError
     from pgm.data.image_sets import load_fashion_mnist
+    from pgm.errors import DataError
 
     try:
         images, _ = load_fashion_mnist("train")

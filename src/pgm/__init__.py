@@ -5,6 +5,8 @@
     print(pipe.generate(prompt="The Emperor Napoleon", steps=32)[0])
 """
 
+from .errors import (ArgumentError, CheckpointError, ConfigError, DataError, MissingDependency, PGMError, PublishError,
+                     ResourceError, RunError, SamplingError)
 from .hub import from_pretrained
 from .models import (MaskedDiffusionConfig, MaskedDiffusionTransformer, PartitionConfig, PartitionTransformer,
                      build_model, config_from_dict)
@@ -19,4 +21,6 @@ __all__ = [
     "MaskedDiffusionConfig", "MaskedDiffusionTransformer", "PartitionConfig", "PartitionTransformer",
     "build_model", "config_from_dict", "LogLinearSchedule", "MaskedDiffusionObjective", "PartitionObjective",
     "SamplingOptions", "sample_mdlm", "sample_pgm", "__version__",
+    "PGMError", "ConfigError", "ArgumentError", "SamplingError", "DataError", "RunError", "CheckpointError",
+    "PublishError", "MissingDependency", "ResourceError",
 ]

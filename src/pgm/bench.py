@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .devices import autocast, describe_precision, resolve_device, synchronize
-from .formats import write_json
+from .errors import ArgumentError
+from .formats import make_directory, write_json
 from .models import CausalConfig, MaskedDiffusionConfig, PartitionConfig, build_model
 from .sampling import SamplingOptions, sample_autoregressive, sample_mdlm, sample_pgm
 from .sampling.compiled import check_compile_mode
@@ -181,16 +182,16 @@ def bench_sampling(*, lengths=(256,), steps_list=(64,), batch: int = 8, shape: S
         check_compile_mode(mode)
     if any(compiles):
         if warmup < 1:
-            raise ValueError("compiled rows need warmup >= 1: the warm-up run is where they compile")
+            raise ArgumentError("compiled rows need warmup >= 1: the warm-up run is where they compile")
         if not set(models) & set(COMPILED_MODELS):
-            raise ValueError(f"compile applies to the {', '.join(COMPILED_MODELS)} rows, and none is asked for")
+            raise ArgumentError(f"compile applies to the {', '.join(COMPILED_MODELS)} rows, and none is asked for")
         if None not in compiles and set(models) - set(COMPILED_MODELS):
-            raise ValueError("the ar and pgm-cache rows run eagerly: with them, compile must include eager, "
-                             "their reference")
+            raise ArgumentError("the ar and pgm-cache rows run eagerly: with them, compile must include eager, "
+                                "their reference")
     for length in lengths:  # a PGM decodes at least one position per step: it would take fewer than it says
         if max(steps_list) > length - 1 and any(kind.startswith("pgm") for kind in models):
-            raise ValueError(f"{max(steps_list)} steps is more than the {length - 1} positions a PGM decodes in a "
-                             f"row of length {length} (at least one per step)")
+            raise ArgumentError(f"{max(steps_list)} steps is more than the {length - 1} positions a PGM decodes in a "
+                                f"row of length {length} (at least one per step)")
     device = resolve_device(device)
     peak = matmul_throughput(device, shape.hidden)
     log(f"matmul throughput {peak / 1e9:.1f} GFLOP/s on {device}")
@@ -318,7 +319,7 @@ def plot_sampling(report: dict, path: Path) -> None:
 
 
 def write_report(report: dict, out_dir: Path, name: str) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_directory(out_dir)
     path = out_dir / f"{name}.json"
     write_json(path, report)
     return path

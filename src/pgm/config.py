@@ -9,9 +9,7 @@ import types
 import typing
 from typing import Any, ClassVar
 
-
-class ConfigError(ValueError):
-    """An impossible or malformed configuration."""
+from .errors import ConfigError
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> Any:

@@ -9,6 +9,8 @@ from typing import Literal
 
 import torch
 
+from .errors import ArgumentError
+
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -23,15 +25,15 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+        raise ArgumentError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             reason = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
-            raise ValueError(f"device {name!r} asks for a GPU, but {reason}: use the device cpu (or auto)")
+            raise ArgumentError(f"device {name!r} asks for a GPU, but {reason}: use the device cpu (or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+            raise ArgumentError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     elif device.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+        raise ArgumentError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -48,7 +50,7 @@ def process_device(name: str | torch.device = "auto") -> torch.device:
 
 def uses_bf16(device: torch.device, precision: Precision = "auto") -> bool:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ArgumentError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 

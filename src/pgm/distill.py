@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from .data import DataConfig, link_prepared, load_tokenizer, prepare_data, prepared_recipe, same_recipe
 from .data.config import TOKENIZER_FIELDS
+from .errors import ConfigError, RunError
 from .eval.perplexity import seed_for
 from .formats import TOKENIZER_DIR, Origin
 from .models import build_model
@@ -33,7 +34,7 @@ from .objectives.distill import DistillNoise, distribution_log_probs, divergence
 from .objectives.losses import model_config
 from .objectives.schedules import LogLinearSchedule
 from .objectives.text import sample_groups
-from .runs import RunConfig, RunError, latest_checkpoint, read_run_config
+from .runs import RunConfig, latest_checkpoint, read_run_config
 from .sampling.categorical import sample_categorical
 from .train import Trainer, run_trainer
 from .train_config import DistillConfig, TrainConfig
@@ -133,7 +134,7 @@ def load_teacher(source: str | Path, weights: str):
     kind = pipe.config.kind
     if pipe.modality != "text" or kind not in DISTILLED_KINDS:
         what = "an image model" if pipe.modality != "text" else f"a model of kind {kind}"
-        raise ValueError(f"SDTT distils text PGMs and MDLMs; {source} holds {what}")
+        raise ConfigError(f"SDTT distils text PGMs and MDLMs; {source} holds {what}")
     return pipe
 
 
@@ -148,13 +149,13 @@ def distillation_config(teacher: str | Path, train: TrainConfig, distill: Distil
         key, _, value = assignment.partition("=")
         section, _, field = key.rpartition(".")
         if section == "model":
-            raise ValueError(f"{key}: the student has the teacher's architecture; the model cannot be overridden")
+            raise ConfigError(f"{key}: the student has the teacher's architecture; the model cannot be overridden")
         if field == "max_steps" and section in ("", "train"):
-            raise ValueError("a distillation's length is distill.round_steps x its rounds; set distill.round_steps")
+            raise ConfigError("a distillation's length is distill.round_steps x its rounds; set distill.round_steps")
         if field in TOKENIZER_FIELDS and section in ("", "data"):
-            raise ValueError(f"{key}: a distillation encodes its data with the teacher's tokenizer")
+            raise ConfigError(f"{key}: a distillation encodes its data with the teacher's tokenizer")
         if field == "teacher" and section in ("", "distill"):
-            raise ValueError("the teacher is the command's first argument, not a setting")
+            raise ConfigError("the teacher is the command's first argument, not a setting")
         if field == "teacher_weights" and section in ("", "distill"):
             weights = distill.replace(teacher_weights=DistillConfig.parse_value(field, value)).teacher_weights
     pipe = load_teacher(teacher, weights)

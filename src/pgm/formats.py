@@ -16,9 +16,12 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import ArgumentError, CheckpointError, PGMError, ResourceError
 
 CONFIG_FILE = "config.json"  # {"model": {...}} (pretrained) or {"model", "data", "train"} (run)
 WEIGHTS_FILE = "model.safetensors"
@@ -28,16 +31,12 @@ DATA_DIR = "data"  # a run's encoded rows and meta.json
 MODEL_CARD = "README.md"
 
 
-class FormatError(ValueError):
-    """A directory or file that is missing, of another kind than expected, or damaged."""
-
-
 WEIGHTS = ("ema", "raw")  # a run's (or a checkpoint's) averaged or raw weights
 
 
 def check_weights(weights: str) -> None:
     if weights not in WEIGHTS:
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+        raise ArgumentError(f"weights must be 'ema' or 'raw', got {weights!r}")
 
 
 def _fsync(path: Path) -> None:
@@ -118,6 +117,54 @@ def _named_if_full(error: Exception, path: Path) -> Exception:
     return error
 
 
+def _refusal(error: Exception, path: Path) -> Exception:
+    """A write of `path` that the system refused (a full disk, no permission, a read-only file system)
+    as one sentence that names it; any other failure as it was. Called before the temporary is removed."""
+    error = _named_if_full(error, path)
+    if isinstance(error, OSError) and not isinstance(error, PGMError):
+        return ResourceError(f"cannot write {path}: {error.strerror or error}")
+    return error
+
+
+def make_directory(path: str | Path) -> Path:
+    """`path` as a directory, made with its parents if need be; a refusal is one sentence that names it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if isinstance(error, FileExistsError) or error.errno == errno.ENOTDIR:
+            raise ResourceError(_file_in_the_way(path)) from None
+        raise ResourceError(f"cannot create the directory {path}: {error.strerror or error}") from None
+    return path
+
+
+def check_writable(directory: str | Path) -> Path:
+    """Refuse, before the work that would fill it, a directory that could not be made or written:
+    the nearest part of its path that exists must be a directory this process can write into (tried
+    by writing there). Nothing is left behind."""
+    directory = Path(directory)
+    existing = _nearest_existing(directory)
+    if not existing.is_dir():
+        raise ResourceError(_file_in_the_way(directory))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ResourceError(f"cannot write into {existing}: {error.strerror or error}") from None
+    return directory
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next(part for part in (path, *path.absolute().parents) if part.exists())
+
+
+def _file_in_the_way(directory: Path) -> str:
+    existing = _nearest_existing(directory)
+    if existing == directory:
+        return f"{directory} is a file, not a directory"
+    return f"the directory {directory} cannot be made: {existing} is a file"
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffix, so writers that infer the format from
@@ -131,10 +178,10 @@ def replaced_atomically(path: str | Path) -> Iterator[Path]:
         _fsync(temporary)
         os.replace(temporary, path)
     except Exception as error:
-        named = _named_if_full(error, path)
+        refused = _refusal(error, path)
         temporary.unlink(missing_ok=True)
-        if named is not error:
-            raise named from error
+        if refused is not error:
+            raise refused from error
         raise
 
 
@@ -155,8 +202,9 @@ def replaced_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     temporary = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
+    make_directory(path.parent)
     try:
+        temporary.mkdir()
         yield temporary
         _give_umask_modes(temporary)
         for file in temporary.rglob("*"):
@@ -166,10 +214,10 @@ def replaced_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(path)
         os.rename(temporary, path)
     except Exception as error:
-        named = _named_if_full(error, path)
+        refused = _refusal(error, path)
         shutil.rmtree(temporary, ignore_errors=True)
-        if named is not error:
-            raise named from error
+        if refused is not error:
+            raise refused from error
         raise
 
 
@@ -201,15 +249,15 @@ def read_config_file(directory: str | Path, what: str = "a run directory") -> di
     directory = Path(directory)
     path = directory / CONFIG_FILE
     if not directory.is_dir():
-        raise FormatError(f"{directory} does not exist")
+        raise CheckpointError(f"{directory} does not exist")
     if not path.is_file():
-        raise FormatError(f"{directory} is not {what} (it has no {CONFIG_FILE})")
+        raise CheckpointError(f"{directory} is not {what} (it has no {CONFIG_FILE})")
     try:
         values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise FormatError(f"{path} is not valid JSON") from None
+        raise CheckpointError(f"{path} is not valid JSON") from None
     if not isinstance(values, dict):
-        raise FormatError(f"{path} holds a JSON {type(values).__name__}, not an object")
+        raise CheckpointError(f"{path} holds a JSON {type(values).__name__}, not an object")
     return values
 
 
@@ -230,12 +278,12 @@ def load_weights(path: Path, still_works: str = "") -> dict:
 
     after = f"; {still_works}" if still_works else ""
     if not Path(path).is_file():
-        raise FormatError(f"{path} does not exist{after}")
+        raise CheckpointError(f"{path} does not exist{after}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FormatError(f"{path} is truncated or corrupt ({reason}){after}") from None
+        raise CheckpointError(f"{path} is truncated or corrupt ({reason}){after}") from None
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ import re
 
 import torch
 
+from .errors import SamplingError
 from .sampling import iterate_autoregressive, iterate_mdlm, iterate_pgm
 from .sampling.settings import SamplerSettings
 
@@ -27,17 +28,17 @@ def parse_template(template: str) -> list[str | int]:
     Refuses a malformed gap (`{{x}}`, `{{-2}}`, `{{0}}`, an unclosed `{{4}`) and a template with
     no gap at all, each in one sentence."""
     if not isinstance(template, str):
-        raise ValueError(f"an infilling template is a string, got {type(template).__name__}")
+        raise SamplingError(f"an infilling template is a string, got {type(template).__name__}")
     pieces: list[str | int] = []
     cursor = 0
     for match in _BRACES.finditer(template):
         inside = match.group(1)
         if inside is None:
-            raise ValueError(f"unmatched {match.group(0)!r} at character {match.start()} of the template "
-                             f"{template!r}: write gaps as {{{{N}}}}")
+            raise SamplingError(f"unmatched {match.group(0)!r} at character {match.start()} of the template "
+                                f"{template!r}: write gaps as {{{{N}}}}")
         if not inside.strip().isdecimal() or int(inside) < 1:
-            raise ValueError(f"the gap {match.group(0)!r} in the template {template!r} is not a positive number "
-                             f"of tokens: write gaps as {{{{N}}}}, e.g. {{{{8}}}}")
+            raise SamplingError(f"the gap {match.group(0)!r} in the template {template!r} is not a positive number "
+                                f"of tokens: write gaps as {{{{N}}}}, e.g. {{{{8}}}}")
         if match.start() > cursor:
             pieces.append(template[cursor:match.start()])
         pieces.append(int(inside))
@@ -45,8 +46,8 @@ def parse_template(template: str) -> list[str | int]:
     if cursor < len(template):
         pieces.append(template[cursor:])
     if not any(isinstance(piece, int) for piece in pieces):
-        raise ValueError(f"the infilling template {template!r} has no gap {{{{N}}}}: add one, or use a prompt to "
-                         "continue the text")
+        raise SamplingError(f"the infilling template {template!r} has no gap {{{{N}}}}: add one, or use a prompt to "
+                            "continue the text")
     return pieces
 
 
@@ -71,23 +72,23 @@ def known_from_text(tokenizer, *, length: int | None, max_length: int, prompts=(
     `copies` rows hold only the BOS. Positions after them are generated. The length defaults
     to the model's with prompts, and to the template's own with templates."""
     if prompts and templates:
-        raise ValueError("give prompts or infilling templates, not both")
+        raise SamplingError("give prompts or infilling templates, not both")
     rows = [(tokenizer.encode_batch([p])[0], None) for p in prompts] + [template_tokens(tokenizer, t) for t in templates]
     rows = [(ids, flags if flags is not None else [True] * len(ids)) for ids, flags in rows] or [([], [])]
     needed = 1 + max(len(ids) for ids, _ in rows)
     what = "template" if templates else "prompt"
     if needed > max_length:
-        raise ValueError(f"the {what} takes {needed - 1} tokens + BOS, more than the model's {max_length} positions")
+        raise SamplingError(f"the {what} takes {needed - 1} tokens + BOS, more than the model's {max_length} positions")
     if length is None:
         length = needed if templates else max_length
     if length < 2 or length > max_length:
-        raise ValueError(f"length must lie in [2, {max_length}] (the BOS and at least one token, at most the "
-                         f"model's length), got {length}")
+        raise SamplingError(f"length must lie in [2, {max_length}] (the BOS and at least one token, at most the "
+                            f"model's length), got {length}")
     if needed > length:
-        raise ValueError(f"the {what} takes {needed - 1} tokens + BOS, which does not fit in {length} positions "
-                         f"(the model's length is {max_length})")
+        raise SamplingError(f"the {what} takes {needed - 1} tokens + BOS, which does not fit in {length} positions "
+                            f"(the model's length is {max_length})")
     if prompts and needed == length:
-        raise ValueError(f"the prompt fills all {length} positions, leaving nothing to generate: raise the length")
+        raise SamplingError(f"the prompt fills all {length} positions, leaving nothing to generate: raise the length")
     known_tokens = torch.zeros(len(rows) * copies, length, dtype=torch.long)
     known_mask = torch.zeros(len(rows) * copies, length, dtype=torch.bool)
     known_tokens[:, 0], known_mask[:, 0] = tokenizer.bos_id, True
@@ -108,7 +109,7 @@ def iterate_text(model, *, known_tokens: torch.Tensor, known_mask: torch.Tensor,
     kind = model.config.kind
     settings = settings.resolve(kind, "text", unknown=int((~known_mask).sum(1).max()), compile=compile)
     if kind == "ar" and compile:
-        raise ValueError("compile applies to PGM, MDLM and MaskGIT sampling, not to the autoregressive model")
+        raise SamplingError("compile applies to PGM, MDLM and MaskGIT sampling, not to the autoregressive model")
     device = next(model.parameters()).device
     common = dict(known_tokens=known_tokens.to(device), known_mask=known_mask.to(device), options=settings.options,
                   generator=generator, stats=stats)

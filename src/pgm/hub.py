@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .formats import TOKENIZER_DIR, WEIGHTS_FILE, FormatError, Origin, check_weights, load_weights, read_config_file
+from .errors import ArgumentError, CheckpointError, MissingDependency, RunError
+from .formats import TOKENIZER_DIR, WEIGHTS_FILE, Origin, check_weights, load_weights, read_config_file
 from .importers import is_transformers_config, read_mdlm_hf_directory, read_released_checkpoint
 from .importers.mdlm_hf import TOKENIZER_NAME as MDLM_HF_TOKENIZER
 from .models import build_model, config_from_dict
 from .models.base import load_state
-from .runs import CHECKPOINTS, RunError, checkpoint_weights, latest_checkpoint, run_card
+from .runs import CHECKPOINTS, checkpoint_weights, latest_checkpoint, run_card
+
 
 def load_pretrained_dir(directory: str | Path, weights: str | None = None):
     """(model in eval mode, the file or checkpoint its weights came from) for our directory or a
@@ -37,11 +39,11 @@ def load_pretrained_dir(directory: str | Path, weights: str | None = None):
     if is_transformers_config(values):
         return load_transformers_dir(directory, values, weights)
     if "model" not in values:
-        raise FormatError(f"{directory / 'config.json'} has no model section")
+        raise CheckpointError(f"{directory / 'config.json'} has no model section")
     try:
         config = config_from_dict(values["model"])
     except ValueError as error:  # ConfigError: a saved configuration that does not read, so say which file
-        raise FormatError(f"{directory / 'config.json'} is damaged: {error}") from None
+        raise CheckpointError(f"{directory / 'config.json'} is damaged: {error}") from None
     run_dir = None
     if (directory / CHECKPOINTS).is_dir():
         checkpoint = latest_checkpoint(directory)
@@ -55,16 +57,17 @@ def load_pretrained_dir(directory: str | Path, weights: str | None = None):
         state = load_weights(source)
         card = values.get("card", {})
         if not isinstance(card, dict):
-            raise FormatError(f"{directory / 'config.json'} is damaged: its card is a JSON {type(card).__name__}, "
-                              "not an object")
+            raise CheckpointError(f"{directory / 'config.json'} is damaged: its card is a JSON {type(card).__name__}, "
+                                  "not an object")
         if weights is not None and card.get("weights") != weights:
-            raise FormatError(f"{directory} holds one set of weights ({card.get('weights') or 'unnamed'}), not "
-                              f"{weights} ones: leave the choice of weights out")
+            raise CheckpointError(f"{directory} holds one set of weights ({card.get('weights') or 'unnamed'}), not "
+                                  f"{weights} ones: leave the choice of weights out")
     model = build_model(config)
     try:
         load_state(model, state)
     except ValueError as error:
-        raise FormatError(f"{source} does not fit the configuration in {directory / 'config.json'}: {error}") from None
+        raise CheckpointError(f"{source} does not fit the configuration in {directory / 'config.json'}: "
+                              f"{error}") from None
     tokenizer_dir = directory / TOKENIZER_DIR
     model.origin = Origin(source=str(source), tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
                           tokenizer_name=values.get("tokenizer"), run_dir=run_dir, card=card)
@@ -75,8 +78,8 @@ def load_transformers_dir(directory: Path, values: dict, weights: str | None = N
     """(model in eval mode, its weights file) for a directory in kuleshov-group/mdlm-owt's transformers
     layout (`values`: its config.json); it names GPT-2's tokenizer, found when the model is loaded."""
     if weights is not None:
-        raise FormatError(f"{directory} holds one set of weights (a transformers model directory), not {weights} "
-                          "ones: leave the choice of weights out")
+        raise CheckpointError(f"{directory} holds one set of weights (a transformers model directory), not {weights} "
+                              "ones: leave the choice of weights out")
     model, source = read_mdlm_hf_directory(directory, values)
     described = f"{directory.name} (an MDLM in kuleshov-group/mdlm-owt's transformers layout)"
     model.origin = Origin(source=str(source), tokenizer_name=MDLM_HF_TOKENIZER, card={"source": described})
@@ -87,7 +90,7 @@ def is_transformers_directory(path: Path) -> bool:
     """Whether `path` is a directory whose config.json is transformers' (names a model_type), not ours."""
     try:
         return is_transformers_config(read_config_file(path))
-    except FormatError:
+    except CheckpointError:
         return False
 
 
@@ -104,8 +107,9 @@ def _download(hub_id: str, revision: str | None = None, token: str | None = None
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
     except ImportError:
-        raise RunError(f"{hub_id!r} is not a local path, and downloading it needs huggingface_hub: "
-                       "pip install 'partition-gm[hf]', or download the file yourself and pass its path") from None
+        raise MissingDependency(f"{hub_id!r} is not a local path, and downloading it needs huggingface_hub: "
+                                "pip install 'partition-gm[hf]', or download the file yourself and pass its "
+                                "path") from None
     parts = hub_id.split("/")
     try:
         if len(parts) == 2:
@@ -124,13 +128,14 @@ def resolve_source(name_or_path: str | Path, revision: str | None = None, token:
     if path.exists():
         if revision is not None or token is not None:
             given = [name for name, value in (("revision", revision), ("token", token)) if value is not None]
-            raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to Hub ids only, and "
-                             f"{name_or_path} is a local path: leave {'them' if len(given) > 1 else 'it'} out")
+            raise ArgumentError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to Hub ids only, "
+                                "and "
+                                f"{name_or_path} is a local path: leave {'them' if len(given) > 1 else 'it'} out")
         return path
     text = str(name_or_path)
     if text.count("/") >= 1 and not text.startswith((".", "/", "~")):
         return _download(text, revision, token)
-    raise FormatError(f"{name_or_path} does not exist")
+    raise CheckpointError(f"{name_or_path} does not exist")
 
 
 def from_pretrained(name_or_path: str | Path, *, weights: str | None = None, device=None, revision: str | None = None,
@@ -143,7 +148,7 @@ def from_pretrained(name_or_path: str | Path, *, weights: str | None = None, dev
         model = read_checkpoint_file(path, weights, **import_options)
     else:
         if import_options:
-            raise ValueError(f"{', '.join(sorted(import_options))} apply to the authors' checkpoint files, "
-                             f"not to the directory {path}")
+            raise ArgumentError(f"{', '.join(sorted(import_options))} apply to the authors' checkpoint files, "
+                                f"not to the directory {path}")
         model, _ = load_pretrained_dir(path, weights)
     return model.to(device) if device is not None else model

@@ -18,9 +18,9 @@ import dataclasses
 
 import torch
 
-from .config import ConfigError
 from .data import DataConfig, Tokenizer, load_tokenizer
 from .data.tokenizers import build_tokenizer, named_tokenizer
+from .errors import ConfigError
 from .hub import from_pretrained
 from .models import is_image_model
 from .models.base import load_state

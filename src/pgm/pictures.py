@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from .data.image_sets import to_uint8
-from .formats import replaced_atomically
+from .errors import ArgumentError
+from .formats import make_directory, replaced_atomically
 
 
 def to_pictures(images: torch.Tensor) -> list:
@@ -26,8 +27,8 @@ def image_format(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
     formats = Image.registered_extensions()
     if suffix not in formats:
-        raise ValueError(f"{path}: an image file's name ends in its format, such as .png or .jpg, not "
-                         f"{suffix or 'nothing'}")
+        raise ArgumentError(f"{path}: an image file's name ends in its format, such as .png or .jpg, not "
+                            f"{suffix or 'nothing'}")
     return formats[suffix]
 
 
@@ -36,7 +37,7 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int =
     ...), `columns` per row, upscaled `scale`x (nearest)."""
     path = Path(path)
     picture = grid_picture(images, columns, scale)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent)
     with replaced_atomically(path) as temporary:
         picture.save(temporary, format=image_format(path))
     return path

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError
 from .data import DataConfig
+from .errors import ConfigError
 from .models import CausalConfig, MaskedDiffusionConfig, MaskGITConfig, PartitionConfig, VQConfig
 from .runs import RunConfig
 from .train_config import DistillConfig, TrainConfig

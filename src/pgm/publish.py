@@ -16,18 +16,14 @@ import re
 import tempfile
 from pathlib import Path
 
-from .formats import TOKENIZER_CONFIG, FormatError, read_config_file
+from .errors import CheckpointError, MissingDependency, PublishError
+from .formats import TOKENIZER_CONFIG, read_config_file
 from .hub import is_transformers_directory, load_pretrained_dir
 from .vq_tokenizer import NAMED as VQ_NAMED_WEIGHTS
 
 # The Hub's rule for a repository name: letters, digits, "-", "_", "." (no "--" or "..", not at
 # either end), at most 96 characters; our repositories belong to a user or an organisation.
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
-
-
-class PublishError(ValueError):
-    """What stops a push: a source that is not a run or pretrained directory, a bad repository id,
-    a missing huggingface_hub, a refusal of the Hub."""
 
 
 @dataclasses.dataclass
@@ -89,7 +85,7 @@ def _model_to_publish(source: Path, weights: str | None):
                            "first (pgm convert official DIR OUT) and push OUT")
     try:
         values = read_config_file(source, "a run or a pretrained directory")
-    except FormatError as error:
+    except CheckpointError as error:
         raise PublishError(str(error)) from None
     if "model" not in values:
         raise PublishError(f"{source} is not a run or a pretrained directory (its config.json has no model section)")
@@ -118,8 +114,8 @@ def push(source: str | Path, repo_id: str, *, private: bool = False, revision: s
     try:
         from huggingface_hub import HfApi
     except ImportError:
-        raise PublishError("pgm push needs huggingface_hub: pip install 'partition-gm[hf]' (or write the folder "
-                           "with --folder DIR and upload it by other means)") from None
+        raise MissingDependency("pgm push needs huggingface_hub: pip install 'partition-gm[hf]' (or write the folder "
+                                "with --folder DIR and upload it by other means)") from None
     with tempfile.TemporaryDirectory(prefix="pgm-push-") as temporary:
         published = write_folder(source, Path(temporary) / "folder", repo_id, weights=weights, license=license)
         message = commit_message or default_commit_message(published)

@@ -19,8 +19,9 @@ import itertools
 import math
 from pathlib import Path
 
+from .errors import ArgumentError, RunError
 from .eval.generative import load_evaluator
-from .formats import CONFIG_FILE, write_atomic, write_json
+from .formats import CONFIG_FILE, make_directory, write_atomic, write_json
 from .pipeline import load
 from .sampling.settings import cache_label, cache_settings
 
@@ -36,7 +37,7 @@ def ensure_run(item: str, out_dir: Path, tokens: int | None, log=print) -> Path:
     if (path / CONFIG_FILE).is_file():
         return path
     if item not in PRESETS:
-        raise ValueError(f"{item} is neither a run directory nor a preset ({', '.join(PRESETS)})")
+        raise ArgumentError(f"{item} is neither a run directory nor a preset ({', '.join(PRESETS)})")
     config = preset(item)
     if tokens:
         steps = math.ceil(tokens / (config.train.batch_size * config.model.length))
@@ -296,7 +297,7 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
 
 def write_report(report: dict, out_dir: Path, markdown=format_markdown, plot=plot_report) -> Path:
     """report.json, the plots and report.md (which shows them) in `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_directory(out_dir)
     write_json(out_dir / "report.json", report)
     plots = plot(report, out_dir)
     path = out_dir / "report.md"
@@ -324,7 +325,7 @@ def measure_distillation(run_dir: Path, evaluator, *, steps_list=DISTILL_STEPS, 
     rounds = sorted((p for p in (run_dir / ROUNDS_DIR).glob("round-*") if p.name[6:].isdigit()),
                     key=lambda p: int(p.name[6:]))
     if not rounds:
-        raise ValueError(f"{run_dir} has no rounds yet ({run_dir / ROUNDS_DIR}): distil first")
+        raise RunError(f"{run_dir} has no rounds yet ({run_dir / ROUNDS_DIR}): distil first")
     measured = []
     for directory in rounds:
         pipe = load(directory, device=device)

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
 from .data import DataConfig, data_directory, prepared_meta
-from .formats import (CONFIG_FILE, load_weights, out_of_space, read_config_file, remove_partial, replaced_atomically,
-                      replaced_directory, save_weights, write_atomic)
+from .errors import ConfigError, ResourceError, RunError
+from .formats import (CONFIG_FILE, load_weights, make_directory, out_of_space, read_config_file, remove_partial,
+                      replaced_atomically, replaced_directory, save_weights, write_atomic)
 from .models import ModelConfig, config_from_dict
 from .sharding import SHARDED_DIR, read_sharded
 from .train_config import DistillConfig, TrainConfig
@@ -39,10 +39,6 @@ from .train_config import DistillConfig, TrainConfig
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 METRICS_FILE = "metrics.jsonl"
-
-
-class RunError(ValueError):
-    """A run directory that is missing, not a run, or damaged."""
 
 
 @dataclasses.dataclass
@@ -155,7 +151,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict
     """Write checkpoints/step_N (complete or not at all) and keep only the last `keep`. `extra`:
     more weights by name (NAME.safetensors), such as a distillation's teacher."""
     final = run_dir / CHECKPOINTS / f"step_{step:07d}"
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(final.parent)
     with replaced_directory(final) as temporary:
         save_weights(model_state, temporary / "model.safetensors")
         if ema_state is not None:
@@ -181,7 +177,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, write_shards, state: dict,
         dist.broadcast_object_list(shared)
         write_shards(Path(shared[0]) / SHARDED_DIR)
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(final.parent)
     with replaced_directory(final) as temporary:
         dist.broadcast_object_list([str(temporary)])
         write_shards(temporary / SHARDED_DIR)  # returns once every process's shards are written
@@ -340,8 +336,8 @@ def consolidate_checkpoint(checkpoint: Path) -> Path:
         save_weights(loaded["model"], checkpoint / "model.safetensors")
     except Exception as error:
         if out_of_space(error):
-            raise RunError(f"no space left on the device of {checkpoint} to consolidate it (its shards are intact "
-                           "and still load)") from None
+            raise ResourceError(f"no space left on the device of {checkpoint} to consolidate it (its shards are intact "
+                                "and still load)") from None
         raise
     return checkpoint
 

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from .data.image_sets import to_unit_range
+from .errors import MissingDependency, RunError
 from .eval.perplexity import seed_for
 from .formats import write_atomic
 from .generation import decode_samples, iterate_text, known_from_text
 from .models import is_image_model
 from .pictures import grid_picture
-from .runs import RunError
 from .sampling import iterate_codes
 from .sampling.common import run_to_end
 from .sampling.settings import SamplerSettings
@@ -84,8 +84,8 @@ class TensorBoardTracker(Tracker):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise RunError("train.logger=tensorboard needs the tensorboard package: "
-                           "pip install 'partition-gm[tensorboard]'") from None
+            raise MissingDependency("train.logger=tensorboard needs the tensorboard package: "
+                                    "pip install 'partition-gm[tensorboard]'") from None
         self.writer_class, self.writer = SummaryWriter, None
 
     def start(self, run_dir: Path, step: int, config: dict) -> None:
@@ -123,7 +123,8 @@ class WandbTracker(Tracker):
         try:
             import wandb
         except ImportError:
-            raise RunError("train.logger=wandb needs the wandb package: pip install 'partition-gm[wandb]'") from None
+            raise MissingDependency("train.logger=wandb needs the wandb package: pip install "
+                                    "'partition-gm[wandb]'") from None
         self.wandb, self.run = wandb, None
 
     def start(self, run_dir: Path, step: int, config: dict) -> None:

@@ -29,19 +29,20 @@ from .data import (PreparedData, check_prepared, data_directory, load_prepared, 
                    prepared_recipe, same_recipe)
 from .data.config import TOKENIZER_FIELDS
 from .devices import autocast, describe_precision, process_device, uses_bf16
+from .errors import ResourceError, RunError
 from .eval.image_metrics import psnr
 from .eval.perplexity import seed_for, validation_elbo
-from .formats import (CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, copy_directory, out_of_space, remove_partial,
-                      replaced_atomically, write_json)
+from .formats import (CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, copy_directory, make_directory, out_of_space,
+                      remove_partial, replaced_atomically, write_json)
 from .initial_weights import FROM_SOURCE, InitialModel, load_initial_state, open_initial_model, starting_settings
 from .models import build_model, is_image_model
 from .models.layers import training_attention
 from .objectives import objective_for
 from .objectives.losses import always_clean_mask
 from .presets import vq_preset_for
-from .runs import (METRICS_FILE, MetricsLog, RunConfig, RunError, checkpoint_step, fallback, is_sharded,
-                   latest_checkpoint, load_checkpoint, read_checkpoint_state, read_run_config,
-                   remove_partial_checkpoints, save_checkpoint, save_sharded_checkpoint, validation_metric)
+from .runs import (METRICS_FILE, MetricsLog, RunConfig, checkpoint_step, fallback, is_sharded, latest_checkpoint,
+                   load_checkpoint, read_checkpoint_state, read_run_config, remove_partial_checkpoints, save_checkpoint,
+                   save_sharded_checkpoint, validation_metric)
 from .sharding import SHARDED_DIR, checkpoint_activations, distribute_whole, load_shards, save_shards, shard
 from .tracking import SampleLogger, tracker_for
 from .vq_tokenizer import vq_tokenizer_for_data
@@ -337,7 +338,7 @@ class Trainer:
                            "data.prepared=DIR; images by starting the run on one node, then --resume on several")
         if self.info.main:
             existed = {path: path.exists() for path in (run_dir, run_dir / TOKENIZER_DIR, run_dir / DATA_DIR)}
-            run_dir.mkdir(parents=True, exist_ok=True)
+            make_directory(run_dir)
             remove_partial(run_dir)  # what a killed data step left (a hidden tokenizer directory)
             remove_partial_checkpoints(run_dir)
             try:
@@ -602,8 +603,9 @@ class Trainer:
             latest = latest_checkpoint(self.run_dir)
             intact = (f"the last complete checkpoint, step {checkpoint_step(latest)}, is intact" if latest is not None
                       else "no checkpoint was complete yet")
-            raise RunError(f"no space left on the device of {self.run_dir} ({intact}); make room and continue with "
-                           f"`{self.RESUME_COMMAND} --out {self.run_dir} --resume`") from None
+            raise ResourceError(f"no space left on the device of {self.run_dir} ({intact}); make room and continue "
+                                "with "
+                                f"`{self.RESUME_COMMAND} --out {self.run_dir} --resume`") from None
         self.info.barrier()
 
     def checkpoint_state(self) -> dict:

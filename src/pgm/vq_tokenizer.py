@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 from .data import VQCodes
-from .data.corpus import DataError
 from .data.image_sets import to_unit_range
-from .formats import CONFIG_FILE, TOKENIZER_CONFIG, FormatError, write_json
+from .errors import CheckpointError, DataError, RunError
+from .formats import CONFIG_FILE, TOKENIZER_CONFIG, make_directory, write_json
 from .hub import from_pretrained
-from .runs import RunError
 
 
 class VQTokenizer(VQCodes):
@@ -64,7 +63,7 @@ class VQTokenizer(VQCodes):
         """The layout of its rows and where it is (`path`: what it was loaded from, a file or a
         directory), without its weights: a directory that names its VQ instead of holding it (the
         released VQ-8 is 280 MB)."""
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directory(directory)
         write_json(directory / TOKENIZER_CONFIG, {**self.layout(), NAMED: str(Path(path).resolve())})
 
 
@@ -78,12 +77,12 @@ def load_vq_tokenizer(path: str | Path, *, channels: int | None = None, image_si
     given, must be what it reads."""
     path = Path(path)
     if not path.exists():
-        raise FormatError(f"{path} does not exist")
+        raise CheckpointError(f"{path} does not exist")
     config = path / TOKENIZER_CONFIG
     if path.is_dir() and not (path / CONFIG_FILE).is_file() and config.is_file():
         named = json.loads(config.read_text()).get(NAMED)
         if named is None:
-            raise FormatError(f"{path} holds neither a VQ model nor the name of one")
+            raise CheckpointError(f"{path} holds neither a VQ model nor the name of one")
         return load_vq_tokenizer(named, channels=channels, image_size=image_size, device=device)
     model = from_pretrained(path)
     source = Path(model.origin.source)
@@ -101,5 +100,5 @@ def vq_tokenizer_for_data(data_config, hint: str = "") -> VQTokenizer:
     path = Path(data_config.tokenizer[3:])
     try:
         return load_vq_tokenizer(path, channels=data_config.channels, image_size=data_config.image_size)
-    except (FormatError, RunError) as error:
+    except (CheckpointError, RunError) as error:
         raise DataError(f"the VQ tokenizer {path} cannot be loaded ({error}){hint}") from None

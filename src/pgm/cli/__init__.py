@@ -3,8 +3,9 @@ report, convert, push, serve, harness, bench. Each command's module registers it
 handler; this module only parses and dispatches.
 
 Mistakes in what the user asked for (an unknown preset or setting, a wrong value, missing data,
-a directory that is not a run, a damaged checkpoint) end with one sentence on stderr and exit
-code 2. Set PGM_DEBUG=1 to see the traceback instead.
+a directory that is not a run, a damaged checkpoint: a `pgm.PGMError`) end with one sentence on
+stderr and exit code 2 (PGM_DEBUG=1 shows their traceback too). Any other exception is a bug and
+ends as Python ends it, with its traceback and exit code 1.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 
 from .. import __version__
 from ..allocator import keep_freed_memory
+from ..errors import PGMError
 from . import bench, convert, evaluate, harness, push, report, sample, serve, train
 
 COMMANDS = (train, sample, evaluate, report, convert, push, serve, harness, bench)  # in the order of `pgm --help`
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         return args.handler(args)
-    except (ValueError, OSError, ImportError) as error:
+    except PGMError as error:
         if os.environ.get("PGM_DEBUG"):
             raise
         message = str(error).strip() or type(error).__name__

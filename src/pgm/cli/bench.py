@@ -3,8 +3,8 @@ run; sampling sweeps are lists of the sampler settings' own flags."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ..errors import ArgumentError
+from ..formats import check_writable
 from ..presets import IMAGE_SHAPES
 from ..sampling.compiled import COMPILE_CHOICES, COMPILE_MODES, compile_mode
 from ..sampling.settings import add_arguments
@@ -56,29 +56,29 @@ def _check_flags(args) -> None:
     check_counts(args, batch_size=1, repeats=1, warmup=0, lengths=2, steps=1, hidden=1, heads=1, pgm_blocks=1,
                  baseline_blocks=1, vocab=2)
     if args.presets is not None and args.what == "sampling":
-        raise ValueError("--presets chooses the models of bench training and bench images; bench sampling builds "
-                         "its models from --hidden, --heads and the block counts")
+        raise ArgumentError("--presets chooses the models of bench training and bench images; bench sampling builds "
+                            "its models from --hidden, --heads and the block counts")
     if hasattr(args, "sampler") and args.what != "images":
-        raise ValueError("--sampler applies to bench images")
+        raise ArgumentError("--sampler applies to bench images")
     if hasattr(args, "steps") and args.what == "training":
-        raise ValueError("--steps applies to bench sampling and bench images; bench training times --repeats passes")
+        raise ArgumentError("--steps applies to bench sampling and bench images; bench training times --repeats passes")
     caching = hasattr(args, "cache_refresh") or hasattr(args, "cache_growth")
     if caching and (args.what != "sampling" or "pgm-cache" not in args.models):
-        raise ValueError("--cache-refresh and --cache-growth apply to the pgm-cache model of bench sampling "
-                         "(--models ... pgm-cache)")
+        raise ArgumentError("--cache-refresh and --cache-growth apply to the pgm-cache model of bench sampling "
+                            "(--models ... pgm-cache)")
     if args.attention is not None and args.what != "training":
-        raise ValueError("--attention applies to bench training")
+        raise ArgumentError("--attention applies to bench training")
     if args.compile is not None and args.what != "sampling":
-        raise ValueError("--compile applies to bench sampling")
+        raise ArgumentError("--compile applies to bench sampling")
     if args.shape is not None and args.what != "images":
-        raise ValueError("--shape applies to bench images")
+        raise ArgumentError("--shape applies to bench images")
 
 
 def cmd_bench(args) -> int:
     from .. import bench
 
     _check_flags(args)
-    out_dir = Path(args.out_dir)
+    out_dir = check_writable(args.out_dir)
     names = (args.presets or []) + (args.shape or [])
     common = dict(repeats=args.repeats, device=args.device, **({"presets": names} if names else {}),
                   **given(args, warmup="warmup"))
@@ -102,7 +102,7 @@ def cmd_bench(args) -> int:
         bench.plot_sampling(report, out_dir / "sampling.png")
     else:
         if args.lengths is not None and len(args.lengths) != 1:
-            raise ValueError("bench training takes one --lengths value, the length of every model")
+            raise ArgumentError("bench training takes one --lengths value, the length of every model")
         common["steps"] = common.pop("repeats")
         report = bench.bench_training(length=args.lengths[0] if args.lengths else None,
                                       **common, **given(args, batch_size="batch_size", attentions="attention"))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..devices import PRECISIONS
+from ..errors import ArgumentError
 from ..sampling.compiled import COMPILE_CHOICES, COMPILE_MODES
 
 
@@ -15,12 +16,12 @@ def load_config_file(path: str) -> dict:
     try:
         values = json.loads(Path(path).read_text())
     except OSError:
-        raise ValueError(f"cannot read the config file {path}") from None
+        raise ArgumentError(f"cannot read the config file {path}") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
+        raise ArgumentError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"the config file {path} must hold a JSON object with model, data and train sections, "
-                         f"not a {type(values).__name__}")
+        raise ArgumentError(f"the config file {path} must hold a JSON object with model, data and train sections, "
+                            f"not a {type(values).__name__}")
     return values
 
 
@@ -34,7 +35,7 @@ def run_configuration(args):
     if args.config:
         for section, fields in load_config_file(args.config).items():
             if not isinstance(fields, dict):
-                raise ValueError(f"the config file's {section!r} section must be an object")
+                raise ArgumentError(f"the config file's {section!r} section must be an object")
             if section == "model" and fields.get("kind", values["model"]["kind"]) != values["model"]["kind"]:
                 values["model"] = fields
             else:
@@ -67,4 +68,4 @@ def check_counts(args, **minimums) -> None:
         value = getattr(args, flag, None)
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item < minimum:
-                raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {item}")
+                raise ArgumentError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {item}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from ..formats import check_writable
 from .common import given
 
 
@@ -39,6 +40,7 @@ def register(commands) -> None:
 def cmd_convert(args) -> int:
     from ..pipeline import convert
 
+    check_writable(args.out_dir)
     out, tokenizer = convert(args.checkpoint, args.out_dir, weights=args.weights, gpt2_file=args.gpt2_file,
                              vq=args.vq, vq_reference=args.vq_reference,
                              **given(args, pre_query_mode="pre_query_mode", length="length",

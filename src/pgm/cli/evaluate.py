@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from ..errors import ArgumentError
+from ..formats import check_writable
 from ..sampling.compiled import compile_mode
 from ..sampling.settings import add_arguments, given_settings
 from .common import add_loading_options, given
@@ -59,22 +61,31 @@ def _flags_in_use(args, modality: str) -> None:
                         bool(args.fid or args.inception or args.reference is not None))
     sampling = {**given(args, num_samples="num_samples", sample_batch_size="sample_batch_size"), **given_settings(args)}
     if sampling and not measures_samples:
-        raise ValueError(f"--{next(iter(sampling)).replace('_', '-')} has no effect here: it applies to the samples "
-                         "of --evaluator (text) or --fid (images)")
+        raise ArgumentError(f"--{next(iter(sampling)).replace('_', '-')} has no effect here: it applies to the samples "
+                            "of --evaluator (text) or --fid (images)")
     for name in IMAGE_FLAGS:
         if getattr(args, name) is not None and not (modality == "image" and measures_samples or
                                                     modality == "vq" and name == "classifier"):
             what = "--fid or --inception" if name == "classifier" else "image models evaluated with --fid"
-            raise ValueError(f"--{name.replace('_', '-')} has no effect here: it applies to {what}")
+            raise ArgumentError(f"--{name.replace('_', '-')} has no effect here: it applies to {what}")
     if modality != "text" and args.evaluator:
-        raise ValueError("--evaluator scores text samples; image models are evaluated with --fid")
+        raise ArgumentError("--evaluator scores text samples; image models are evaluated with --fid")
     if modality == "text" and (args.fid or args.inception):
-        raise ValueError("--fid and --inception evaluate image models; this is a text model")
+        raise ArgumentError("--fid and --inception evaluate image models; this is a text model")
     if args.reference is None and (args.shards is not None or args.shard_size is not None):
-        raise ValueError("--shards and --shard-size apply to an evaluation against --reference")
+        raise ArgumentError("--shards and --shard-size apply to an evaluation against --reference")
     if args.compile != "eager" and not measures_samples:
-        raise ValueError("--compile has no effect here: it applies to the samples of --evaluator (text) or --fid "
-                         "(images)")
+        raise ArgumentError("--compile has no effect here: it applies to the samples of --evaluator (text) or --fid "
+                            "(images)")
+    from ..pipeline.request import positive
+
+    for name in ("num_samples", "sample_batch_size", "shard_size"):  # all before the validation pass
+        if getattr(args, name) is not None:
+            positive(name, getattr(args, name))
+    for name in ("evaluator", "reference", "inception"):  # local files
+        path = getattr(args, name)
+        if path is not None and not str(path).startswith("hf:") and not Path(path).exists():
+            raise ArgumentError(f"--{name} {path} does not exist")
 
 
 def cmd_eval(args) -> int:
@@ -91,8 +102,8 @@ def cmd_eval(args) -> int:
               f"{card.get('weights')} weights)")
     if args.passes == 0 and not (args.evaluator or args.fid or args.inception or args.reference is not None
                                  or pipe.modality == "vq"):
-        raise ValueError("--passes 0 skips the validation, and nothing else was asked (--evaluator for text, --fid "
-                         "or --reference for images)")
+        raise ArgumentError("--passes 0 skips the validation, and nothing else was asked (--evaluator for text, --fid "
+                            "or --reference for images)")
     if args.passes != 0 and (pipe.run or args.passes is not None):  # 0 skips it; a negative number is refused
         _print_validation(pipe, pipe.validation(passes=args.passes, rows=args.rows, batch_size=args.batch_size,
                                                 seed=args.seed))
@@ -175,6 +186,7 @@ def cmd_fid_classifier(args) -> int:
     from ..data.image_sets import fit_size, load_fashion_mnist
     from ..eval.fid import train_classifier
 
+    check_writable(args.out)
     train_images, train_labels = load_fashion_mnist("train")
     test_images, test_labels = load_fashion_mnist("test")
     model, accuracy = train_classifier(fit_size(train_images, 32), train_labels, fit_size(test_images, 32),

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from ..formats import DEFAULT_LICENSE
+from ..errors import ArgumentError
+from ..formats import DEFAULT_LICENSE, check_writable
 
 UPLOAD_ONLY = {"private": "--private", "revision": "--revision", "token": "--token",
                "commit_message": "--commit-message"}  # what means nothing when nothing is uploaded
@@ -36,8 +37,9 @@ def cmd_push(args) -> int:
     if args.folder is not None:
         ignored = [flag for name, flag in UPLOAD_ONLY.items() if getattr(args, name) not in (None, False)]
         if ignored:
-            raise ValueError(f"{', '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to an upload, and "
-                             "--folder uploads nothing: leave out one or the other")
+            raise ArgumentError(f"{', '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to an upload, and "
+                                "--folder uploads nothing: leave out one or the other")
+        check_writable(args.folder)
         done = write_folder(args.source, args.folder, args.repo_id, weights=args.weights, license=args.license)
         where = f"wrote {done.folder} for {done.repo_id} (nothing uploaded)"
     else:

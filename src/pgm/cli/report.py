@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ArgumentError
+from ..formats import check_writable
 from ..sampling.settings import add_arguments
 from .common import check_counts
 
@@ -36,15 +38,15 @@ def cmd_report(args) -> int:
     check_counts(args, num_samples=1, batch_size=1, passes=1, tokens=1, steps=1)
     steps = getattr(args, "steps", None)
     refreshes, growths = getattr(args, "cache_refresh", None), getattr(args, "cache_growth", None)
-    out_dir = Path(args.out)
+    out_dir = check_writable(args.out)
     distillations = [reports.is_distillation(Path(item)) for item in args.runs]
     evaluator = args.evaluator
     if any(distillations):
         if not all(distillations):
-            raise ValueError("a report compares either distillations (their rounds) or trained runs, not both")
+            raise ArgumentError("a report compares either distillations (their rounds) or trained runs, not both")
         if args.tokens is not None or args.passes is not None or refreshes or growths:
-            raise ValueError("--tokens, --passes, --cache-refresh and --cache-growth apply to trained runs; a "
-                             "distillation report measures samples")
+            raise ArgumentError("--tokens, --passes, --cache-refresh and --cache-growth apply to trained runs; a "
+                                "distillation report measures samples")
     if not evaluator.startswith("hf:"):
         evaluator = str(reports.ensure_run(evaluator, out_dir, args.tokens))
     if any(distillations):

@@ -8,12 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import ArgumentError
+from ..formats import check_writable
 from ..sampling.compiled import compile_mode
 from ..sampling.settings import add_arguments, given_settings
 from .common import add_loading_options
-
-SAMPLE_CHUNK = 512  # rows drawn at a time: a request for more prints as it goes, in bounded memory
-
 
 def register(commands) -> None:
     sample = commands.add_parser("sample", help="generate text or images from a run, a pretrained directory or a "
@@ -55,14 +54,15 @@ def cmd_sample(args) -> int:
     pipe = load(args.source, device=args.device, weights=args.weights, precision=args.precision, vq=args.vq,
                 gpt2_file=args.gpt2_file, compile=compile_mode(args.compile))
     if pipe.modality == "text" and args.out is not None:
-        raise ValueError("--out writes an image grid; text samples are printed")
+        raise ArgumentError("--out writes an image grid; text samples are printed")
     if args.out is not None:
-        image_format(args.out)  # a name that says no format is refused before sampling
+        image_format(args.out)  # a name that says no format, or a place not writable, is refused before sampling
+        check_writable(Path(args.out).parent)
     arguments = request_arguments(args)
     if pipe.modality == "image":
         return _print_images(args, pipe, pipe.sample(**arguments))
     rows, length, generated, seconds, steps = 0, 0, 0, 0.0, 0
-    for samples in _text_in_chunks(pipe, arguments):
+    for samples in pipe.chunks(**arguments):
         for text in samples.outputs:
             rows += 1
             print(f"=== sample {rows} ===\n{text}\n")
@@ -72,31 +72,6 @@ def cmd_sample(args) -> int:
     print(f"{rows} x {length} positions, {generated} generated in {steps} steps: {seconds:.2f} s "
           f"({generated / seconds:.0f} generated tokens/s)", file=sys.stderr)
     return 0
-
-
-def _text_in_chunks(pipe, arguments: dict):
-    """The samples of a text request, at most SAMPLE_CHUNK rows at a time: each prompt or template
-    in turn, its copies in chunks (the order the whole request would print them in). The first
-    chunk draws with the request's seed, so a request of one chunk is what it always was; the
-    others with seeds derived from it."""
-    from ..eval.perplexity import seed_for
-    from ..pipeline import GenerationRequest
-
-    if pipe.rows(GenerationRequest.from_arguments(dict(arguments))) <= SAMPLE_CHUNK:
-        yield pipe.sample(**arguments)
-        return
-    copies, seed = arguments.get("num_samples") or 1, arguments.get("seed", 0)
-    given = [(name, text) for name in ("prompt", "infill") if arguments.get(name) is not None
-             for text in ([arguments[name]] if isinstance(arguments[name], str) else arguments[name])]
-    chunk = 0
-    for name, text in given or [(None, None)]:
-        for start in range(0, copies, SAMPLE_CHUNK):
-            part = {**arguments, "num_samples": min(SAMPLE_CHUNK, copies - start),
-                    "seed": seed if chunk == 0 else seed_for(seed, chunk)}
-            if name is not None:
-                part[name] = text
-            chunk += 1
-            yield pipe.sample(**part)
 
 
 def _print_images(args, pipe, samples) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from ..errors import ArgumentError
 from ..sampling.compiled import compile_mode
 from .common import add_loading_options
 
@@ -32,9 +33,9 @@ def cmd_serve(args) -> int:
     for name, value in (("--max-samples", args.max_samples), ("--capacity", args.capacity),
                         ("--max-body-bytes", args.max_body_bytes)):
         if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise ArgumentError(f"{name} must be at least 1, got {value}")
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must lie in [0, 65535], got {args.port}")
+        raise ArgumentError(f"--port must lie in [0, 65535], got {args.port}")
     warning = exposure_warning(args.host)  # before loading: an unknown host costs no waiting for the models
     if warning:
         print(warning, file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from ..errors import ConfigError, RunError
 from .common import run_configuration
 
 
@@ -58,9 +59,9 @@ def cmd_train(args) -> int:
 
     if args.resume:
         if args.preset or args.config:
-            raise ValueError("--resume continues the saved configuration; drop --preset and --config")
+            raise ConfigError("--resume continues the saved configuration; drop --preset and --config")
         if not args.out:
-            raise ValueError("--resume needs --out RUN_DIR, the run to continue")
+            raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
         config = read_run_config(Path(args.out)).with_overrides(args.overrides)
     else:
         config = run_configuration(args)
@@ -78,14 +79,14 @@ def cmd_prepare(args) -> int:
     for item in args.overrides:
         section, field = config.locate(item.partition("=")[0])
         if section != "data" and (section, field) != ("model", "length"):
-            raise ValueError(f"{section}.{field}: pgm prepare reads the data settings and the row length (length=N), "
-                             "nothing else")
+            raise ConfigError(f"{section}.{field}: pgm prepare reads the data settings and the row length (length=N), "
+                              "nothing else")
     if config.data.is_image:
-        raise ValueError("pgm prepare prepares text; image data is encoded by the run that trains on it")
+        raise ConfigError("pgm prepare prepares text; image data is encoded by the run that trains on it")
     if config.data.prepared:
-        raise ValueError("data.prepared names data to use, not to make: pass --out DATA_DIR instead")
+        raise ConfigError("data.prepared names data to use, not to make: pass --out DATA_DIR instead")
     if config.data.format == "pairs":
-        raise ValueError("pairs (data.format=pairs) are prepared by the run that fine-tunes on them, pgm train")
+        raise ConfigError("pairs (data.format=pairs) are prepared by the run that fine-tunes on them, pgm train")
     out = Path(args.out)
     before = prepared_meta(out)
     started = time.perf_counter()
@@ -101,7 +102,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_consolidate(args) -> int:
-    from ..runs import CHECKPOINTS, RunError, checkpoint_dirs, consolidate_checkpoint, is_sharded
+    from ..runs import CHECKPOINTS, checkpoint_dirs, consolidate_checkpoint, is_sharded
 
     run_dir = Path(args.run)
     found = checkpoint_dirs(run_dir)
@@ -136,18 +137,18 @@ def cmd_distill(args) -> int:
     teacher = None
     if args.resume:
         if args.teacher is not None or args.preset:
-            raise ValueError("--resume continues the saved distillation; drop the teacher and --preset")
+            raise ConfigError("--resume continues the saved distillation; drop the teacher and --preset")
         if not args.out:
-            raise ValueError("--resume needs --out RUN_DIR, the distillation to continue")
+            raise ConfigError("--resume needs --out RUN_DIR, the distillation to continue")
         if any(item.partition("=")[0].rpartition(".")[2] == "max_steps" for item in overrides):
-            raise ValueError("a distillation's length is distill.round_steps x its rounds, fixed when it started")
+            raise ConfigError("a distillation's length is distill.round_steps x its rounds, fixed when it started")
         config = read_run_config(Path(args.out)).with_overrides(overrides)
         if config.distill is None:
-            raise ValueError(f"{args.out} is a training run, not a distillation: continue it with pgm train --resume")
+            raise ConfigError(f"{args.out} is a training run, not a distillation: continue it with pgm train --resume")
         out = Path(args.out)
     else:
         if args.teacher is None:
-            raise ValueError("name the teacher to distil: pgm distill TEACHER --out RUN")
+            raise ConfigError("name the teacher to distil: pgm distill TEACHER --out RUN")
         config, teacher = distillation_config(args.teacher, *distill_preset(args.preset or "distill-small"), overrides)
         out = Path(args.out or Path("runs") / f"{Path(args.teacher).name}-distilled")
     started = time.perf_counter()

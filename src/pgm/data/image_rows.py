@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..formats import DATA_DIR, TOKENIZER_CONFIG, TOKENIZER_DIR, replaced_atomically, replaced_directory, write_json
-from .corpus import DataError
+from ..errors import DataError
+from ..formats import (DATA_DIR, TOKENIZER_CONFIG, TOKENIZER_DIR, make_directory, replaced_atomically,
+                       replaced_directory, write_json)
 from .image_sets import load_images
 from .packing import dtype_for
 
@@ -44,7 +45,7 @@ class PixelTokenizer:
         return images.reshape(len(images), -1)
 
     def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directory(directory)
         write_json(directory / TOKENIZER_CONFIG, {"type": self.kind, "channels": self.channels,
                                                   "image_size": self.image_size})
 
@@ -160,7 +161,7 @@ def prepare_image_data(config, directory: Path, encoder=None, log=print) -> dict
     elif encoder is None or getattr(encoder, "kind", "") != "vq":
         raise DataError(f"data.tokenizer={config.tokenizer} needs its VQ tokenizer to encode the images")
     data_dir = directory / DATA_DIR
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_directory(data_dir)
     cache = None
     if encoder.kind == "vq":
         cache = Path(config.tokenizer[3:]) / CACHE_DIR / _cache_key(config, encoder.source)
@@ -171,7 +172,7 @@ def prepare_image_data(config, directory: Path, encoder=None, log=print) -> dict
             images, labels, classes = split_images(config, train_split)
             log(f"data: tokenizing {len(images)} {name} images ({encoder.kind})")
             rows = encoder.encode(images)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_directory(target.parent)
             write_json(target.parent / "classes.json", classes)
             write_image_rows(rows, labels, target, encoder.model_vocab_size)
         if cache is not None:

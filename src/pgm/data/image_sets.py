@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import DataError
+from ..errors import DataError, MissingDependency
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -127,7 +127,7 @@ def load_hf_images(name: str, split: str, image_field: str, label_field: str, ch
     try:
         import datasets
     except ImportError:
-        raise DataError(f"hf:{name} needs the datasets package: pip install 'partition-gm[hf]'") from None
+        raise MissingDependency(f"hf:{name} needs the datasets package: pip install 'partition-gm[hf]'") from None
     dataset_name, _, config_name = name.partition(":")
     try:
         dataset = datasets.load_dataset(dataset_name, config_name or None, split=split)

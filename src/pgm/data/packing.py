@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError
 from ..formats import replaced_atomically, write_json
 
 
@@ -169,11 +170,11 @@ class _Shard:
         try:
             meta = json.loads(Path(f"{path}.json").read_text())
         except (OSError, ValueError):
-            raise ValueError(f"{path} has no readable description ({path.name}.json)") from None
+            raise DataError(f"{path} has no readable description ({path.name}.json)") from None
         self.length, self.rows = meta["length"], meta["rows"]
         expected = self.rows * self.length * np.dtype(meta["dtype"]).itemsize
         if not path.is_file() or path.stat().st_size != expected:
-            raise ValueError(f"{path} is truncated or corrupt (expected {expected} bytes)")
+            raise DataError(f"{path} is truncated or corrupt (expected {expected} bytes)")
         self.array = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(self.rows, self.length))
         lengths_path, labels_path = Path(f"{path}.lengths.npy"), Path(f"{path}.labels.npy")
         self.lengths = np.load(lengths_path, mmap_mode="r") if lengths_path.is_file() else None
@@ -190,13 +191,13 @@ class TokenRows:
     def __init__(self, shards: Path | list[Path]):
         self.shards = [_Shard(Path(path)) for path in ([shards] if isinstance(shards, (str, Path)) else shards)]
         if not self.shards:
-            raise ValueError("a split needs at least one shard")
+            raise DataError("a split needs at least one shard")
         self.length = self.shards[0].length
         self.starts = np.cumsum([0] + [shard.rows for shard in self.shards])
         padded = [shard.lengths is not None for shard in self.shards]
         self.padded = padded[0]
         if any(p != self.padded for p in padded) or any(s.length != self.length for s in self.shards):
-            raise ValueError("the shards of a split disagree in row length or padding")
+            raise DataError("the shards of a split disagree in row length or padding")
         labels = [shard.labels for shard in self.shards]
         self.labels = np.concatenate(labels) if all(label is not None for label in labels) else None
         given = [shard.given for shard in self.shards]

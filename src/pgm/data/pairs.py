@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
 from ..formats import DATA_DIR, TOKENIZER_DIR, replaced_directory, write_json
 from .config import DataConfig
-from .corpus import BUILTIN, DataError, builtin_documents
+from .corpus import BUILTIN, builtin_documents
 from .packing import ShardWriter, dtype_for
 from .tokenizers import Tokenizer, build_tokenizer
 

@@ -36,14 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError
-from ..formats import DATA_DIR, TOKENIZER_DIR, remove_partial, replaced_directory, write_json
+from ..errors import ConfigError, DataError, ResourceError
+from ..formats import DATA_DIR, TOKENIZER_DIR, make_directory, remove_partial, replaced_directory, write_json
 from .config import DataConfig, normalised_recipe, recipe_differences
-from .corpus import DataError, PieceSplitter, Unit, open_source, pieces_of, unit_size
+from .corpus import PieceSplitter, Unit, open_source, pieces_of, unit_size
 from .packing import RowPacker, ShardWriter, TokenRows, dtype_for, remove_shard, truncate_shard, with_eos
 from .tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 
-class PreparationStopped(OSError):
+
+class PreparationStopped(ResourceError):
     """A preparation that stopped for a reason outside its data; what it finished is kept."""
 
 
@@ -209,7 +210,7 @@ class Preparation:
 
     def run(self) -> dict:
         """Prepare (or finish preparing) the data; returns its meta."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        make_directory(self.data_dir)
         with self._locked():
             meta = prepared_meta(self.directory)
             if meta is not None and same_recipe(meta.get("recipe"), self.recipe):

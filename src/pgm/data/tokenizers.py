@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..formats import TOKENIZER_CONFIG, write_json
-from .corpus import DataError
+from ..errors import DataError
+from ..formats import TOKENIZER_CONFIG, make_directory, write_json
 from .image_rows import load_image_tokenizer
 
 GPT2_FILE = "gpt2.tiktoken"
@@ -60,7 +60,7 @@ class Tokenizer:
         return self._config()
 
     def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directory(directory)
         write_json(directory / TOKENIZER_CONFIG, self._config())
 
 
@@ -91,7 +91,8 @@ class HuggingFaceTokenizer(Tokenizer):
 
 def train_bpe(documents: list[str], vocab_size: int) -> HuggingFaceTokenizer:
     """A byte-level BPE with `<|endoftext|>` (BOS and EOS, id 0) and `<|pad|>` (id 1)."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 260:
         raise DataError(f"a byte-level BPE needs a vocabulary of at least 260 (256 bytes + specials), got {vocab_size}")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.image_sets import to_unit_range
+from ..errors import ArgumentError, DataError, MissingDependency
 from ..models.classifier import ClassifierConfig, FeatureClassifier
 
 INCEPTION_SIZE = 299
@@ -50,9 +51,9 @@ class FeatureStatistics:
             features = features.detach().cpu().numpy()
         features = np.asarray(features, dtype=np.float64)
         if features.ndim != 2:
-            raise ValueError(f"features must have shape [count, dim], got {features.shape}")
+            raise ArgumentError(f"features must have shape [count, dim], got {features.shape}")
         if features.shape[0] < 2:
-            raise ValueError(f"a covariance needs at least 2 feature vectors, got {features.shape[0]}")
+            raise ArgumentError(f"a covariance needs at least 2 feature vectors, got {features.shape[0]}")
         return cls(features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], -1),
                    features.shape[0])
 
@@ -70,13 +71,15 @@ class FeatureStatistics:
         try:
             with np.load(path, allow_pickle=False) as stored:
                 if "mu" not in stored or "sigma" not in stored:
-                    raise ValueError(f"{path} holds {', '.join(stored.files)}, not the statistics mu and sigma")
+                    raise DataError(f"{path} holds {', '.join(stored.files)}, not the statistics mu and sigma")
                 mean, covariance = stored["mu"].astype(np.float64), stored["sigma"].astype(np.float64)
                 count = int(stored["count"]) if "count" in stored else 0
+        except DataError:
+            raise
         except (OSError, ValueError, EOFError) as error:
-            raise ValueError(f"{path} is not readable statistics ({error})") from None
+            raise DataError(f"{path} is not readable statistics ({error})") from None
         if mean.ndim != 1 or covariance.shape != (mean.shape[0], mean.shape[0]):
-            raise ValueError(f"{path} holds mu {mean.shape} and sigma {covariance.shape}, not [D] and [D, D]")
+            raise DataError(f"{path} holds mu {mean.shape} and sigma {covariance.shape}, not [D] and [D, D]")
         return cls(mean, covariance, count)
 
 
@@ -104,21 +107,21 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, eps: float = 1e
     mean_a, mean_b = np.asarray(a.mean, np.float64), np.asarray(b.mean, np.float64)
     cov_a, cov_b = np.asarray(a.covariance, np.float64), np.asarray(b.covariance, np.float64)
     if mean_a.shape != mean_b.shape or cov_a.shape != cov_b.shape or cov_a.shape != mean_a.shape * 2:
-        raise ValueError(f"the statistics disagree: means {mean_a.shape} and {mean_b.shape}, "
-                         f"covariances {cov_a.shape} and {cov_b.shape}")
+        raise ArgumentError(f"the statistics disagree: means {mean_a.shape} and {mean_b.shape}, "
+                            f"covariances {cov_a.shape} and {cov_b.shape}")
     root = _sqrtm_product(cov_a, cov_b)
     if root is None:
         offset = eps * np.eye(cov_a.shape[0])
         cov_a, cov_b = cov_a + offset, cov_b + offset
         root = _sqrtm_product(cov_a, cov_b)
         if root is None:
-            raise ValueError("the covariance product stays singular even with eps*I added: "
-                             "are the features non-finite?")
+            raise ArgumentError("the covariance product stays singular even with eps*I added: "
+                                "are the features non-finite?")
     if np.iscomplexobj(root):
         largest = np.abs(np.diagonal(root).imag).max()
         if largest > 1e-3:
-            raise ValueError(f"sqrtm(S_a S_b) has an imaginary component of {largest:.3g}: the covariances are "
-                             "not valid (non-symmetric or not positive semi-definite)")
+            raise ArgumentError(f"sqrtm(S_a S_b) has an imaginary component of {largest:.3g}: the covariances are "
+                                "not valid (non-symmetric or not positive semi-definite)")
         root = root.real
     difference = mean_a - mean_b
     return float(difference @ difference + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(root))
@@ -133,10 +136,10 @@ def inception_score(logits, splits: int = 10, *, shuffle_seed: int | None = 2020
     """
     logits = torch.as_tensor(logits).detach().cpu().double()
     if logits.dim() != 2:
-        raise ValueError(f"logits must have shape [count, classes], got {tuple(logits.shape)}")
+        raise ArgumentError(f"logits must have shape [count, classes], got {tuple(logits.shape)}")
     count = logits.shape[0]
     if not 1 <= splits <= count:
-        raise ValueError(f"splits must be in [1, {count}] for {count} samples, got {splits}")
+        raise ArgumentError(f"splits must be in [1, {count}] for {count} samples, got {splits}")
     if shuffle_seed is not None:
         logits = logits[torch.from_numpy(np.random.RandomState(shuffle_seed).permutation(count))]
     log_p = logits.log_softmax(dim=1)
@@ -157,7 +160,7 @@ def _unit_float(images) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return to_unit_range(images)
     if not images.dtype.is_floating_point:
-        raise ValueError(f"images must be uint8 or float in [-1, 1], got {images.dtype}")
+        raise ArgumentError(f"images must be uint8 or float in [-1, 1], got {images.dtype}")
     return images.float()
 
 
@@ -177,7 +180,7 @@ def _classify(classifier: FeatureClassifier, images, batch_size: int) -> tuple[t
     finally:
         classifier.train(was_training)
     if not features:
-        raise ValueError("no images to classify")
+        raise ArgumentError("no images to classify")
     return torch.cat(features), torch.cat(logits)
 
 
@@ -191,14 +194,14 @@ def train_classifier(train_images, train_labels, test_images, test_labels, *, ep
     and size with 10 classes or more if the labels need them.
     """
     if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+        raise ArgumentError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     train_images, test_images = torch.as_tensor(train_images), torch.as_tensor(test_images)
     train_labels, test_labels = torch.as_tensor(train_labels).long(), torch.as_tensor(test_labels).long()
     for name, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"{name}_images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+            raise ArgumentError(f"{name}_images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
-            raise ValueError(f"{name}_labels has shape {tuple(labels.shape)} for {images.shape[0]} images")
+            raise ArgumentError(f"{name}_labels has shape {tuple(labels.shape)} for {images.shape[0]} images")
     if config is None:
         config = ClassifierConfig(in_channels=train_images.shape[1], image_size=train_images.shape[2],
                                   num_classes=max(10, int(train_labels.max()) + 1))
@@ -262,7 +265,7 @@ def clean_resize(images, size: int = INCEPTION_SIZE) -> torch.Tensor:
         images = images.detach().cpu().numpy()
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4:
-        raise ValueError(f"images must have shape [batch, channels, height, width], got {images.shape}")
+        raise ArgumentError(f"images must have shape [batch, channels, height, width], got {images.shape}")
     resized = np.empty((*images.shape[:2], size, size), dtype=np.float32)
     for index in np.ndindex(*images.shape[:2]):
         channel = Image.fromarray(np.ascontiguousarray(images[index]))
@@ -282,17 +285,18 @@ class InceptionFeatures(nn.Module):
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError:
-            raise ImportError("the Inception-v3 metrics need torch-fidelity: pip install torch-fidelity, and offline "
-                              f"also pass weights_path, a local copy of {INCEPTION_WEIGHTS_URL}") from None
+            raise MissingDependency("the Inception-v3 metrics need torch-fidelity: pip install torch-fidelity, and "
+                                    "offline "
+                                    f"also pass weights_path, a local copy of {INCEPTION_WEIGHTS_URL}") from None
         if weights_path is not None and not Path(weights_path).is_file():
-            raise ValueError(f"the Inception-v3 weights {weights_path} are not a local file "
-                             f"(a copy of {INCEPTION_WEIGHTS_URL} is needed offline)")
+            raise ArgumentError(f"the Inception-v3 weights {weights_path} are not a local file "
+                                f"(a copy of {INCEPTION_WEIGHTS_URL} is needed offline)")
         try:
             self.extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                          feature_extractor_weights_path=weights_path)
         except OSError as error:  # the download of the weights failed
-            raise ValueError(f"cannot download the Inception-v3 weights ({error}): offline, pass weights_path, "
-                             f"a local copy of {INCEPTION_WEIGHTS_URL}") from None
+            raise ArgumentError(f"cannot download the Inception-v3 weights ({error}): offline, pass weights_path, "
+                                f"a local copy of {INCEPTION_WEIGHTS_URL}") from None
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,7 +306,7 @@ class InceptionFeatures(nn.Module):
         uint8; grayscale images are repeated to the three channels Inception expects.
         """
         if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must have shape [batch, 1 or 3, height, width], got {tuple(images.shape)}")
+            raise ArgumentError(f"images must have shape [batch, 1 or 3, height, width], got {tuple(images.shape)}")
         pixels = ((images.detach().float() + 1) / 2 * 255).clamp(0, 255)
         resized = clean_resize(pixels).expand(-1, 3, -1, -1)
         device = next(self.extractor.parameters()).device
@@ -325,6 +329,6 @@ def load_feature_extractor(*, classifier: str | Path = DEFAULT_CLASSIFIER, incep
 
     model = from_pretrained(classifier)
     if model.config.kind != "classifier":
-        raise ValueError(f"{classifier} holds a {model.config.kind} model, not the feature classifier "
-                         "(train one with pgm fid-classifier)")
+        raise ArgumentError(f"{classifier} holds a {model.config.kind} model, not the feature classifier "
+                            "(train one with pgm fid-classifier)")
     return model.to(device), "FD (classifier features)"

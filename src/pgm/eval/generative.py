@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..data import load_tokenizer
 from ..devices import synchronize
+from ..errors import ArgumentError, MissingDependency
 from ..formats import TOKENIZER_DIR
 from ..generation import iterate_text
 from ..hub import load_pretrained_dir
@@ -144,10 +145,11 @@ class RunEvaluator(Evaluator):
         directory = Path(directory)
         model, _ = load_pretrained_dir(directory, weights)
         if model.config.kind != "ar":
-            raise ValueError(f"the evaluator {directory} is a {model.config.kind} model; generative perplexity needs "
-                             f"an autoregressive one (train one with --preset ar-small, or use hf:gpt2-large)")
+            raise ArgumentError(f"the evaluator {directory} is a {model.config.kind} model; generative perplexity "
+                                "needs "
+                                f"an autoregressive one (train one with --preset ar-small, or use hf:gpt2-large)")
         if not (directory / TOKENIZER_DIR).is_dir():
-            raise ValueError(f"the evaluator {directory} has no tokenizer/ directory")
+            raise ArgumentError(f"the evaluator {directory} has no tokenizer/ directory")
         self.name, self.device, self.batch_size = str(directory), torch.device(device), batch_size
         self.model = model.to(self.device).eval()
         self.tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
@@ -166,7 +168,8 @@ class _TransformersTokenizer:
         self.eos_id = tokenizer.eos_token_id
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if self.eos_id is None or self.bos_id is None:
-            raise ValueError(f"the evaluator's tokenizer {tokenizer.name_or_path} has neither a BOS nor an EOS token")
+            raise ArgumentError(f"the evaluator's tokenizer {tokenizer.name_or_path} has neither a BOS nor an EOS "
+                                "token")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
@@ -182,13 +185,13 @@ class HuggingFaceEvaluator(Evaluator):
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
-            raise ValueError(f"the evaluator hf:{name} needs transformers: pip install -e \".[hf]\"") from None
+            raise MissingDependency(f"the evaluator hf:{name} needs transformers: pip install -e \".[hf]\"") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name)
         except OSError as error:
-            raise ValueError(f"cannot load the evaluator hf:{name} (offline, or no such model?): "
-                             f"{str(error).splitlines()[0]}") from None
+            raise ArgumentError(f"cannot load the evaluator hf:{name} (offline, or no such model?): "
+                                f"{str(error).splitlines()[0]}") from None
         self.name, self.device, self.batch_size = f"hf:{name}", torch.device(device), batch_size
         self.model = model.to(self.device).eval()
         self.tokenizer = _TransformersTokenizer(tokenizer)

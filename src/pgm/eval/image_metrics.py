@@ -15,7 +15,8 @@ import torch
 
 from ..data.image_rows import split_images
 from ..data.image_sets import IMAGE_SUFFIXES, resize_center_crop, to_unit_range
-from ..formats import write_json
+from ..errors import DataError
+from ..formats import make_directory, write_json
 from ..models.base import check_ids
 from ..sampling import generate_codes
 from ..sampling.settings import SamplerSettings
@@ -31,7 +32,7 @@ def code_statistics(codes: torch.Tensor, codebook_size: int) -> tuple[float, flo
     """(fraction of the codebook used, perplexity exp(entropy) of the code histogram) of `codes` (any shape)."""
     flat = codes.reshape(-1)
     if flat.numel() == 0:
-        raise ValueError("code_statistics needs at least one code")
+        raise DataError("code_statistics needs at least one code")
     check_ids("codes", flat[None], codebook_size, what="code id")
     counts = torch.bincount(flat.long(), minlength=codebook_size).double()
     probabilities = counts[counts > 0] / flat.numel()
@@ -101,12 +102,11 @@ def claim_shards(directory: Path, settings: dict) -> None:
         found = json.loads(recorded.read_text())
         if found != settings:
             changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
-            raise ValueError(f"{directory} holds the shards of another evaluation (it differs in "
-                             f"{', '.join(changed)}): choose other shards, or remove them")
+            raise DataError(f"{directory} holds the shards of another evaluation (it differs in "
+                            f"{', '.join(changed)}): choose other shards, or remove them")
         return
-    directory.mkdir(parents=True, exist_ok=True)
+    make_directory(directory)
     write_json(recorded, settings)
-
 
 
 def reference_files(folder: Path) -> tuple[list[Path], list[int] | None, int]:
@@ -115,7 +115,7 @@ def reference_files(folder: Path) -> tuple[list[Path], list[int] | None, int]:
     folder is flat), and the number of class sub-folders."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"the reference {folder} is neither a folder of images nor an .npz of statistics")
+        raise DataError(f"the reference {folder} is neither a folder of images nor an .npz of statistics")
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if classes:
         pairs = [(path, label) for label, directory in enumerate(classes) for path in sorted(directory.iterdir())
@@ -123,7 +123,7 @@ def reference_files(folder: Path) -> tuple[list[Path], list[int] | None, int]:
     else:
         pairs = [(path, None) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
     if not pairs:
-        raise ValueError(f"the reference folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DataError(f"the reference folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return [path for path, _ in pairs], (None if not classes else [label for _, label in pairs]), len(classes)
 
 
@@ -137,7 +137,7 @@ def read_pictures(paths: list[Path], size: int, channels: int) -> torch.Tensor:
             with Image.open(path) as picture:
                 array = np.asarray(picture.convert("L" if channels == 1 else "RGB"))
         except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"cannot read the reference image {path} ({error})") from None
+            raise DataError(f"cannot read the reference image {path} ({error})") from None
         arrays.append(resize_center_crop(array[None] if channels == 1 else array.transpose(2, 0, 1), size))
     return to_unit_range(np.stack(arrays))
 
@@ -176,7 +176,7 @@ def reference_statistics(reference: str | Path, extractor, *, size: int, channel
         features.append(extract(extractor, read_pictures(paths[start:start + batch_size], size, channels))[0])
     statistics = FeatureStatistics.from_features(torch.cat(features))
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(cache.parent)
         statistics.save_npz(cache)
     return statistics
 
@@ -208,7 +208,7 @@ def sharded_features(make_images, extractor, labels: list[int], *, directory: Pa
     from ..formats import replaced_atomically
     from .perplexity import seed_for
 
-    directory.mkdir(parents=True, exist_ok=True)
+    make_directory(directory)
     shards = -(-len(labels) // shard_size)
     paths = [directory / SHARD_PATTERN.format(i) for i in range(shards)]
 
@@ -239,13 +239,13 @@ def sharded_features(make_images, extractor, labels: list[int], *, directory: Pa
         now = sum(path.is_file() for path in paths)
         done, since = (now, time.monotonic()) if now > done else (done, since)
         if time.monotonic() - since > stall_seconds:
-            raise ValueError(f"{shards - done} shards of {directory} have not appeared for {stall_seconds:.0f} s: has "
-                             "another process stopped? Run the evaluation again to make the missing ones")
+            raise DataError(f"{shards - done} shards of {directory} have not appeared for {stall_seconds:.0f} s: has "
+                            "another process stopped? Run the evaluation again to make the missing ones")
     features, logits = [], []
     for shard, path in enumerate(paths):
         with np.load(path) as stored:
             if stored["labels"].tolist() != part(shard):
-                raise ValueError(f"{path} was made for other labels: {directory} holds another evaluation's shards")
+                raise DataError(f"{path} was made for other labels: {directory} holds another evaluation's shards")
             features.append(stored["features"])
             logits.append(stored["logits"])
     return torch.from_numpy(np.concatenate(features)), torch.from_numpy(np.concatenate(logits))

@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from ..errors import ArgumentError
 from ..objectives.losses import token_nll
 from ..objectives.text import Noise, sample_groups
 from .perplexity import seed_for
@@ -142,8 +143,8 @@ def greedy_suffixes(model, objective, items: list[Item], *, batch_size: int = 32
 def _check_items(items: list[Item]) -> None:
     for number, (ids, first) in enumerate(items, 1):
         if not 1 <= first < len(ids):
-            raise ValueError(f"item {number} scores from id {first} of {len(ids)}: the BOS is always given and at "
-                             "least one id must be scored")
+            raise ArgumentError(f"item {number} scores from id {first} of {len(ids)}: the BOS is always given and at "
+                                "least one id must be scored")
 
 
 def _run(model, objective, rows: _Rows, batch_size: int, device, autocast, progress: bool, unknown_future: bool

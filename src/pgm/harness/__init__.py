@@ -8,14 +8,17 @@ results JSON written beside the model.
 
 from __future__ import annotations
 
+from ..errors import MissingDependency
+
 try:
     import lm_eval  # noqa: F401
 except ImportError:
-    raise ImportError("the harness needs lm-eval: pip install 'partition-gm[harness]'") from None
+    raise MissingDependency("the harness needs lm-eval: pip install 'partition-gm[harness]'") from None
 
 import json
 from pathlib import Path
 
+from ..errors import ArgumentError
 from ..formats import write_atomic
 from .model import METHODS, HarnessModel
 from .tasks import BUILTIN_TASKS, write_builtin_tasks
@@ -50,14 +53,14 @@ def evaluate(source, tasks: list[str], *, num_mc: int | None = None, limit: int 
     from lm_eval.utils import handle_non_serializable
 
     if not tasks:
-        raise ValueError("name at least one task (e.g. pgm_lambada)")
+        raise ArgumentError("name at least one task (e.g. pgm_lambada)")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        raise ArgumentError(f"limit must be a positive integer, got {limit!r}")
     if isinstance(bootstrap_iters, bool) or not isinstance(bootstrap_iters, int) or bootstrap_iters < 0:
-        raise ValueError(f"bootstrap_iters must be a non-negative integer, got {bootstrap_iters!r}")
+        raise ArgumentError(f"bootstrap_iters must be a non-negative integer, got {bootstrap_iters!r}")
     for folder in include:
         if not Path(folder).is_dir():
-            raise ValueError(f"--include {folder}: no such folder of task YAML files")
+            raise ArgumentError(f"--include {folder}: no such folder of task YAML files")
     where = source if pipeline is None else pipeline.run or pipeline.source
     results_folder = Path(output).parent if output is not None else harness_folder(where)
     paths = [str(Path(folder).resolve()) for folder in include]
@@ -69,8 +72,8 @@ def evaluate(source, tasks: list[str], *, num_mc: int | None = None, limit: int 
         manager = TaskManager(include_path=paths or None)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"the harness knows no task {', '.join(unknown)} (offline: {', '.join(BUILTIN_TASKS)}, or "
-                         "YAML tasks of your own with --include FOLDER)")
+        raise ArgumentError(f"the harness knows no task {', '.join(unknown)} (offline: {', '.join(BUILTIN_TASKS)}, or "
+                            "YAML tasks of your own with --include FOLDER)")
     model = HarnessModel(str(source) if pipeline is None else None, pipeline=pipeline, num_mc=num_mc, method=method,
                          batch_size=batch_size, seed=seed, device=device, weights=weights, precision=precision,
                          gpt2_file=gpt2_file, progress=progress)
@@ -82,9 +85,9 @@ def evaluate(source, tasks: list[str], *, num_mc: int | None = None, limit: int 
                                   task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters,
                                   random_seed=seed)
     except OverflowError:
-        raise ValueError("a metric overflowed a float (a perplexity of log-likelihoods this low, as whole-sequence "
-                         "scores of long contexts give): run without the metrics' standard errors "
-                         "(--bootstrap-iters 0)") from None
+        raise ArgumentError("a metric overflowed a float (a perplexity of log-likelihoods this low, as whole-sequence "
+                            "scores of long contexts give): run without the metrics' standard errors "
+                            "(--bootstrap-iters 0)") from None
     results["pgm"] = model.settings
     write_atomic(path, (json.dumps(results, indent=2, default=handle_non_serializable) + "\n").encode())
     return results, path

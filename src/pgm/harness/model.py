@@ -20,12 +20,13 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from ..errors import ArgumentError
 from ..eval.likelihood import Item, TextScore, context_keys, greedy_suffixes, suffix_scores
 from ..generation import iterate_text
 from ..objectives import objective_for
 from ..pipeline import TextPipeline, load
-from ..sampling.settings import SamplerSettings
 from ..sampling.common import run_to_end
+from ..sampling.settings import SamplerSettings
 
 METHODS = ("conditional", "whole-sequence")
 DEFAULT_NUM_MC = 128  # Monte-Carlo samples per log-likelihood of a PGM or MDLM
@@ -48,27 +49,27 @@ class HarnessModel(LM):
         super().__init__()
         unknown = {name: value for name, value in unknown.items() if value is not None}
         if unknown:
-            raise ValueError(f"the pgm harness model takes path, num_mc, method, batch_size, seed, device, weights, "
-                             f"precision, gpt2_file, steps and order, not {', '.join(sorted(unknown))}")
+            raise ArgumentError(f"the pgm harness model takes path, num_mc, method, batch_size, seed, device, weights, "
+                                f"precision, gpt2_file, steps and order, not {', '.join(sorted(unknown))}")
         if (path is None) == (pipeline is None):
-            raise ValueError("give the pgm harness model a path (model_args=path=RUN) or a loaded pipeline")
+            raise ArgumentError("give the pgm harness model a path (model_args=path=RUN) or a loaded pipeline")
         for name, value in (("num_mc", DEFAULT_NUM_MC if num_mc is None else num_mc), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ArgumentError(f"{name} must be a positive integer, got {value!r}")
         if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+            raise ArgumentError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         self.pipe = pipeline if pipeline is not None else load(str(path), device=device, weights=weights,
                                                                         precision=precision, gpt2_file=gpt2_file)
         if self.pipe.modality != "text":
-            raise ValueError(f"the harness scores text; {self.pipe.name} holds a {self.pipe.modality} model")
+            raise ArgumentError(f"the harness scores text; {self.pipe.name} holds a {self.pipe.modality} model")
         exact = self.pipe.config.kind == "ar"
         if exact and num_mc not in (None, 1):
-            raise ValueError(f"num_mc applies to Monte-Carlo likelihoods; {self.pipe.name} holds an autoregressive "
-                             "model, whose likelihoods are exact: leave num_mc out")
+            raise ArgumentError(f"num_mc applies to Monte-Carlo likelihoods; {self.pipe.name} holds an autoregressive "
+                                "model, whose likelihoods are exact: leave num_mc out")
         # The order and steps, checked for this model now (the positions left are not known yet).
         SamplerSettings(order=order).resolve(self.pipe.config.kind, "text", unknown=1)
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+            raise ArgumentError(f"steps must be a positive integer, got {steps!r}")
         self.num_mc = 1 if exact else DEFAULT_NUM_MC if num_mc is None else num_mc
         self.method, self.batch_size, self.seed = method, batch_size, seed
         self.steps, self.order, self.progress = steps, order, progress
@@ -118,10 +119,10 @@ class HarnessModel(LM):
         """[BOS] + the context's end + the continuation, and where the continuation starts."""
         room = self._positions - 1 - len(continuation_ids)
         if not continuation_ids:
-            raise ValueError("the harness asked for the likelihood of an empty continuation")
+            raise ArgumentError("the harness asked for the likelihood of an empty continuation")
         if room < 0:
-            raise ValueError(f"a continuation of {len(continuation_ids)} tokens does not fit the model's "
-                             f"{self._positions} positions (BOS included)")
+            raise ArgumentError(f"a continuation of {len(continuation_ids)} tokens does not fit the model's "
+                                f"{self._positions} positions (BOS included)")
         context_ids = context_ids[len(context_ids) - room:] if len(context_ids) > room else context_ids
         return [self.pipe.tokenizer.bos_id, *context_ids, *continuation_ids], 1 + len(context_ids)
 
@@ -206,15 +207,15 @@ class HarnessModel(LM):
     def _generation_options(options: dict) -> tuple[list[str], int, tuple[float, float]]:
         unknown = sorted(set(options) - set(GENERATION_OPTIONS))
         if unknown:
-            raise ValueError(f"the pgm harness model generates with {', '.join(GENERATION_OPTIONS)}, not "
-                             f"{', '.join(unknown)}")
+            raise ArgumentError(f"the pgm harness model generates with {', '.join(GENERATION_OPTIONS)}, not "
+                                f"{', '.join(unknown)}")
         until = options.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         sample = bool(options.get("do_sample", False))
         temperature = float(options.get("temperature", 1.0 if sample else 0.0)) if sample else 0.0
         new_tokens = int(options.get("max_gen_toks", 256))
         if new_tokens < 1:
-            raise ValueError(f"max_gen_toks must be positive, got {new_tokens}")
+            raise ArgumentError(f"max_gen_toks must be positive, got {new_tokens}")
         return until, new_tokens, (temperature, float(options.get("top_p", 1.0)))
 
     def _cut(self, ids: list[int], until: list[str]) -> str:

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from ..data import DataConfig, training_and_validation_documents
-from ..formats import write_atomic
+from ..formats import make_directory, write_atomic
 
 BUILTIN_TASKS = ("pgm_lambada", "pgm_cloze")
 MIN_WORDS, MAX_WORDS = 12, 100
@@ -98,7 +98,7 @@ metric_list:
 
 def write_task(directory: Path, name: str, records: list[dict], body: str) -> Path:
     """A harness task `name` reading `records` from a JSONL file beside its YAML file."""
-    directory.mkdir(parents=True, exist_ok=True)
+    make_directory(directory)
     data_file = directory / f"{name}.jsonl"
     write_atomic(data_file, "".join(json.dumps(record) + "\n" for record in records).encode())
     path = directory / f"{name}.yaml"

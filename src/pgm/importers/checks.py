@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from .unpickling import CheckpointImportError
+from ..errors import CheckpointError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
@@ -27,17 +27,17 @@ def strip_prefixes(state: dict) -> dict:
 def count_blocks(state: dict, prefix: str) -> int:
     indices = {int(m.group(1)) for key in state if (m := re.match(rf"^{re.escape(prefix)}\.(\d+)\.", key))}
     if indices != set(range(len(indices))):
-        raise CheckpointImportError(f"the checkpoint's {prefix} are not numbered 0..{len(indices) - 1}: "
-                                    f"{sorted(indices)}")
+        raise CheckpointError(f"the checkpoint's {prefix} are not numbered 0..{len(indices) - 1}: "
+                              f"{sorted(indices)}")
     return len(indices)
 
 
 def shape_of(state: dict, key: str) -> torch.Size:
     if key not in state:
-        raise CheckpointImportError(f"the checkpoint has no tensor {key!r}")
+        raise CheckpointError(f"the checkpoint has no tensor {key!r}")
     value = state[key]
     if not isinstance(value, torch.Tensor):
-        raise CheckpointImportError(f"the checkpoint's {key!r} is a {type(value).__name__}, not a tensor")
+        raise CheckpointError(f"the checkpoint's {key!r} is a {type(value).__name__}, not a tensor")
     return value.shape
 
 
@@ -64,4 +64,4 @@ def check_tensors(found: dict, expected: dict, where: str) -> None:
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             problems.append(f"{len(names)} {label} tensor(s): {', '.join(names[:3])}{more}")
     if problems:
-        raise CheckpointImportError(f"{where} does not fit the model: {'; '.join(problems)}")
+        raise CheckpointError(f"{where} does not fit the model: {'; '.join(problems)}")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
 from ..models.vq import VQConfig, VQModel
 from .checks import check_tensors, count_blocks, float32, shape_of, strip_prefixes
-from .unpickling import CheckpointImportError, load_restricted
+from .unpickling import load_restricted
 
 VQ_KEY = "quantize.embedding.weight"  # the tensor that tells a VQ state_dict apart
 VQ8_IMAGE_SIZE, VQ8_GROUPS = 256, 32  # what VQ-8's weights cannot tell
@@ -28,7 +29,7 @@ def infer_vq_config(state: dict, *, image_size: int = VQ8_IMAGE_SIZE, norm_group
     levels = count_blocks(state, "encoder.conv_blocks")
     widths = [shape_of(state, f"encoder.conv_blocks.{level}.res.0.conv1.weight")[0] for level in range(levels)]
     if any(width % channels for width in widths):
-        raise CheckpointImportError(f"the encoder's level widths {widths} are not multiples of its {channels} channels")
+        raise CheckpointError(f"the encoder's level widths {widths} are not multiples of its {channels} channels")
     codebook_size, codebook_dim = shape_of(state, VQ_KEY)
     usage = state.get("quantize.codebook_used")
     values = dict(in_channels=in_channels, image_size=image_size, channels=channels,
@@ -42,7 +43,7 @@ def infer_vq_config(state: dict, *, image_size: int = VQ8_IMAGE_SIZE, norm_group
     try:
         return VQConfig(**values)
     except ValueError as error:
-        raise CheckpointImportError(f"the VQ checkpoint's shapes do not make a VQ model: {error}") from None
+        raise CheckpointError(f"the VQ checkpoint's shapes do not make a VQ model: {error}") from None
 
 
 def vq_state(content) -> dict | None:
@@ -63,8 +64,8 @@ def load_llamagen_vq(path: str | Path, config: VQConfig | None = None, *, conten
     state = vq_state(content)
     if state is None:
         found = sorted(map(str, content)) if isinstance(content, dict) else type(content).__name__
-        raise CheckpointImportError(f"{path} is not a LlamaGen VQ checkpoint: expected a dict with a 'model' "
-                                    f"state_dict holding {VQ_KEY}, found {found}")
+        raise CheckpointError(f"{path} is not a LlamaGen VQ checkpoint: expected a dict with a 'model' "
+                              f"state_dict holding {VQ_KEY}, found {found}")
     config = infer_vq_config(state, image_size=image_size, norm_groups=norm_groups) if config is None else config
     # Built without storage or random initialisation: the strict load below fills every tensor.
     with torch.device("meta"):

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..formats import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config_file
 from ..models import MaskedDiffusionConfig, build_model
 from .checks import check_tensors, float32, strip_prefixes
-from .unpickling import CheckpointImportError, load_restricted
+from .unpickling import load_restricted
 
 MODEL_TYPE = "mdlm"
 PICKLED_WEIGHTS_FILE = "pytorch_model.bin"  # what transformers writes with safe_serialization=False
@@ -44,20 +44,20 @@ def is_transformers_config(values: dict) -> bool:
 def mdlm_config(values: dict, where: Path) -> MaskedDiffusionConfig:
     """Our MDLM configuration for the transformers config `values` read from `where`."""
     if values.get("model_type") != MODEL_TYPE:
-        raise CheckpointImportError(f"{where} describes a transformers model of type {values.get('model_type')!r}; "
-                                    f"only kuleshov-group/mdlm-owt's type {MODEL_TYPE!r} is read")
+        raise CheckpointError(f"{where} describes a transformers model of type {values.get('model_type')!r}; "
+                              f"only kuleshov-group/mdlm-owt's type {MODEL_TYPE!r} is read")
     missing = [name for name in FIELDS if name not in values]
     if missing:
-        raise CheckpointImportError(f"{where} has no {', '.join(missing)}, which an mdlm config.json holds")
+        raise CheckpointError(f"{where} has no {', '.join(missing)}, which an mdlm config.json holds")
     unknown = sorted(set(values) - set(FIELDS) - TRANSFORMERS_KEYS)
     if unknown:  # a field we do not read might change the network: never guess past it
-        raise CheckpointImportError(f"{where} has field(s) {', '.join(unknown)} that mdlm-owt's config does not, "
-                                    "so its network may differ from the DiT this library builds")
+        raise CheckpointError(f"{where} has field(s) {', '.join(unknown)} that mdlm-owt's config does not, "
+                              "so its network may differ from the DiT this library builds")
     try:
         return MaskedDiffusionConfig.from_dict({ours: values[theirs] for theirs, ours in FIELDS.items()}
                                                | {"mlp_ratio": MLP_RATIO})
     except ConfigError as error:
-        raise CheckpointImportError(f"{where}: {error}") from None
+        raise CheckpointError(f"{where}: {error}") from None
 
 
 def read_weights(directory: Path) -> tuple[dict, Path]:
@@ -68,10 +68,10 @@ def read_weights(directory: Path) -> tuple[dict, Path]:
     if pickled_path.is_file():
         state = load_restricted(pickled_path)
         if not isinstance(state, dict):
-            raise CheckpointImportError(f"{pickled_path} holds a {type(state).__name__}, not a state_dict")
+            raise CheckpointError(f"{pickled_path} holds a {type(state).__name__}, not a state_dict")
         return state, pickled_path
-    raise CheckpointImportError(f"{directory} has neither {WEIGHTS_FILE} nor {PICKLED_WEIGHTS_FILE} (a sharded "
-                                "checkpoint is not read: merge its shards first)")
+    raise CheckpointError(f"{directory} has neither {WEIGHTS_FILE} nor {PICKLED_WEIGHTS_FILE} (a sharded "
+                          "checkpoint is not read: merge its shards first)")
 
 
 def read_mdlm_hf_directory(directory: str | Path, values: dict | None = None):

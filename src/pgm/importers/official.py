@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
 from ..formats import check_weights
 from ..models import MaskedDiffusionConfig, MaskGITConfig, PartitionConfig, build_model
 from ..models.layers import Rotary
 from .checks import check_tensors, count_blocks, float32, shape_of, strip_prefixes
 from .llamagen import VQ8_IMAGE_SIZE, load_llamagen_vq, vq_state
-from .unpickling import CheckpointImportError, load_restricted, lookup, to_plain
+from .unpickling import load_restricted, lookup, to_plain
 
 KNOWN_MASK_IDS = {"gpt2": None, "gpt2-large": None, "gpt2-medium": None, "bert-base-uncased": 103}
 
@@ -72,16 +73,16 @@ def infer_text_config(state: dict, hyper: dict, overrides: dict | None = None):
     elif isinstance(lookup(hyper, "config.model.n_heads"), int) or "num_heads" in overrides:
         head_dim = hidden // (overrides.get("num_heads") or lookup(hyper, "config.model.n_heads"))
     else:
-        raise CheckpointImportError("neither rotary_emb.inv_freq nor the config tells the number of heads; "
-                                    "pass num_heads")
+        raise CheckpointError("neither rotary_emb.inv_freq nor the config tells the number of heads; "
+                              "pass num_heads")
     if hidden % head_dim:
-        raise CheckpointImportError(f"hidden size {hidden} is not a multiple of the rotary head dimension {head_dim}")
+        raise CheckpointError(f"hidden size {hidden} is not a multiple of the rotary head dimension {head_dim}")
     kind = "pgm" if any(k.startswith("encoder.") for k in state) else "mdlm"
     first_block = "encoder.blocks.0" if kind == "pgm" else "blocks.0"
     cond_dim = shape_of(state, f"{first_block}.adaLN_modulation.weight")[1]
     mlp_hidden = shape_of(state, f"{first_block}.mlp.0.weight")[0]
     if mlp_hidden % hidden:
-        raise CheckpointImportError(f"the MLP width {mlp_hidden} is not a multiple of the hidden size {hidden}")
+        raise CheckpointError(f"the MLP width {mlp_hidden} is not a multiple of the hidden size {hidden}")
     tokenizer_name = lookup(hyper, "config.data.tokenizer_name_or_path")
     mask_id = KNOWN_MASK_IDS.get(tokenizer_name) if isinstance(tokenizer_name, str) else None
     common = dict(vocab_size=vocab_size, hidden_size=hidden, num_heads=hidden // head_dim, cond_dim=cond_dim,
@@ -112,17 +113,17 @@ def read_official_text_checkpoint(path: Path, *, weights: str | None = "ema", co
         check_weights(weights)
     content = load_restricted(path) if content is None else content
     if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
-        raise CheckpointImportError(f"{path} is not a Lightning checkpoint of the paper's models (no state_dict)")
+        raise CheckpointError(f"{path} is not a Lightning checkpoint of the paper's models (no state_dict)")
     hyper = to_plain(content.get("hyper_parameters") or {})
     hyper = hyper if isinstance(hyper, dict) else {}
     prefix = "backbone."
     state = {k[len(prefix):]: v for k, v in strip_prefixes(content["state_dict"]).items() if k.startswith(prefix)}
     if not state:
-        raise CheckpointImportError(f"{path} has no backbone.* tensors; it is not one of the paper's text checkpoints")
+        raise CheckpointError(f"{path} has no backbone.* tensors; it is not one of the paper's text checkpoints")
     try:
         config = infer_text_config(state, hyper, overrides)
     except ValueError as error:
-        raise CheckpointImportError(f"{path}: {error}") from None
+        raise CheckpointError(f"{path}: {error}") from None
     model = build_model(config)
     expected = model.state_dict()
     # inv_freq is a fixed function of the head dimension; older files may not carry it.
@@ -131,19 +132,19 @@ def read_official_text_checkpoint(path: Path, *, weights: str | None = "ema", co
     ema = content.get("ema")
     has_ema = has_average(content)
     if weights == "ema" and not has_ema:
-        raise CheckpointImportError(f"{path} holds no EMA weights; import it with weights='raw'")
+        raise CheckpointError(f"{path} holds no EMA weights; import it with weights='raw'")
     if weights != "raw" and has_ema:
         names = official_parameter_order(config.kind, getattr(config, "encoder_blocks", getattr(config, "blocks", 0)),
                                          getattr(config, "decoder_blocks", 0), getattr(config, "query_processor", ""),
                                          getattr(config, "query_norm", ""))
         shadow = list(ema["shadow_params"])
         if len(shadow) != len(names):
-            raise CheckpointImportError(f"the EMA holds {len(shadow)} tensors but the model has {len(names)} "
-                                        "parameters")
+            raise CheckpointError(f"the EMA holds {len(shadow)} tensors but the model has {len(names)} "
+                                  "parameters")
         for name, tensor in zip(names, shadow):
             if tuple(tensor.shape) != tuple(state[name].shape):
-                raise CheckpointImportError(f"EMA tensor for {name} has shape {tuple(tensor.shape)}, "
-                                            f"expected {tuple(state[name].shape)}")
+                raise CheckpointError(f"EMA tensor for {name} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(state[name].shape)}")
         state = {**state, **dict(zip(names, shadow))}
     model.load_state_dict(float32(state))
     return model.eval(), hyper
@@ -179,7 +180,7 @@ def infer_image_pgm_config(state: dict, overrides: dict) -> PartitionConfig:
     class_rows, cond_dim = shape_of(state, "cls_embed.embedding_table.weight")
     mlp_hidden = shape_of(state, "encoder.blocks.0.mlp.0.weight")[0]
     if mlp_hidden % hidden:
-        raise CheckpointImportError(f"the MLP width {mlp_hidden} is not a multiple of the hidden size {hidden}")
+        raise CheckpointError(f"the MLP width {mlp_hidden} is not a multiple of the hidden size {hidden}")
     values = dict(vocab_size=vocab_size, length=overrides.get("length") or IMAGE_LENGTH, hidden_size=hidden,
                   num_heads=_heads(state, hidden, overrides), mlp_ratio=mlp_hidden // hidden, cond_dim=cond_dim,
                   dropout=0.1, mask_token_id=vocab_size - 2, num_classes=class_rows - 1,
@@ -198,7 +199,7 @@ def infer_maskgit_config(state: dict, overrides: dict) -> MaskGITConfig:
     cells = shape_of(state, "pos_emb.weight")[0]
     grid = math.isqrt(cells)
     if grid * grid != cells:
-        raise CheckpointImportError(f"pos_emb has {cells} rows, which is not a square grid of codes")
+        raise CheckpointError(f"pos_emb has {cells} rows, which is not a square grid of codes")
     ffn = shape_of(state, "transformer.layers.0.ff.w1.weight")[0]
     values = dict(codebook_size=vocab_size - 1, grid_size=grid, hidden_size=hidden,
                   depth=count_blocks(state, "transformer.layers"), num_heads=overrides.get("num_heads") or IMAGE_HEADS,
@@ -228,22 +229,22 @@ def read_official_image_checkpoint(path: Path, *, weights: str | None = None, co
     path = Path(path)
     if weights not in (None, "raw"):
         check_weights(weights)
-        raise CheckpointImportError(f"{path} holds raw weights only (the authors trained their image models without "
-                                    "an average): use weights='raw'")
+        raise CheckpointError(f"{path} holds raw weights only (the authors trained their image models without "
+                              "an average): use weights='raw'")
     content = load_restricted(path) if content is None else content
     found = image_state(content)
     if found is None:
-        raise CheckpointImportError(f"{path} is not one of the paper's image checkpoints (no model_state_dict of an "
-                                    "image PGM or MaskGIT)")
+        raise CheckpointError(f"{path} is not one of the paper's image checkpoints (no model_state_dict of an "
+                              "image PGM or MaskGIT)")
     kind, state = found
     unknown = sorted(set(overrides) - set(IMAGE_OPTIONS[kind]))
     if unknown:
-        raise CheckpointImportError(f"{', '.join(unknown)} does not apply to a {kind} image checkpoint (it takes "
-                                    f"{', '.join(IMAGE_OPTIONS[kind])})")
+        raise CheckpointError(f"{', '.join(unknown)} does not apply to a {kind} image checkpoint (it takes "
+                              f"{', '.join(IMAGE_OPTIONS[kind])})")
     try:
         config = infer_image_pgm_config(state, overrides) if kind == "pgm" else infer_maskgit_config(state, overrides)
     except ValueError as error:
-        raise CheckpointImportError(f"{path}: {error}") from None
+        raise CheckpointError(f"{path}: {error}") from None
     with torch.device("meta"):
         model = build_model(config)
     expected = model.state_dict()
@@ -290,8 +291,8 @@ def read_released_checkpoint(path: str | Path, *, weights: str | None = None, **
     kind = checkpoint_kind(content)
     if kind is None:
         found = sorted(map(str, content)) if isinstance(content, dict) else type(content).__name__
-        raise CheckpointImportError(f"{path} is none of the released checkpoints this library reads (a text or image "
-                                    f"checkpoint of the paper, or LlamaGen's VQ); it holds {found}")
+        raise CheckpointError(f"{path} is none of the released checkpoints this library reads (a text or image "
+                              f"checkpoint of the paper, or LlamaGen's VQ); it holds {found}")
     if kind == "text":
         model, hyper = read_official_text_checkpoint(path, weights=weights, content=content, **overrides)
         name = lookup(hyper, "config.data.tokenizer_name_or_path")
@@ -299,11 +300,11 @@ def read_released_checkpoint(path: str | Path, *, weights: str | None = None, **
         return Released(model, kind, used, name if isinstance(name, str) else None)
     if kind == "vq":
         if weights not in (None, "raw"):
-            raise CheckpointImportError(f"{path} is a VQ tokenizer with one set of weights: use weights='raw'")
+            raise CheckpointError(f"{path} is a VQ tokenizer with one set of weights: use weights='raw'")
         image_size = overrides.pop("image_size", None) or VQ8_IMAGE_SIZE
         if overrides:
-            raise CheckpointImportError(f"{', '.join(sorted(overrides))} does not apply to a VQ checkpoint (it takes "
-                                        "image_size)")
+            raise CheckpointError(f"{', '.join(sorted(overrides))} does not apply to a VQ checkpoint (it takes "
+                                  "image_size)")
         return Released(load_llamagen_vq(path, content=content, image_size=image_size), kind, "raw")
     model, kind = read_official_image_checkpoint(path, weights=weights, content=content, **overrides)
     return Released(model, kind, "raw")

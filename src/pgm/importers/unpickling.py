@@ -18,9 +18,7 @@ from typing import Any
 
 import torch
 
-
-class CheckpointImportError(ValueError):
-    """A file that is not one of the released checkpoints, or one that does not fit its config."""
+from ..errors import CheckpointError
 
 
 class Stub:
@@ -109,13 +107,14 @@ def load_restricted(path: Path) -> Any:
     """torch.load with the restricted unpickler, on the CPU."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointImportError(f"no such checkpoint file: {path}")
+        raise CheckpointError(f"no such checkpoint file: {path}")
     if not zipfile.is_zipfile(path):
-        raise CheckpointImportError(f"{path} is not a PyTorch checkpoint (not a torch.save zip archive)")
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a torch.save zip archive)")
     try:
         return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     except Exception as error:  # a damaged archive or stream: say so in one sentence
-        raise CheckpointImportError(f"{path} could not be read as a PyTorch checkpoint ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({type(error).__name__}: "
+                              f"{error})") from None
 
 
 def to_plain(value: Any) -> Any:

@@ -1,6 +1,7 @@
 """Model classes and their configurations, looked up by kind ("pgm", "mdlm", ...)."""
 
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig
+from ..errors import ConfigError
 from .causal import CausalConfig, CausalTransformer
 from .classifier import ClassifierConfig, FeatureClassifier
 from .dit import MaskedDiffusionConfig, MaskedDiffusionTransformer

@@ -7,36 +7,38 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import ModelConfig, require
-from ..formats import (CONFIG_FILE, MODEL_CARD, TOKENIZER_DIR, WEIGHTS_FILE, Origin, copy_directory, model_card,
-                       replaced_directory, save_weights, write_atomic, write_json)
+from ..errors import ArgumentError, CheckpointError
+from ..formats import (CONFIG_FILE, MODEL_CARD, TOKENIZER_DIR, WEIGHTS_FILE, Origin, copy_directory, make_directory,
+                       model_card, replaced_directory, save_weights, write_atomic, write_json)
 from .layers import Conditioning
 
 
 def check_ids(name: str, ids: torch.Tensor, upper: int, *, what: str = "token id") -> None:
     """`ids` must be an integer [B, N] tensor with values in [0, upper)."""
     if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {type(ids).__name__} {getattr(ids, 'dtype', '')}".rstrip())
+        raise ArgumentError(f"{name} must be an integer tensor, got {type(ids).__name__} "
+                            f"{getattr(ids, 'dtype', '')}".rstrip())
     if ids.dim() != 2:
-        raise ValueError(f"{name} must have shape [batch, length], got {tuple(ids.shape)}")
+        raise ArgumentError(f"{name} must have shape [batch, length], got {tuple(ids.shape)}")
     if ids.numel():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= upper:
             bad = low if low < 0 else high
-            raise ValueError(f"{name} holds the {what} {bad}, outside [0, {upper})")
+            raise ArgumentError(f"{name} holds the {what} {bad}, outside [0, {upper})")
 
 
 def load_state(model: nn.Module, state: dict) -> None:
-    """`model.load_state_dict(state)`; what does not fit is a ValueError of one line (PyTorch's
+    """`model.load_state_dict(state)`; what does not fit is a CheckpointError of one line (PyTorch's
     first mismatch), for the caller to say which file it came from."""
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise ValueError(lines[1] if len(lines) > 1 else str(error)) from None
+        raise CheckpointError(lines[1] if len(lines) > 1 else str(error)) from None
 
 
 def check_attention_shape(config) -> None:
@@ -93,7 +95,7 @@ class PretrainedModel(nn.Module):
         with `keep_tokenizer=False`). `repo_id`: the Hub repository the directory is written for,
         which the card loads it from. Every file, and the tokenizer directory, is replaced atomically."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directory(directory)
         origin = self.origin or Origin(source="")
         values = {"model": self.config.to_dict()}
         target = directory / TOKENIZER_DIR
@@ -152,15 +154,15 @@ class TimeConditionedModel(PretrainedModel):
         device = self.sigma_map.mlp[0].weight.device
         if self.config.time_conditioning:
             if cond is None:
-                raise ValueError("this model is time-conditioned: pass cond, a [batch] tensor of noise levels sigma")
+                raise ArgumentError("this model is time-conditioned: pass cond, a [batch] tensor of noise levels sigma")
             sigma = torch.as_tensor(cond, device=device).float().reshape(-1)
             if sigma.numel() == 1:
                 sigma = sigma.expand(batch_size)
             if sigma.shape[0] != batch_size:
-                raise ValueError(f"cond has {sigma.shape[0]} noise levels for a batch of {batch_size}")
+                raise ArgumentError(f"cond has {sigma.shape[0]} noise levels for a batch of {batch_size}")
         else:
             if cond is not None:
-                raise ValueError("this model is not time-conditioned: cond must be None")
+                raise ArgumentError("this model is not time-conditioned: cond must be None")
             sigma = torch.zeros(1, device=device)
         return F.silu(self.sigma_map(sigma))
 
@@ -169,12 +171,12 @@ def check_labels(cond, batch_size: int, num_classes: int) -> None:
     """`cond` must hold one class label per row (or one for all) in [0, num_classes]; num_classes
     itself is the null class."""
     if cond is None:
-        raise ValueError(f"this model is class-conditional: pass cond, class labels in [0, {num_classes}] "
-                         f"({num_classes} = no class)")
+        raise ArgumentError(f"this model is class-conditional: pass cond, class labels in [0, {num_classes}] "
+                            f"({num_classes} = no class)")
     labels = torch.as_tensor(cond)
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.numel() not in (1, batch_size):
-        raise ValueError(f"cond must be an integer tensor of {batch_size} class labels, got {tuple(labels.shape)} "
-                         f"{labels.dtype}")
+        raise ArgumentError(f"cond must be an integer tensor of {batch_size} class labels, got {tuple(labels.shape)} "
+                            f"{labels.dtype}")
     if bool((labels < 0).any()) or bool((labels > num_classes).any()):
-        raise ValueError(f"class labels must lie in [0, {num_classes}] ({num_classes} = no class), got "
-                         f"{labels.min().item()}..{labels.max().item()}")
+        raise ArgumentError(f"class labels must lie in [0, {num_classes}] ({num_classes} = no class), got "
+                            f"{labels.min().item()}..{labels.max().item()}")

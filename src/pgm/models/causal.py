@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..config import require
+from ..errors import ArgumentError
 from .base import TokenTransformerConfig, check_ids
 from .dit import SelfAttentionStack
 from .layers import LayerCache
@@ -57,7 +58,7 @@ class CausalTransformer(SelfAttentionStack):
         if check_inputs:
             check_ids("tokens", tokens, self.config.vocab_size)
             if start + length > self.config.length:
-                raise ValueError(f"{start + length} positions exceed the model's length {self.config.length}")
+                raise ArgumentError(f"{start + length} positions exceed the model's length {self.config.length}")
         cond_vector = self.conditioning(cond, batch)
         rope = self.rotary_emb(torch.arange(start, start + length, device=tokens.device))
         x = self.vocab_embed(tokens)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, require
+from ..errors import ArgumentError
 from .base import PretrainedModel
 
 
@@ -61,8 +62,8 @@ class FeatureClassifier(PretrainedModel):
         """(features [B, feature_dim], logits [B, num_classes])."""
         expected = (self.config.in_channels, self.config.image_size, self.config.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape [batch, {', '.join(map(str, expected))}], "
-                             f"got {tuple(images.shape)}")
+            raise ArgumentError(f"images must have shape [batch, {', '.join(map(str, expected))}], "
+                                f"got {tuple(images.shape)}")
         features = self.feature(self.stages(images))
         return features, self.head(features)
 

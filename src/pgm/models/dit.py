@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import require
+from ..errors import ArgumentError
 from .base import TimeConditionedModel, TokenTransformerConfig, check_ids
 from .layers import FinalLayer, Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding
 
@@ -63,10 +64,10 @@ class MaskedDiffusionTransformer(SelfAttentionStack):
         if check_inputs:
             check_ids("tokens", tokens, self.config.vocab_size)
             if length > self.config.length:
-                raise ValueError(f"tokens have length {length}, longer than the model's length {self.config.length}")
+                raise ArgumentError(f"tokens have length {length}, longer than the model's length {self.config.length}")
             if lengths is not None and (lengths.shape != (batch,) or bool((lengths < 1).any())
                                         or bool((lengths > length).any())):
-                raise ValueError(f"lengths must be [{batch}] integers in [1, {length}], got {lengths.tolist()}")
+                raise ArgumentError(f"lengths must be [{batch}] integers in [1, {length}], got {lengths.tolist()}")
         cond_vector = self.conditioning(cond, batch)
         rope = self.rotary_emb(torch.arange(length, device=tokens.device))
         mask = None

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift, x, 1 + scale)
@@ -71,6 +73,25 @@ class GELUTanh(nn.Module):
         return gelu_tanh(x)
 
 
+def float32_norm(norm, x: torch.Tensor, **arguments) -> torch.Tensor:
+    """`norm(x, **arguments)` (`F.layer_norm`, `F.rms_norm`) computed in float32, as CUDA autocast runs
+    layer_norm, whatever the dtypes of `x` and of the parameter tensors among `arguments`; the result
+    is float32. All float32 and no autocast: the plain call, the same numbers bit for bit."""
+    # Under FSDP2's param_dtype=bfloat16 a norm gets bf16 parameters while its input may be float32
+    # (the PGM query adds a float32 position-sinusoid buffer, which is not cast). CPU's kernels refuse
+    # that mix ("mixed dtype (CPU)"), and CPU autocast, unlike CUDA's, does not lift layer_norm to
+    # float32. Casting the input down to the parameters' dtype instead would round it to bf16's 8 bits
+    # before the statistics are taken; upcasting loses nothing (a bf16 weight is exact in float32) and
+    # gives the CPU the numbers a GPU computes.
+    tensors = [value for value in arguments.values() if isinstance(value, torch.Tensor)]
+    if (x.dtype == torch.float32 and all(t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled(x.device.type)):
+        return norm(x, **arguments)
+    upcast = {name: value.float() if isinstance(value, torch.Tensor) else value for name, value in arguments.items()}
+    with torch.autocast(x.device.type, enabled=False):
+        return norm(x.float(), **upcast)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm computed in float32, scaled by a weight, without bias."""
 
@@ -80,11 +101,22 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
-            return F.layer_norm(x, (x.shape[-1],), self.weight, None, self.eps)
-        with torch.autocast(x.device.type, enabled=False):
-            x = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return x * self.weight
+        return float32_norm(F.layer_norm, x, normalized_shape=(x.shape[-1],), weight=self.weight, eps=self.eps)
+
+
+class Float32LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` (the same parameters, state_dict keys and initialisation) computed by `float32_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return float32_norm(F.layer_norm, x, normalized_shape=self.normalized_shape, weight=self.weight,
+                            bias=self.bias, eps=self.eps)
+
+
+class Float32RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` (the same parameters, state_dict keys and initialisation) computed by `float32_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return float32_norm(F.rms_norm, x, normalized_shape=self.normalized_shape, weight=self.weight, eps=self.eps)
 
 
 class TokenEmbedding(nn.Module):
@@ -249,7 +281,7 @@ def training_attention(kind: str):
     stays the default; no GPU has measured jagged yet. `pgm bench training --attention` times them."""
     global _training_attention
     if kind not in TRAINING_ATTENTIONS:
-        raise ValueError(f"training attention must be one of {', '.join(TRAINING_ATTENTIONS)}, got {kind!r}")
+        raise ConfigError(f"training attention must be one of {', '.join(TRAINING_ATTENTIONS)}, got {kind!r}")
     previous, _training_attention = _training_attention, kind
     try:
         yield

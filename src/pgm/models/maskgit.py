@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, require
+from ..errors import ArgumentError
 from .base import PretrainedModel, check_attention_shape, check_ids
 from .layers import Conditioning, merge_heads, modulate, modulations, split_heads, zero_init_
 
@@ -220,13 +221,13 @@ class MaskGITTransformer(PretrainedModel):
     def _check_inputs(self, codes: torch.Tensor, labels: torch.Tensor) -> None:
         check_ids("codes", codes, self.config.vocab_size, what="code")
         if codes.shape[1] != self.config.length:
-            raise ValueError(f"codes must hold {self.config.length} positions (a {self.config.grid_size}x"
-                             f"{self.config.grid_size} grid read row-major), got {codes.shape[1]}")
+            raise ArgumentError(f"codes must hold {self.config.length} positions (a {self.config.grid_size}x"
+                                f"{self.config.grid_size} grid read row-major), got {codes.shape[1]}")
         if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor, got {type(labels).__name__} "
-                             f"{getattr(labels, 'dtype', '')}".rstrip())
+            raise ArgumentError(f"labels must be an integer tensor, got {type(labels).__name__} "
+                                f"{getattr(labels, 'dtype', '')}".rstrip())
         if labels.shape != codes.shape[:1]:
-            raise ValueError(f"labels must have shape [batch] = ({codes.shape[0]},), got {tuple(labels.shape)}")
+            raise ArgumentError(f"labels must have shape [batch] = ({codes.shape[0]},), got {tuple(labels.shape)}")
         check_ids("labels", labels[None], self.config.num_classes + 1, what="class label")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -243,7 +244,7 @@ class MaskGITTransformer(PretrainedModel):
         else:
             if head is not None and head is not embedding and not head.is_meta and not embedding.is_meta \
                     and not torch.equal(head, embedding):
-                raise ValueError("head.weight differs from tok_emb.weight, but the model ties them")
+                raise ArgumentError("head.weight differs from tok_emb.weight, but the model ties them")
             state_dict["head.weight"] = embedding
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         # assign=True rebinds each name to its own new Parameter: tie them again.

@@ -37,10 +37,12 @@ import torch
 from torch import nn
 
 from ..config import require
+from ..errors import ArgumentError
 from .base import TimeConditionedModel, TokenTransformerConfig, check_ids, check_labels
 from .encoder_cache import EncoderCache, SlotPlan
-from .layers import (ClassEmbedding, CrossAttentionBlock, FinalLayer, GroupMask, Rotary, SelfAttentionBlock,
-                     TimestepEmbedder, TokenEmbedding, apply_rotary, attend, sinusoid, split_heads)
+from .layers import (ClassEmbedding, CrossAttentionBlock, FinalLayer, Float32LayerNorm, Float32RMSNorm, GroupMask,
+                     Rotary, SelfAttentionBlock, TimestepEmbedder, TokenEmbedding, apply_rotary, attend, sinusoid,
+                     split_heads)
 
 PreQueryMode = Literal["learn", "learn+freqs", "learn+freqs+mean", "learn+freqs+logsumexp"]
 
@@ -100,7 +102,8 @@ class GroupSwap(nn.Module):
         self.num_heads = config.num_heads
         self.mode = config.pre_query_mode
         self.base_embedding = nn.Parameter(torch.randn(1, hidden))
-        self.pre_query_norm = nn.LayerNorm(hidden) if config.query_norm == "layernorm" else nn.RMSNorm(hidden)
+        self.pre_query_norm = (Float32LayerNorm(hidden) if config.query_norm == "layernorm"
+                               else Float32RMSNorm(hidden))
         if config.query_processor == "linear":
             self.query_processor = nn.Linear(hidden, hidden)
         else:
@@ -218,11 +221,12 @@ class PartitionTransformer(TimeConditionedModel):
         if check_inputs:
             self._check_common("tokens", tokens, cond, batch)
             if length > self.config.length:
-                raise ValueError(f"tokens have length {length}, longer than the model's length {self.config.length}")
+                raise ArgumentError(f"tokens have length {length}, longer than the model's length {self.config.length}")
             if groups.shape != tokens.shape:
-                raise ValueError(f"groups has shape {tuple(groups.shape)} but tokens have shape {tuple(tokens.shape)}")
+                raise ArgumentError(f"groups has shape {tuple(groups.shape)} but tokens have shape "
+                                    f"{tuple(tokens.shape)}")
             if groups.dtype != torch.bool and not bool(((groups == 0) | (groups == 1)).all()):
-                raise ValueError("groups must hold only 0 and 1")
+                raise ArgumentError("groups must hold only 0 and 1")
         groups = groups.bool()  # [B, L]
         cond_vector = self.conditioning(cond, batch)  # [B or 1, C]
         x = self.vocab_embed(tokens)  # [B, L, D]
@@ -370,16 +374,16 @@ class PartitionTransformer(TimeConditionedModel):
         check_ids("clean_positions", clean_positions, length, what="position")
         check_ids("query_positions", query_positions, length, what="position")
         if clean_positions.shape != clean_tokens.shape:
-            raise ValueError(f"clean_positions has shape {tuple(clean_positions.shape)} "
-                             f"but clean_tokens has shape {tuple(clean_tokens.shape)}")
+            raise ArgumentError(f"clean_positions has shape {tuple(clean_positions.shape)} "
+                                f"but clean_tokens has shape {tuple(clean_tokens.shape)}")
         batch, num_clean = clean_tokens.shape
         if query_positions.shape[0] != batch:
-            raise ValueError(f"query_positions has batch size {query_positions.shape[0]}, clean_tokens {batch}")
+            raise ArgumentError(f"query_positions has batch size {query_positions.shape[0]}, clean_tokens {batch}")
         if lengths is not None:
             if lengths.shape != (batch,) or lengths.dtype.is_floating_point:
-                raise ValueError(f"lengths must be an integer tensor of shape [{batch}], got {tuple(lengths.shape)}")
+                raise ArgumentError(f"lengths must be an integer tensor of shape [{batch}], got {tuple(lengths.shape)}")
             if bool((lengths < 0).any()) or bool((lengths > num_clean).any()):
-                raise ValueError(f"lengths must lie in [0, {num_clean}], the number of clean columns")
+                raise ArgumentError(f"lengths must lie in [0, {num_clean}], the number of clean columns")
             valid = torch.arange(num_clean, device=lengths.device) < lengths[:, None]
         else:
             valid = torch.ones_like(clean_positions, dtype=torch.bool)
@@ -391,5 +395,5 @@ class PartitionTransformer(TimeConditionedModel):
         if bool(repeated.any()):
             row = int(repeated.any(1).nonzero()[0])
             position = int(ordered[row, 1:][repeated[row]][0])
-            raise ValueError(f"position {position} appears more than once among the clean and query positions "
-                             f"of row {row}")
+            raise ArgumentError(f"position {position} appears more than once among the clean and query positions "
+                                f"of row {row}")

@@ -17,11 +17,12 @@ import dataclasses
 from typing import ClassVar
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from .base import PretrainedModel, check_ids
 from ..config import ModelConfig, require
+from ..errors import ArgumentError
+from .base import PretrainedModel, check_ids
 
 # Rows of latents compared with the whole codebook at once: bounds the [rows, codebook_size]
 # distance matrix (VQ-8 encodes 1024 latents per image against 16384 codes).
@@ -331,8 +332,8 @@ class VQModel(PretrainedModel):
         if (not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != self.config.in_channels
                 or images.shape[2] % factor or images.shape[3] % factor):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a float tensor [batch, {self.config.in_channels}, H, W] with H and W "
-                             f"divisible by {factor}, got {shape}")
+            raise ArgumentError(f"images must be a float tensor [batch, {self.config.in_channels}, H, W] with H and W "
+                                f"divisible by {factor}, got {shape}")
 
     def quantize_latents(self, latents: torch.Tensor):
         """latents [B, codebook_dim, h, w] -> (quantized [B, codebook_dim, h, w] with a straight-through
@@ -348,13 +349,14 @@ class VQModel(PretrainedModel):
         """codes [B, h*w] (a grid_size x grid_size grid) or [B, h, w] -> images [B, C, H, W], not clamped."""
         if not isinstance(codes, torch.Tensor) or codes.dim() not in (2, 3):
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
-            raise ValueError(f"codes must have shape [batch, height*width] or [batch, height, width], got {shape}")
+            raise ArgumentError(f"codes must have shape [batch, height*width] or [batch, height, width], got {shape}")
         check_ids("codes", codes.flatten(1), self.config.codebook_size, what="code id")
         if codes.dim() == 2:
             side = self.config.grid_size
             if codes.shape[1] != side * side:
-                raise ValueError(f"codes hold {codes.shape[1]} ids per image but this tokenizer's grid is {side}x{side}"
-                                 f" = {side * side}; pass [batch, height, width] codes for other sizes")
+                raise ArgumentError(f"codes hold {codes.shape[1]} ids per image but this tokenizer's grid is "
+                                    f"{side}x{side}"
+                                    f" = {side * side}; pass [batch, height, width] codes for other sizes")
             codes = codes.reshape(-1, side, side)
         return self.decode_latents(self.quantize.lookup(codes))
 

@@ -1,5 +1,6 @@
 """Schedules, partition and mask sampling, and the losses/ELBOs of each model kind."""
 
+from ..errors import ConfigError
 from .image import ImagePartitionObjective, MaskGITObjective, VQObjective
 from .losses import LossOutput, model_config, token_nll
 from .schedules import LogLinearSchedule, arccos_share, sample_times
@@ -23,7 +24,7 @@ def objective_for(model, *, complement: str = "exact", label_dropout: float = 0.
         return MaskGITObjective(label_dropout=label_dropout)
     if config.kind == "vq":
         return VQObjective()
-    raise ValueError(f"no objective for model kind {config.kind!r}")
+    raise ConfigError(f"no objective for model kind {config.kind!r}")
 
 
 __all__ = [

@@ -27,6 +27,7 @@ import dataclasses
 
 import torch
 
+from ..errors import ConfigError
 from .text import draw_noise
 
 DIVERGENCES = ("kl-bwd", "kl-fwd", "tv", "mse")
@@ -87,4 +88,4 @@ def divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch
     if kind == "mse":
         kept = (student > SUPPRESSED_LOG_PROB).sum(-1)
         return (student - teacher).square().sum(-1) / kept
-    raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {kind!r}")
+    raise ConfigError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {kind!r}")

@@ -15,6 +15,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
 from .losses import LossOutput, finish, model_config, token_nll
 from .schedules import arccos_share
 
@@ -125,5 +126,5 @@ class VQObjective:
 
 def _require(labels):
     if labels is None:
-        raise ValueError("a class-conditional model trains on labelled images, but the data has no labels")
+        raise DataError("a class-conditional model trains on labelled images, but the data has no labels")
     return labels

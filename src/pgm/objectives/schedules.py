@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from ..errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class LogLinearSchedule:
@@ -20,7 +22,7 @@ class LogLinearSchedule:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eps < 1.0:
-            raise ValueError(f"the schedule's eps must lie in [0, 1), got {self.eps}")
+            raise ConfigError(f"the schedule's eps must lie in [0, 1), got {self.eps}")
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         return 1 - (1 - self.eps) * t

@@ -24,8 +24,8 @@ to generate (`GenerationRequest`) and how (`pgm.sampling.settings.SamplerSetting
 - load.py: `load` and `convert`.
 """
 
-from .base import Pipeline, SamplingPlan
 from ..pictures import to_pictures
+from .base import Pipeline, SamplingPlan
 from .image import ImagePipeline, VQPipeline
 from .load import convert, load
 from .request import GenerationRequest, Samples, StepEvent, Stream

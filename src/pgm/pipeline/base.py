@@ -13,7 +13,9 @@ import torch
 
 from ..data import data_directory, load_prepared
 from ..devices import Precision, autocast, describe_precision, synchronize
+from ..errors import ArgumentError
 from ..eval import validation_elbo
+from ..eval.perplexity import seed_for
 from ..objectives import objective_for
 from ..runs import read_run_config
 from ..sampling import StepUpdate, run_to_end
@@ -23,6 +25,7 @@ from .request import GenerationRequest, Samples, StepEvent, Stream, positive
 # GPT-2's longest token has 128 bytes and a character at least one, so a text of more characters than
 # this per position of the model takes more tokens than it has positions (with any tokenizer we ship).
 CHARACTERS_PER_POSITION = 128
+SAMPLE_CHUNK = 512  # rows drawn at a time by `chunks` and `generate`: any request in bounded memory
 
 
 @dataclasses.dataclass
@@ -37,6 +40,33 @@ class SamplingPlan:
     finish: Callable[[torch.Tensor, float], Samples]
     event: Callable[[StepUpdate, float], StepEvent]
     given: Callable[[], StepEvent]
+
+
+def _joined(parts: list[Samples], units: int, copies: int) -> Samples:
+    """Image chunks, each a few copies of every one of `units` classes or images (unit by unit), as
+    the one `Samples` of the whole request: every unit's `copies` rows together, in its order."""
+    order, offset = [[] for _ in range(units)], 0
+    for part in parts:
+        each = len(part.outputs) // units
+        for unit in range(units):
+            order[unit] += range(offset + unit * each, offset + (unit + 1) * each)
+        offset += len(part.outputs)
+    rows = [row for unit in order for row in unit]
+
+    def joined(name):
+        values = [getattr(part, name) for part in parts]
+        if values[0] is None:
+            return None
+        if isinstance(values[0], torch.Tensor):
+            return torch.cat(values)[rows]
+        every = [item for value in values for item in value]
+        return [every[row] for row in rows]
+
+    first = parts[0]
+    return Samples(joined("outputs"), joined("tokens"), joined("known"), first.steps,
+                   sum(part.seconds for part in parts), sum(part.generated for part in parts),
+                   settings={**first.settings, "num_samples": copies}, labels=joined("labels"),
+                   images=joined("images"), originals=joined("originals"))
 
 
 class Pipeline:
@@ -75,12 +105,60 @@ class Pipeline:
     # --- generation ---------------------------------------------------------------------------
 
     def generate(self, **arguments) -> list:
-        """Texts (text models) or PIL images (image models) for a request; see `GenerationRequest`
-        and `SamplerSettings` for the arguments."""
+        """Texts (text models) or PIL images (image models) for a request, in its order; see
+        `GenerationRequest` and `SamplerSettings` for the arguments. A request of more than
+        SAMPLE_CHUNK rows is drawn a chunk at a time (`chunks`), so only its outputs add up."""
+        if self.modality == "text":
+            return [output for part in self.chunks(**arguments) for output in part.outputs]
         return self.sample(**arguments).outputs
 
     def sample(self, **arguments) -> Samples:
-        """`generate`, with the tokens and the timing."""
+        """`generate`, with the tokens and the timing. Text is drawn as one batch (its rows may differ
+        in length from template to template: `chunks` bounds a large request); images a chunk at a
+        time, put back in the request's order."""
+        if self.modality == "text":
+            return self._drawn(arguments)
+        parts = list(self.chunks(**arguments))
+        if len(parts) == 1:
+            return parts[0]
+        request = GenerationRequest.from_arguments(dict(arguments))
+        copies = positive("num_samples", request.num_samples, 1)
+        return _joined(parts, self.rows(request) // copies, copies)
+
+    def chunks(self, chunk_rows: int | None = None, **arguments) -> Iterator[Samples]:
+        """The samples of a request, at most `chunk_rows` (default SAMPLE_CHUNK) rows at a time, each
+        drawn when the last is taken, so that a request of any size runs in the memory of one chunk.
+        Text: each prompt or template in turn, its copies in chunks (the request's order); images: a
+        few copies of every class or image per chunk. The first chunk draws with the request's seed,
+        so a request of one chunk is drawn as it always was; the others with seeds derived from it."""
+        request = GenerationRequest.from_arguments(dict(arguments))
+        chunk_rows = positive("chunk_rows", chunk_rows, SAMPLE_CHUNK)
+        total = self.rows(request)
+        if total <= chunk_rows:
+            yield self._drawn(arguments)
+            return
+        copies = positive("num_samples", request.num_samples, 1)
+        for number, part in enumerate(self._chunked(arguments, copies, total // copies, chunk_rows)):
+            yield self._drawn({**part, "seed": request.seed if number == 0 else seed_for(request.seed, number)})
+
+    def _chunked(self, arguments: dict, copies: int, units: int, chunk_rows: int) -> Iterator[dict]:
+        """The arguments of each chunk of a request of `copies` x `units` rows (see `chunks`)."""
+        if self.modality != "text":
+            per_chunk = max(1, chunk_rows // units)
+            for start in range(0, copies, per_chunk):
+                yield {**arguments, "num_samples": min(per_chunk, copies - start)}
+            return
+        given = [(name, text) for name in ("prompt", "infill") if arguments.get(name) is not None
+                 for text in ([arguments[name]] if isinstance(arguments[name], str) else arguments[name])]
+        for name, text in given or [(None, None)]:
+            for start in range(0, copies, chunk_rows):
+                part = {**arguments, "num_samples": min(chunk_rows, copies - start)}
+                if name is not None:
+                    part[name] = text
+                yield part
+
+    def _drawn(self, arguments: dict) -> Samples:
+        """A request drawn as one batch."""
         plan = self.plan(GenerationRequest.from_arguments(arguments))
         synchronize(self.device)
         started = time.perf_counter()
@@ -111,7 +189,7 @@ class Pipeline:
 
     def plan(self, request: GenerationRequest) -> SamplingPlan:
         """A request checked (every argument, once) and turned into a `SamplingPlan`."""
-        raise ValueError(f"{self.name} holds a {self.config.kind} model, which does not generate")
+        raise ArgumentError(f"{self.name} holds a {self.config.kind} model, which does not generate")
 
     def checked(self, request: GenerationRequest) -> None:
         """Refuse the inputs of the other modality and arguments of the wrong type."""
@@ -119,8 +197,8 @@ class Pipeline:
         given = request.given(other)
         if given:
             article = "an" if self.modality == "image" else "a"
-            raise ValueError(f"{given[0]} applies to {other} models; {self.name} holds {article} {self.modality} "
-                             f"{self.config.kind} model")
+            raise ArgumentError(f"{given[0]} applies to {other} models; {self.name} holds {article} {self.modality} "
+                                f"{self.config.kind} model")
         request.check_types()
         # A text that cannot fit is refused by its size before the tokenizer spends seconds on megabytes.
         limit = self.config.length * CHARACTERS_PER_POSITION
@@ -129,8 +207,8 @@ class Pipeline:
             for number, text in enumerate([value] if isinstance(value, str) else
                                           value if isinstance(value, (list, tuple)) else [], 1):
                 if isinstance(text, str) and len(text) > limit:
-                    raise ValueError(f"{name} {number} has {len(text)} characters, more than the model's "
-                                     f"{self.config.length} positions can hold (at most {limit})")
+                    raise ArgumentError(f"{name} {number} has {len(text)} characters, more than the model's "
+                                        f"{self.config.length} positions can hold (at most {limit})")
 
     def rows(self, request: GenerationRequest) -> int:
         """The samples `request` asks for, before any of its work (see `GenerationRequest.rows`)."""
@@ -160,7 +238,7 @@ class Pipeline:
 
     def _run(self) -> Path:
         if self.run is None:
-            raise ValueError(f"{self.name} is not a training run, so it has no validation data to evaluate on")
+            raise ArgumentError(f"{self.name} is not a training run, so it has no validation data to evaluate on")
         return self.run
 
     def validation(self, *, passes: int | None = None, rows: int = 0, batch_size: int = 32, seed: int = 0):
@@ -168,16 +246,18 @@ class Pipeline:
         Monte-Carlo passes (default 4; an autoregressive model and a VQ are exact in one)."""
         exact = self.config.kind in ("ar", "vq")
         if exact and passes not in (None, 1):
-            raise ValueError(f"passes applies to a Monte-Carlo ELBO; a {self.config.kind} model's validation is exact "
-                             "in one pass: leave passes out")
+            raise ArgumentError(f"passes applies to a Monte-Carlo ELBO; a {self.config.kind} model's validation is "
+                                "exact "
+                                "in one pass: leave passes out")
         passes = positive("passes", passes, default=1 if exact else 4)
         positive("batch_size", batch_size)
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-            raise ValueError(f"rows must be a non-negative integer (0: all), got {rows!r}")
+            raise ArgumentError(f"rows must be a non-negative integer (0: all), got {rows!r}")
         data = self.data
         if rows > len(data.val):
-            raise ValueError(f"rows={rows} is more than the {len(data.val)} validation rows of {self.name}: leave it "
-                             "out (0) to score them all")
+            raise ArgumentError(f"rows={rows} is more than the {len(data.val)} validation rows of {self.name}: leave "
+                                "it "
+                                "out (0) to score them all")
         indices = range(rows) if rows else None
         return validation_elbo(self.model, objective_for(self.model), data.val, indices=indices,
                                batch_size=batch_size, passes=passes, seed=seed, device=self.device,

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from ..data.image_sets import fit_size
+from ..errors import SamplingError
 from ..eval.fid import DEFAULT_CLASSIFIER, FeatureStatistics, frechet_distance, inception_score, load_feature_extractor
 from ..eval.image_metrics import (claim_shards, image_quality, reconstruction_quality, reference_labels,
-                           reference_statistics, settings_key, sharded_features, spread_labels)
+                                  reference_statistics, settings_key, sharded_features, spread_labels)
 from ..pictures import to_pictures
 from ..sampling import StepUpdate, generate_codes, iterate_codes
 from ..sampling.codes import region_mask
@@ -34,7 +35,7 @@ class ImagePipeline(Pipeline):
         self.checked(request)
         copies = positive("num_samples", request.num_samples, 1)
         if request.images is not None and request.known is None:
-            raise ValueError("images are completed from the region given by known (e.g. known='left')")
+            raise SamplingError("images are completed from the region given by known (e.g. known='left')")
         labels, known_codes = self._labels_and_known(request)
         known_cells = originals = None
         if known_codes is not None:
@@ -89,8 +90,8 @@ class ImagePipeline(Pipeline):
         classes, config = request.classes, self.config
         if classes is None:
             if config.num_classes > EVERY_CLASS:
-                raise ValueError(f"{self.name} has {config.num_classes} classes: choose some with classes "
-                                 "(--classes 207 360)")
+                raise SamplingError(f"{self.name} has {config.num_classes} classes: choose some with classes "
+                                    "(--classes 207 360)")
             classes = list(range(config.num_classes))
         return parse_classes(classes, self.class_names, config.num_classes), None
 
@@ -103,21 +104,21 @@ class ImagePipeline(Pipeline):
         if images is None or (isinstance(images, int) and not isinstance(images, bool)):
             count = VALIDATION_IMAGES if images is None else images
             if request.classes is not None:
-                raise ValueError("the run's validation images are completed with their own labels; drop classes")
+                raise SamplingError("the run's validation images are completed with their own labels; drop classes")
             data = self.data
             count = positive("images", count)
             if count > len(data.val):
-                raise ValueError(f"the run has {len(data.val)} validation images, fewer than {count}")
+                raise SamplingError(f"the run has {len(data.val)} validation images, fewer than {count}")
             tokens, _ = data.val[list(range(count))]
             return data.val.labels_of(range(count)).tolist(), tokens[:, 1:]
         pictures = list(images) if isinstance(images, (list, tuple)) else [images]
         if not pictures:
-            raise ValueError("images is empty: give the images to complete, or a number of validation images")
+            raise SamplingError("images is empty: give the images to complete, or a number of validation images")
         codes = torch.as_tensor(self.tokenizer.encode(np.stack([self._pixels(p) for p in pictures]))[:, 1:])
         classes = request.classes if request.classes is not None else ["none"]
         labels = parse_classes(classes, self.class_names, self.config.num_classes)
         if len(labels) not in (1, len(pictures)):
-            raise ValueError(f"give one class for all {len(pictures)} images or one for each, not {len(labels)}")
+            raise SamplingError(f"give one class for all {len(pictures)} images or one for each, not {len(labels)}")
         return labels * len(pictures) if len(labels) == 1 else labels, codes
 
     def _pixels(self, picture) -> np.ndarray:
@@ -131,15 +132,15 @@ class ImagePipeline(Pipeline):
                 with Image.open(picture) as opened:
                     picture = opened.convert(mode)
             except (OSError, UnidentifiedImageError) as error:
-                raise ValueError(f"cannot read the image {picture} ({error})") from None
+                raise SamplingError(f"cannot read the image {picture} ({error})") from None
         if isinstance(picture, Image.Image):
             array = np.asarray(picture if picture.mode == mode else picture.convert(mode))
             array = array[None] if channels == 1 else array.transpose(2, 0, 1)
         else:
             array = np.asarray(picture.cpu() if isinstance(picture, torch.Tensor) else picture)
             if array.dtype != np.uint8 or array.ndim != 3 or array.shape[0] != channels:
-                raise ValueError(f"an image array must be uint8 [{channels}, H, W], got {array.dtype} "
-                                 f"{list(array.shape)}")
+                raise SamplingError(f"an image array must be uint8 [{channels}, H, W], got {array.dtype} "
+                                    f"{list(array.shape)}")
         return fit_size(array[None], size)[0]
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -192,8 +193,8 @@ class ImagePipeline(Pipeline):
         given, classes = reference_labels(reference)
         labels = spread_labels(given, num_samples, self.config.num_classes)
         if classes and classes != self.config.num_classes:
-            raise ValueError(f"the reference {reference} has {classes} class folders but the model "
-                             f"{self.config.num_classes} classes: its labels would not be the model's")
+            raise SamplingError(f"the reference {reference} has {classes} class folders but the model "
+                                f"{self.config.num_classes} classes: its labels would not be the model's")
 
         def make_images(part: list[int], generator: torch.Generator) -> torch.Tensor:
             with self.autocast():
@@ -235,8 +236,8 @@ class VQPipeline(Pipeline):
     modality = "vq"
 
     def plan(self, request):
-        raise ValueError(f"{self.name} holds a VQ autoencoder: it reconstructs images; sample from a PGM or "
-                         "MaskGIT trained on its codes")
+        raise SamplingError(f"{self.name} holds a VQ autoencoder: it reconstructs images; sample from a PGM or "
+                            "MaskGIT trained on its codes")
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """The VQ model with the pixel tokenizer it reads, and its model card."""
@@ -257,13 +258,13 @@ def parse_classes(items, class_names: list[str], num_classes: int) -> list[int]:
     """Class labels from numbers or names (case-insensitive; one, or a list); "none" is the null class."""
     items = list(items) if isinstance(items, (list, tuple)) else [items]
     if not items:
-        raise ValueError("classes is empty: give class numbers or names (or leave it out for every class)")
+        raise SamplingError("classes is empty: give class numbers or names (or leave it out for every class)")
     lowered = [name.lower() for name in class_names]
     labels = []
     for item in items:
         text = str(item).strip().lower()
         if isinstance(item, bool) or not isinstance(item, (int, str, np.integer)):
-            raise ValueError(f"a class is a number or a name, got {item!r}")
+            raise SamplingError(f"a class is a number or a name, got {item!r}")
         if text in ("none", "null"):
             labels.append(num_classes)
         elif text.isdecimal() and int(text) < num_classes:
@@ -272,7 +273,7 @@ def parse_classes(items, class_names: list[str], num_classes: int) -> list[int]:
             labels.append(lowered.index(text))
         else:
             names = f", or one of {', '.join(class_names)}" if class_names else ""
-            raise ValueError(f"unknown class {item!r}: give a number below {num_classes}, none{names}")
+            raise SamplingError(f"unknown class {item!r}: give a number below {num_classes}, none{names}")
     return labels
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..data import DataError, load_tokenizer
+from ..data import load_tokenizer
 from ..data.tokenizers import GPT2Tokenizer, named_tokenizer
 from ..devices import Precision, describe_precision, resolve_device
+from ..errors import ArgumentError, DataError
 from ..formats import TOKENIZER_DIR, replaced_directory
 from ..hub import from_pretrained, is_transformers_directory
 from ..models import is_image_model
@@ -41,22 +42,22 @@ def load(source: str | Path, *, device: str | torch.device = "auto", weights: st
     model = from_pretrained(source, weights=weights, revision=revision, token=token, **import_options)
     config, origin = model.config, model.origin
     if compile and config.kind not in ("pgm", "mdlm", "maskgit"):
-        raise ValueError(f"compile applies to sampling a PGM, MDLM or MaskGIT; {source} holds a {config.kind} model")
+        raise ArgumentError(f"compile applies to sampling a PGM, MDLM or MaskGIT; {source} holds a {config.kind} model")
     if config.kind == "classifier":
-        raise ValueError(f"{source} holds the feature classifier of `pgm eval --fid`, not a generative model")
+        raise ArgumentError(f"{source} holds the feature classifier of `pgm eval --fid`, not a generative model")
     if vq is not None and not is_image_model(config):
-        raise ValueError(f"vq applies to image models; {source} holds a {config.kind} model")
+        raise ArgumentError(f"vq applies to image models; {source} holds a {config.kind} model")
     if gpt2_file is not None and (is_image_model(config) or origin.tokenizer_dir is not None
                                   or not (origin.tokenizer_name or "").startswith("gpt2")):
-        raise ValueError(f"gpt2_file is for checkpoints that name GPT-2's tokenizer without carrying it; {source} "
-                         "does not")
+        raise ArgumentError(f"gpt2_file is for checkpoints that name GPT-2's tokenizer without carrying it; {source} "
+                            "does not")
     if config.kind == "vq":
         return VQPipeline(model.to(device), VQTokenizer(model, Path(origin.source)), device, precision, str(source))
     if is_image_model(config):
         tokenizer_dir = Path(vq) if vq is not None else origin.tokenizer_dir
         if tokenizer_dir is None:
-            raise ValueError(f"{source} names no VQ tokenizer to decode its codes: pass vq=PATH (--vq PATH), a VQ "
-                             "directory or LlamaGen's vq_ds8_c2i.pt")
+            raise ArgumentError(f"{source} names no VQ tokenizer to decode its codes: pass vq=PATH (--vq PATH), a VQ "
+                                "directory or LlamaGen's vq_ds8_c2i.pt")
         tokenizer = _checked_vq(model, tokenizer_dir, source)
         tokenizer.model.to(device)
         return ImagePipeline(model.to(device), tokenizer, device, precision, str(source), compile)
@@ -65,11 +66,11 @@ def load(source: str | Path, *, device: str | torch.device = "auto", weights: st
     elif origin.tokenizer_name:
         tokenizer = named_tokenizer(origin.tokenizer_name, gpt2_file)
     else:
-        raise ValueError(f"{source} has no tokenizer (no tokenizer/ directory and none named), so its samples "
-                         "cannot be turned into text")
+        raise ArgumentError(f"{source} has no tokenizer (no tokenizer/ directory and none named), so its samples "
+                            "cannot be turned into text")
     if tokenizer.model_vocab_size > config.vocab_size:
-        raise ValueError(f"the tokenizer of {source} has {tokenizer.model_vocab_size} ids but the model only "
-                         f"{config.vocab_size}")
+        raise ArgumentError(f"the tokenizer of {source} has {tokenizer.model_vocab_size} ids but the model only "
+                            f"{config.vocab_size}")
     return TextPipeline(model.to(device), tokenizer, device, precision, str(source), compile)
 
 
@@ -83,21 +84,21 @@ def convert(checkpoint: str | Path, out_dir: str | Path, *, weights: str | None 
     directory and what it says of the tokenizer."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not checkpoint.is_file() and not is_transformers_directory(checkpoint):
-        raise ValueError(f"{checkpoint} is neither a checkpoint file nor a directory in kuleshov-group/mdlm-owt's "
-                         "transformers layout")
+        raise ArgumentError(f"{checkpoint} is neither a checkpoint file nor a directory in kuleshov-group/mdlm-owt's "
+                            "transformers layout")
     if (out_dir / CHECKPOINTS).exists():
-        raise ValueError(f"{out_dir} is a training run; choose another output directory")
+        raise ArgumentError(f"{out_dir} is a training run; choose another output directory")
     model = from_pretrained(checkpoint, weights=weights, **import_options)
     image = is_image_model(model.config)
     if (vq is not None or vq_reference) and not image:
-        raise ValueError(f"vq applies to image models; {checkpoint} holds a {model.config.kind} model")
+        raise ArgumentError(f"vq applies to image models; {checkpoint} holds a {model.config.kind} model")
     if gpt2_file is not None and not (model.origin.tokenizer_name or "").startswith("gpt2"):
-        raise ValueError(f"gpt2_file is for checkpoints that name GPT-2's tokenizer; {checkpoint} does not")
+        raise ArgumentError(f"gpt2_file is for checkpoints that name GPT-2's tokenizer; {checkpoint} does not")
     tokenizer = None
     if image and vq is not None:
         tokenizer = _checked_vq(model, vq, checkpoint)
     elif vq_reference:
-        raise ValueError("vq_reference names the VQ given as vq; give vq")
+        raise ArgumentError("vq_reference names the VQ given as vq; give vq")
     elif (model.origin.tokenizer_name or "").startswith("gpt2"):
         try:
             tokenizer = GPT2Tokenizer(gpt2_file)
@@ -126,6 +127,7 @@ def _checked_vq(model, vq: str | Path, source) -> VQTokenizer:
     if (tokenizer.codebook_size, tokenizer.num_tokens) != (codes, cells):
         hint = (f" (an image PGM's length is not in its weights: for this VQ it is {1 + tokenizer.num_tokens}, given "
                 "as length or --length)" if config.kind == "pgm" and tokenizer.codebook_size == codes else "")
-        raise ValueError(f"the VQ tokenizer {vq} makes {tokenizer.num_tokens} codes of {tokenizer.codebook_size} per "
-                         f"image, but the model {source} was trained on {cells} of {codes}{hint}")
+        raise ArgumentError(f"the VQ tokenizer {vq} makes {tokenizer.num_tokens} codes of {tokenizer.codebook_size} "
+                            "per "
+                            f"image, but the model {source} was trained on {cells} of {codes}{hint}")
     return tokenizer

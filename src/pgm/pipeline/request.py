@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..errors import SamplingError
 from ..sampling.codes import REGIONS
 from ..sampling.settings import SamplerSettings
 
@@ -57,7 +58,7 @@ class GenerationRequest:
         unknown = sorted(set(inputs) - set(names))
         if unknown:
             every = names + sorted(SamplerSettings.names())
-            raise ValueError(f"unknown argument {unknown[0]!r}; the arguments are {', '.join(every)}")
+            raise SamplingError(f"unknown argument {unknown[0]!r}; the arguments are {', '.join(every)}")
         return cls(**inputs, settings=settings)
 
     @classmethod
@@ -93,10 +94,10 @@ class GenerationRequest:
     def check_types(self) -> None:
         """What a server passes is what a client sent: the plain arguments' types."""
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 64:
-            raise ValueError(f"seed must be an integer in [0, 2^64), got {self.seed!r}")
+            raise SamplingError(f"seed must be an integer in [0, 2^64), got {self.seed!r}")
         for name in ("stop_at_eos", "mark"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise SamplingError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass
@@ -181,21 +182,21 @@ class Stream:
 def positive(name: str, value, default=None):
     value = default if value is None else value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise SamplingError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
 def strings(name: str, value) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(item, str) for item in items):
-        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+        raise SamplingError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
     for number, item in enumerate(items, 1):
         try:
             item.encode("utf-8")
         except UnicodeEncodeError as error:  # a lone surrogate: what Python makes of bytes that are not UTF-8
             which = f"item {number} of {name}" if len(items) > 1 else name
-            raise ValueError(f"{which} is not valid text: character {error.start} is not Unicode (bytes that are "
-                             "not UTF-8?)") from None
+            raise SamplingError(f"{which} is not valid text: character {error.start} is not Unicode (bytes that are "
+                                "not UTF-8?)") from None
     return list(items)
 
 
@@ -209,6 +210,6 @@ def settings_of(arguments: dict) -> SamplerSettings:
     """The sampler settings among keyword arguments that may hold nothing else."""
     others, settings = SamplerSettings.split(arguments)
     if others:
-        raise ValueError(f"unknown argument {sorted(others)[0]!r}; the sampler settings are "
-                         f"{', '.join(sorted(SamplerSettings.names()))}")
+        raise SamplingError(f"unknown argument {sorted(others)[0]!r}; the sampler settings are "
+                            f"{', '.join(sorted(SamplerSettings.names()))}")
     return settings

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import SamplingError
 from ..eval import generative_perplexity, load_evaluator, score_sequences
 from ..generation import decode_samples, iterate_text, known_from_text
 from ..objectives import objective_for
@@ -25,10 +26,10 @@ class TextPipeline(Pipeline):
         prompts = strings("prompt", request.prompt) if request.prompt is not None else []
         templates = strings("infill", request.infill) if request.infill is not None else []
         if templates and kind == "ar":
-            raise ValueError("an autoregressive model can only continue a prompt; infilling needs a PGM or MDLM")
+            raise SamplingError("an autoregressive model can only continue a prompt; infilling needs a PGM or MDLM")
         length = request.length
         if length is not None and (isinstance(length, bool) or not isinstance(length, int)):
-            raise ValueError(f"length must be an integer, got {length!r}")
+            raise SamplingError(f"length must be an integer, got {length!r}")
         known_tokens, known_mask = known_from_text(self.tokenizer, length=length, max_length=self.config.length,
                                                    prompts=prompts, templates=templates, copies=copies)
         settings = self.resolved(request.settings, int((~known_mask).sum(1).max()))
@@ -63,16 +64,17 @@ class TextPipeline(Pipeline):
         texts = strings("texts", texts)
         positive("passes", passes)
         if self.config.kind == "ar" and passes != 1:
-            raise ValueError("passes applies to a Monte-Carlo ELBO; an autoregressive model's scores are exact in one "
-                             "pass: leave passes out")
+            raise SamplingError("passes applies to a Monte-Carlo ELBO; an autoregressive model's scores are exact in "
+                                "one "
+                                "pass: leave passes out")
         positive("batch_size", batch_size)
         sequences = [[self.tokenizer.bos_id, *ids] for ids in self.tokenizer.encode_batch(texts)]
         for number, ids in enumerate(sequences, 1):
             if len(ids) > self.config.length:
-                raise ValueError(f"text {number} takes {len(ids) - 1} tokens + BOS, more than the model's "
-                                 f"{self.config.length} positions")
+                raise SamplingError(f"text {number} takes {len(ids) - 1} tokens + BOS, more than the model's "
+                                    f"{self.config.length} positions")
             if len(ids) < 2:
-                raise ValueError(f"text {number} is empty")
+                raise SamplingError(f"text {number} is empty")
         return score_sequences(self.model, objective_for(self.model), sequences, passes=passes, seed=seed,
                                batch_size=batch_size, device=self.device, autocast=self.autocast)
 

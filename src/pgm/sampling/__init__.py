@@ -5,8 +5,8 @@ generator (`iterate_*`) that yields a `StepUpdate` after every step and returns 
 
 from .ar import iterate_autoregressive, sample_autoregressive
 from .categorical import SamplingOptions, filter_top_p, sample_categorical, sample_scored
-from .common import StepUpdate, run_to_end
 from .codes import generate_codes, iterate_codes
+from .common import StepUpdate, run_to_end
 from .mdlm import iterate_mdlm, sample_mdlm
 from .pgm import iterate_pgm, sample_pgm
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import SamplingError
 from .categorical import SamplingOptions, sample_categorical
 from .common import StepUpdate, check_known, model_device, resolve_known, run_to_end
 
@@ -34,11 +35,11 @@ def iterate_autoregressive(model, *, num_samples: int | None = None, length: int
     check_known(config, known_tokens, known_mask, max(1, length))
     prompt_lengths = known_mask.int().cumprod(dim=1).sum(dim=1)
     if not bool((known_mask.sum(dim=1) == prompt_lengths).all()):
-        raise ValueError("an autoregressive model can only continue a prefix: known tokens must start each row "
-                         "and be contiguous")
+        raise SamplingError("an autoregressive model can only continue a prefix: known tokens must start each row "
+                            "and be contiguous")
     common = int(prompt_lengths.min())
     if common == 0:
-        raise ValueError("autoregressive sampling needs at least one known token per row (a BOS or a prompt)")
+        raise SamplingError("autoregressive sampling needs at least one known token per row (a BOS or a prompt)")
     tokens = known_tokens.clone()
     columns = torch.arange(length, device=tokens.device).expand(batch, -1)
     generated = ~known_mask

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import SamplingError
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
@@ -21,11 +23,11 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
+            raise SamplingError(f"temperature must be non-negative, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+            raise SamplingError(f"top_p must lie in (0, 1], got {self.top_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer (0: every token), got {self.top_k!r}")
+            raise SamplingError(f"top_k must be a non-negative integer (0: every token), got {self.top_k!r}")
 
 
 def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -99,5 +101,5 @@ def sample_scored(logits: torch.Tensor, score: str, options: SamplingOptions = S
         probs = log_probs.exp()
         certainty = (probs * log_probs.clamp(min=torch.finfo(log_probs.dtype).min)).sum(-1)
     else:
-        raise ValueError(f"score must be confidence, margin or entropy, got {score!r}")
+        raise SamplingError(f"score must be confidence, margin or entropy, got {score!r}")
     return tokens, certainty

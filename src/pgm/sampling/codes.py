@@ -29,6 +29,7 @@ import functools
 
 import torch
 
+from ..errors import SamplingError
 from .common import run_to_end
 from .pgm import iterate_pgm
 from .settings import SamplerSettings
@@ -88,7 +89,7 @@ def region_mask(grid_size: int, region: str) -> torch.Tensor:
         if region == "border":
             keep = ~keep
     else:
-        raise ValueError(f"region must be top, bottom, left, right, border or center, got {region!r}")
+        raise SamplingError(f"region must be top, bottom, left, right, border or center, got {region!r}")
     return keep
 
 
@@ -125,21 +126,21 @@ def iterate_codes(model, labels: torch.Tensor, *, settings: SamplerSettings = Sa
         cells, offset, view = config.length - 1, 1, view or "efficient"  # position 0 holds the BOS
         codebook = config.mask_token_id
         if config.vocab_size != codebook + 2:
-            raise ValueError(f"an image PGM's vocabulary is the codes, the mask and the BOS: vocab_size must be "
-                             f"mask_token_id + 2 = {codebook + 2}, got {config.vocab_size}")
+            raise SamplingError(f"an image PGM's vocabulary is the codes, the mask and the BOS: vocab_size must be "
+                                f"mask_token_id + 2 = {codebook + 2}, got {config.vocab_size}")
     else:
-        raise ValueError(f"image generation needs a class-conditional pgm or a maskgit model, not {config.kind}")
+        raise SamplingError(f"image generation needs a class-conditional pgm or a maskgit model, not {config.kind}")
     grid = round(cells ** 0.5)
     known_tokens = torch.zeros(batch, offset + cells, dtype=torch.long, device=device)
     known_mask = torch.zeros_like(known_tokens, dtype=torch.bool)
     if offset:
         known_tokens[:, 0], known_mask[:, 0] = codebook + 1, True
     if (known_codes is None) != (known_cells is None):
-        raise ValueError("known_codes and known_cells must be given together")
+        raise SamplingError("known_codes and known_cells must be given together")
     if known_codes is not None:
         if known_codes.shape != (batch, cells) or known_cells.shape != (batch, cells):
-            raise ValueError(f"known_codes and known_cells must be [{batch}, {cells}], got "
-                             f"{tuple(known_codes.shape)} and {tuple(known_cells.shape)}")
+            raise SamplingError(f"known_codes and known_cells must be [{batch}, {cells}], got "
+                                f"{tuple(known_codes.shape)} and {tuple(known_cells.shape)}")
         known_tokens[:, offset:] = torch.where(known_cells.to(device), known_codes.to(device), 0)
         known_mask[:, offset:] = known_cells.to(device)
     unknown = cells - int(known_mask[:, offset:].sum(1).min())

@@ -8,6 +8,7 @@ from collections.abc import Generator
 
 import torch
 
+from ..errors import SamplingError
 from ..objectives.schedules import LogLinearSchedule, arccos_share
 
 
@@ -56,38 +57,38 @@ def model_device(model) -> torch.device:
 def resolve_known(config, num_samples, length, known_tokens, known_mask, device):
     """Known tokens and their mask [B, L] on `device`, built empty when none are given."""
     if (known_tokens is None) != (known_mask is None):
-        raise ValueError("known_tokens and known_mask must be given together")
+        raise SamplingError("known_tokens and known_mask must be given together")
     if known_tokens is None:
         if num_samples is None:
-            raise ValueError("give num_samples, or known_tokens and known_mask")
+            raise SamplingError("give num_samples, or known_tokens and known_mask")
         length = config.length if length is None else length
         if num_samples < 1 or length < 1:
-            raise ValueError(f"num_samples and length must be positive, got {num_samples} and {length}")
+            raise SamplingError(f"num_samples and length must be positive, got {num_samples} and {length}")
         return (torch.zeros(num_samples, length, dtype=torch.long, device=device),
                 torch.zeros(num_samples, length, dtype=torch.bool, device=device))
     if known_tokens.dim() != 2 or known_mask.shape != known_tokens.shape:
-        raise ValueError(f"known_tokens and known_mask must both be [batch, length], got "
-                         f"{tuple(known_tokens.shape)} and {tuple(known_mask.shape)}")
+        raise SamplingError(f"known_tokens and known_mask must both be [batch, length], got "
+                            f"{tuple(known_tokens.shape)} and {tuple(known_mask.shape)}")
     if num_samples is not None and num_samples != known_tokens.shape[0]:
-        raise ValueError(f"num_samples {num_samples} disagrees with known_tokens' batch {known_tokens.shape[0]}")
+        raise SamplingError(f"num_samples {num_samples} disagrees with known_tokens' batch {known_tokens.shape[0]}")
     if length is not None and length != known_tokens.shape[1]:
-        raise ValueError(f"length {length} disagrees with known_tokens' length {known_tokens.shape[1]}")
+        raise SamplingError(f"length {length} disagrees with known_tokens' length {known_tokens.shape[1]}")
     return known_tokens.to(device, torch.long), known_mask.to(device, torch.bool)
 
 
 def check_known(config, known_tokens, known_mask, steps) -> None:
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise SamplingError(f"steps must be a positive integer, got {steps!r}")
     length = known_tokens.shape[1]
     if length > config.length:
-        raise ValueError(f"cannot generate {length} tokens with a model of length {config.length}")
+        raise SamplingError(f"cannot generate {length} tokens with a model of length {config.length}")
     values = known_tokens[known_mask]
     if values.numel():
         low, high = int(values.min()), int(values.max())
         if low < 0 or high >= config.vocab_size:
-            raise ValueError(f"known token id {low if low < 0 else high} is outside [0, {config.vocab_size})")
+            raise SamplingError(f"known token id {low if low < 0 else high} is outside [0, {config.vocab_size})")
         if bool((values == config.mask_token_id).any()):
-            raise ValueError(f"a known token is the mask id {config.mask_token_id}")
+            raise SamplingError(f"a known token is the mask id {config.mask_token_id}")
 
 
 def arccos_bounds(total: torch.Tensor, steps: int) -> torch.Tensor:
@@ -119,7 +120,7 @@ class StepCounts:
     def __init__(self, num_known: torch.Tensor, length: int, steps: int, mode: str,
                  generator: torch.Generator | None, schedule: LogLinearSchedule = LogLinearSchedule()):
         if mode not in self.MODES:
-            raise ValueError(f"counts must be one of {', '.join(self.MODES)}, got {mode!r}")
+            raise SamplingError(f"counts must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.mode, self.steps, self.generator, self.schedule = mode, steps, generator, schedule
         remaining = length - num_known
         equal = bool((num_known == num_known[0]).all())

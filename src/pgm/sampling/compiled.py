@@ -21,6 +21,8 @@ import functools
 import torch
 from torch.fx.experimental import _config as fx_config
 
+from ..errors import SamplingError
+
 # torch.compile's modes; "reduce-overhead" and "max-autotune" add CUDA graphs on a GPU.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SMALLEST_BUCKET = 16
@@ -39,7 +41,7 @@ def compile_mode(text: str) -> str | None:
 
 def check_compile_mode(mode: str | None) -> None:
     if mode is not None and mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)} (or None: eager), got {mode!r}")
+        raise SamplingError(f"compile must be one of {', '.join(COMPILE_MODES)} (or None: eager), got {mode!r}")
 
 
 def bucket(size: int) -> int:

@@ -49,12 +49,13 @@ from typing import Literal
 
 import torch
 
+from ..errors import SamplingError
 from ..models.base import check_labels
 from ..objectives.schedules import LogLinearSchedule
 from .categorical import SamplingOptions, sample_categorical, sample_scored
 from .common import StepCounts, StepUpdate, check_known, model_device, resolve_known, run_to_end
 from .compiled import compiled_call, compiled_predict
-from .settings import NEVER, QUEUED_ORDERS, SCORED_ORDERS
+from .settings import NEVER, QUEUED_ORDERS
 
 VIEWS = ("efficient", "reference", "masked")
 
@@ -85,7 +86,7 @@ def guidance_weight(guidance: float, step: int, steps: int, schedule: str) -> fl
         return guidance
     if schedule == "linear":
         return guidance * step / (steps - 1) if steps > 1 else guidance
-    raise ValueError(f"guidance_schedule must be 'linear' or 'constant', got {schedule!r}")
+    raise SamplingError(f"guidance_schedule must be 'linear' or 'constant', got {schedule!r}")
 
 
 def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor, weight: float) -> torch.Tensor:
@@ -104,17 +105,17 @@ def _check_views(model, order, view: str, confidence_noise: float, hide_newest: 
     `SamplerSettings.resolve`, not here again)."""
     fixed_order = isinstance(order, torch.Tensor)
     if view not in VIEWS:
-        raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
+        raise SamplingError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
     if confidence_noise and order != "confidence":
-        raise ValueError("confidence_noise applies to the confidence order only")
+        raise SamplingError("confidence_noise applies to the confidence order only")
     if hide_newest and view == "masked":
-        raise ValueError("hide_newest reproduces the image PGM's inference; a masked model has no clean set to hide")
+        raise SamplingError("hide_newest reproduces the image PGM's inference; a masked model has no clean set to hide")
     if redraw and (view != "masked" or not (fixed_order or order in QUEUED_ORDERS)):
-        raise ValueError("redraw applies to a masked model (MaskGIT) decoding in a queued or fixed order")
+        raise SamplingError("redraw applies to a masked model (MaskGIT) decoding in a queued or fixed order")
     if cache_refresh is not None and (view != "efficient" or not hasattr(model, "predict_cached")):
-        raise ValueError("the encoder cache (cache_refresh) needs a PGM sampled in the efficient view")
+        raise SamplingError("the encoder cache (cache_refresh) needs a PGM sampled in the efficient view")
     if compile and view == "reference":
-        raise ValueError("the reference view is the slow check of the efficient one and is not compiled")
+        raise SamplingError("the reference view is the slow check of the efficient one and is not compiled")
 
 
 class _StepLogits:
@@ -184,7 +185,7 @@ def _conditioning(model, cond, batch: int, guidance: float, compile: str | None,
     config = model.config
     num_classes = getattr(config, "num_classes", 0)
     if guidance and not num_classes:
-        raise ValueError("classifier-free guidance needs a class-conditional model")
+        raise SamplingError("classifier-free guidance needs a class-conditional model")
     if num_classes:
         check_labels(cond, batch, num_classes)
         cond = torch.as_tensor(cond, device=device).long().reshape(-1).expand(batch).contiguous()
@@ -251,7 +252,7 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
     device = known_tokens.device
     queued = isinstance(order, torch.Tensor) or order in QUEUED_ORDERS
     if isinstance(order, torch.Tensor) and sorted(order.tolist()) != list(range(length)):
-        raise ValueError(f"a fixed order must be a permutation of the {length} positions")
+        raise SamplingError(f"a fixed order must be a permutation of the {length} positions")
     fixed_cond, guided_cond, time_conditioned = _conditioning(model, cond, batch, guidance, compile, device)
     step_logits = _StepLogits(model, view, compile, length, cache_refresh, cache_growth, guidance, guided_cond)
     schedule = LogLinearSchedule()
@@ -297,7 +298,7 @@ def iterate_pgm(model, *, num_samples: int | None = None, length: int | None = N
             queries = queue.gather(1, (decoded[:, None] + offsets).clamp(max=length - 1))  # [B, width]
             if redraw:  # every cell decoded so far, queried again with the new ones
                 if not equal:
-                    raise ValueError("redraw needs the same number of known cells in every row")
+                    raise SamplingError("redraw needs the same number of known cells in every row")
                 again = slot_positions[:, step_counts.initial_clean:num_clean]
                 queries = torch.cat([again, queries], 1)
             drawn = sample_categorical(logits_at(queries), step_options, suppress=suppress, generator=generator)

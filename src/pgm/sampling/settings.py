@@ -17,6 +17,7 @@ import dataclasses
 import math
 from typing import Any
 
+from ..errors import SamplingError
 from .categorical import SamplingOptions
 from .compiled import check_compile_mode
 
@@ -53,12 +54,12 @@ def check_cache_refresh(refresh, growth=None) -> None:
     that is not a positive fraction or comes without a cache."""
     if refresh is not None and refresh != NEVER and (isinstance(refresh, bool) or not isinstance(refresh, int)
                                                      or refresh < 1):
-        raise ValueError(f"cache_refresh must be a positive number of steps or {NEVER!r}, got {refresh!r}")
+        raise SamplingError(f"cache_refresh must be a positive number of steps or {NEVER!r}, got {refresh!r}")
     if growth is not None:
         if refresh is None:
-            raise ValueError("cache_growth refreshes the encoder cache: give cache_refresh too (e.g. 'never')")
+            raise SamplingError("cache_growth refreshes the encoder cache: give cache_refresh too (e.g. 'never')")
         if not _number(growth) or not growth > 0:
-            raise ValueError(f"cache_growth must be a positive fraction of the clean set, got {growth!r}")
+            raise SamplingError(f"cache_growth must be a positive fraction of the clean set, got {growth!r}")
 
 
 def cache_settings(refreshes=(), growths=()) -> list[tuple]:
@@ -148,7 +149,7 @@ class SamplerSettings:
         the same model come back as they are). `holder` names the model in the messages."""
         if self.resolved_for:
             if self.resolved_for != (kind, modality):
-                raise ValueError(f"these settings were resolved for a {self.resolved_for[0]} model, not a {kind}")
+                raise SamplingError(f"these settings were resolved for a {self.resolved_for[0]} model, not a {kind}")
             return self
         holder = f"{holder} holds" if holder else "this is"
         self._check_types()
@@ -156,7 +157,7 @@ class SamplerSettings:
         given = self.given(other)
         if given:
             article = "an" if modality == "image" else "a"
-            raise ValueError(f"{given[0]} applies to {other} models; {holder} {article} {modality} {kind} model")
+            raise SamplingError(f"{given[0]} applies to {other} models; {holder} {article} {modality} {kind} model")
         check_compile_mode(compile)
         self.options  # the temperature and top-p, checked by SamplingOptions
         values = self._resolve_text(kind, unknown) if modality == "text" else self._resolve_image(kind, unknown)
@@ -168,70 +169,72 @@ class SamplerSettings:
         for name in ("temperature", "top_p", "guidance"):
             value = getattr(self, name)
             if (value is not None or name != "guidance") and not _number(value):  # guidance: None is the default
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise SamplingError(f"{name} must be a finite number, got {value!r}")
             if value is not None and value > LARGEST.get(name, math.inf):
-                raise ValueError(f"{name} must be at most {LARGEST[name]:g} (beyond, the scaled logits overflow), got {value!r}")
+                raise SamplingError(f"{name} must be at most {LARGEST[name]:g} (beyond, the scaled logits overflow), "
+                                    f"got {value!r}")
         for name in ("float32", "hide_newest", "redraw"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise SamplingError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("sampler", "order", "guidance_schedule"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be a string, got {value!r}")
+                raise SamplingError(f"{name} must be a string, got {value!r}")
         check_cache_refresh(self.cache_refresh, self.cache_growth)
 
     def _resolve_text(self, kind: str, unknown: int) -> dict:
         if kind not in SAMPLERS:
-            raise ValueError(f"a {kind} model does not generate text")
+            raise SamplingError(f"a {kind} model does not generate text")
         sampler = self.sampler or SAMPLERS[kind][0]
         if sampler not in SAMPLERS[kind]:
-            raise ValueError(f"a {kind} model samples with {', '.join(SAMPLERS[kind])}, not {sampler!r}")
+            raise SamplingError(f"a {kind} model samples with {', '.join(SAMPLERS[kind])}, not {sampler!r}")
         order = self.order or "random"
         if order not in ORDERS:
-            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+            raise SamplingError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         if order != "random" and kind != "pgm":
-            raise ValueError(f"decoding orders other than random are for PGM models, not {kind}")
+            raise SamplingError(f"decoding orders other than random are for PGM models, not {kind}")
         if kind == "ar":
             if self.steps is not None:
-                raise ValueError("an autoregressive model decodes one token per step; steps does not apply to it")
+                raise SamplingError("an autoregressive model decodes one token per step; steps does not apply to it")
             return {"sampler": sampler, "order": order, "steps": unknown}
         steps = _positive_steps(self.steps, min(unknown, TEXT_STEPS))
         if kind == "pgm" and sampler != "binomial" and steps > unknown:
-            raise ValueError(f"steps {steps} is more than the {unknown} positions to generate: a PGM decodes at "
-                             "least one position per step (the binomial sampler may take more steps)")
+            raise SamplingError(f"steps {steps} is more than the {unknown} positions to generate: a PGM decodes at "
+                                "least one position per step (the binomial sampler may take more steps)")
         return {"sampler": sampler, "order": order, "steps": steps}
 
     def _resolve_image(self, kind: str, unknown: int) -> dict:
         sampler = self.sampler or IMAGE_SAMPLERS[0]
         if sampler not in IMAGE_SAMPLERS:
-            raise ValueError(f"an image model samples with {', '.join(IMAGE_SAMPLERS)}, not {sampler!r}")
+            raise SamplingError(f"an image model samples with {', '.join(IMAGE_SAMPLERS)}, not {sampler!r}")
         guidance = 0.0 if self.guidance is None else float(self.guidance)
         if guidance < 0:
-            raise ValueError(f"guidance must be a non-negative number, got {self.guidance!r}")
+            raise SamplingError(f"guidance must be a non-negative number, got {self.guidance!r}")
         schedule = self.guidance_schedule or GUIDANCE_SCHEDULES[0]
         if schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be linear or constant, got {schedule!r}")
+            raise SamplingError(f"guidance_schedule must be linear or constant, got {schedule!r}")
         if self.hide_newest and kind != "pgm":
-            raise ValueError(f"hide_newest reproduces the authors' image PGM; this is a {kind} model")
+            raise SamplingError(f"hide_newest reproduces the authors' image PGM; this is a {kind} model")
         if self.redraw and kind != "maskgit":
-            raise ValueError(f"redraw reproduces the authors' MaskGIT sampler; this is a {kind} model")
+            raise SamplingError(f"redraw reproduces the authors' MaskGIT sampler; this is a {kind} model")
         steps = _positive_steps(self.steps, IMAGE_STEPS)
         if steps > unknown:
-            raise ValueError(f"steps {steps} is more than the {unknown} cells to generate per image")
+            raise SamplingError(f"steps {steps} is more than the {unknown} cells to generate per image")
         return {"sampler": sampler, "guidance": guidance, "guidance_schedule": schedule, "steps": steps}
 
     def _check_cache(self, kind: str, sampler: str, compile: str | None, holder: str) -> None:
         if self.cache_refresh is None:
             if sampler == "reference" and compile:
-                raise ValueError(f"the reference sampler is the slow check of the efficient one and is not compiled; "
-                                 f"compile={compile!r} was given")
+                raise SamplingError("the reference sampler is the slow check of the efficient one and is not "
+                                    "compiled; "
+                                    f"compile={compile!r} was given")
             return
         if kind != "pgm":
-            raise ValueError(f"the encoder cache (cache_refresh) is for PGM models; {holder} a {kind} model")
+            raise SamplingError(f"the encoder cache (cache_refresh) is for PGM models; {holder} a {kind} model")
         if compile:
-            raise ValueError(f"the encoder cache (cache_refresh) is not compiled; compile={compile!r} was given")
+            raise SamplingError(f"the encoder cache (cache_refresh) is not compiled; compile={compile!r} was given")
         if sampler == "reference":
-            raise ValueError("the reference sampler runs the training view, which has no encoder cache")
+            raise SamplingError("the reference sampler runs the training view, which has no encoder cache")
 
     @property
     def options(self) -> SamplingOptions:
@@ -265,7 +268,7 @@ def _differs(value, default) -> bool:
 def _positive_steps(steps, default: int) -> int:
     steps = default if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise SamplingError(f"steps must be a positive integer, got {steps!r}")
     return steps
 
 

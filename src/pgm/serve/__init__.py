@@ -8,14 +8,16 @@ import socket
 import threading
 import time
 
+from ..errors import MissingDependency, ResourceError
+
 
 def _uvicorn():
     try:
         import starlette  # noqa: F401
         import uvicorn
     except ImportError as missing:
-        raise ImportError(f"pgm serve needs the serve extra ({missing.name} is missing): "
-                          "pip install 'partition-gm[serve]'") from None
+        raise MissingDependency(f"pgm serve needs the serve extra ({missing.name} is missing): "
+                                "pip install 'partition-gm[serve]'") from None
     return uvicorn
 
 
@@ -26,8 +28,8 @@ def is_loopback(host: str) -> bool:
         found = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as error:
         reason = error.strerror if isinstance(error, socket.gaierror) else str(error)
-        raise OSError(f"cannot resolve the host {host!r} ({reason}): give --host an address of this machine, "
-                      "such as 127.0.0.1 (the default) or 0.0.0.0 (every interface)") from None
+        raise ResourceError(f"cannot resolve the host {host!r} ({reason}): give --host an address of this machine, "
+                            "such as 127.0.0.1 (the default) or 0.0.0.0 (every interface)") from None
     return all(ipaddress.ip_address(address[4][0]).is_loopback for address in found)
 
 
@@ -44,7 +46,8 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port))
     except OSError as error:
-        raise OSError(f"cannot listen on {host}:{port} ({error.strerror or error}): choose another --port") from None
+        raise ResourceError(f"cannot listen on {host}:{port} ({error.strerror or error}): choose another "
+                            "--port") from None
 
 
 def _server(app):

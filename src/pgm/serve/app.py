@@ -33,6 +33,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..errors import ArgumentError, PGMError
 from ..pipeline import GenerationRequest, Pipeline, to_pictures
 from ..sampling.codes import REGIONS
 from ..sampling.settings import IMAGE_SAMPLERS, ORDERS, SAMPLERS
@@ -94,7 +95,7 @@ class _Server:
             body["images"] = _pictures(body["images"])
         try:  # counted from the inputs alone, so that a million samples cost nothing to refuse
             rows = pipe.rows(GenerationRequest.from_arguments(body))
-        except ValueError as error:
+        except PGMError as error:
             raise Refused(str(error)) from None
         if rows > self.max_samples:
             raise Refused(f"the request asks for {rows} samples, more than this server's limit of "
@@ -203,8 +204,8 @@ def create_app(pipelines: dict[str, Pipeline], *, capacity: int = 16, max_sample
     `max_body_bytes`: the largest request body read (larger ones are refused with 413)."""
     for name, pipe in pipelines.items():
         if pipe.modality not in ("text", "image"):
-            raise ValueError(f"{name} holds a {pipe.config.kind} model, which does not generate: serve a text or "
-                             "image model")
+            raise ArgumentError(f"{name} holds a {pipe.config.kind} model, which does not generate: serve a text or "
+                                "image model")
     scheduler = Scheduler(capacity, thread=worker_thread)
     server = _Server(pipelines, scheduler, max_samples, preview_every, max_body_bytes)
 

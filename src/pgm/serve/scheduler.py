@@ -16,6 +16,8 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
+from ..errors import PGMError
+
 log = logging.getLogger("pgm.serve")
 
 
@@ -131,7 +133,7 @@ class Scheduler:
             kind = "done" if event.done else "step"
             job.deliver(kind, job.describe(kind, event, job))
             return "completed" if event.done else None
-        except ValueError as error:
+        except PGMError as error:
             job.deliver("invalid" if job.stream is None else "error", str(error))
             return "invalid"
         except Exception as error:  # a failure of one request must not stop the server
