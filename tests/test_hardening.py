@@ -45,7 +45,8 @@ def test_numbers_out_of_range_and_text_that_is_not_text(text_run, pgm_main):
 
 
 def test_options_that_would_do_nothing_are_refused_or_said(text_run, ar_run, pgm_main, tmp_path):
-    assert "a ar model's validation is exact in one pass" in refused(pgm_main, "eval", ar_run, "--passes", "3")
+    assert "holds an autoregressive model, whose validation is exact in one pass" in refused(
+        pgm_main, "eval", ar_run, "--passes", "3")
     assert "--passes 0 skips the validation, and nothing else was asked" in refused(
         pgm_main, "eval", text_run, "--passes", "0")
     assert "rows=100000 is more than the" in refused(pgm_main, "eval", text_run, "--rows", "100000")

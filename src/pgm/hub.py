@@ -129,8 +129,7 @@ def resolve_source(name_or_path: str | Path, revision: str | None = None, token:
         if revision is not None or token is not None:
             given = [name for name, value in (("revision", revision), ("token", token)) if value is not None]
             raise ArgumentError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to Hub ids only, "
-                                "and "
-                                f"{name_or_path} is a local path: leave {'them' if len(given) > 1 else 'it'} out")
+                                f"and {name_or_path} is a local path: leave {'them' if len(given) > 1 else 'it'} out")
         return path
     text = str(name_or_path)
     if text.count("/") >= 1 and not text.startswith((".", "/", "~")):

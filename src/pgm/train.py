@@ -604,8 +604,7 @@ class Trainer:
             intact = (f"the last complete checkpoint, step {checkpoint_step(latest)}, is intact" if latest is not None
                       else "no checkpoint was complete yet")
             raise ResourceError(f"no space left on the device of {self.run_dir} ({intact}); make room and continue "
-                                "with "
-                                f"`{self.RESUME_COMMAND} --out {self.run_dir} --resume`") from None
+                                f"with `{self.RESUME_COMMAND} --out {self.run_dir} --resume`") from None
         self.info.barrier()
 
     def checkpoint_state(self) -> dict:

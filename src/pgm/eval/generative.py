@@ -146,8 +146,7 @@ class RunEvaluator(Evaluator):
         model, _ = load_pretrained_dir(directory, weights)
         if model.config.kind != "ar":
             raise ArgumentError(f"the evaluator {directory} is a {model.config.kind} model; generative perplexity "
-                                "needs "
-                                f"an autoregressive one (train one with --preset ar-small, or use hf:gpt2-large)")
+                                f"needs an autoregressive one (train one with --preset ar-small, or use hf:gpt2-large)")
         if not (directory / TOKENIZER_DIR).is_dir():
             raise ArgumentError(f"the evaluator {directory} has no tokenizer/ directory")
         self.name, self.device, self.batch_size = str(directory), torch.device(device), batch_size

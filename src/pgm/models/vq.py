@@ -355,8 +355,7 @@ class VQModel(PretrainedModel):
             side = self.config.grid_size
             if codes.shape[1] != side * side:
                 raise ArgumentError(f"codes hold {codes.shape[1]} ids per image but this tokenizer's grid is "
-                                    f"{side}x{side}"
-                                    f" = {side * side}; pass [batch, height, width] codes for other sizes")
+                                    f"{side}x{side} = {side * side}; pass [batch, height, width] codes for other sizes")
             codes = codes.reshape(-1, side, side)
         return self.decode_latents(self.quantize.lookup(codes))
 

@@ -246,9 +246,9 @@ class Pipeline:
         Monte-Carlo passes (default 4; an autoregressive model and a VQ are exact in one)."""
         exact = self.config.kind in ("ar", "vq")
         if exact and passes not in (None, 1):
-            raise ArgumentError(f"passes applies to a Monte-Carlo ELBO; a {self.config.kind} model's validation is "
-                                "exact "
-                                "in one pass: leave passes out")
+            what = "an autoregressive" if self.config.kind == "ar" else "a VQ"
+            raise ArgumentError(f"passes applies to a Monte-Carlo ELBO; {self.name} holds {what} model, whose "
+                                "validation is exact in one pass: leave passes out")
         passes = positive("passes", passes, default=1 if exact else 4)
         positive("batch_size", batch_size)
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
@@ -256,8 +256,7 @@ class Pipeline:
         data = self.data
         if rows > len(data.val):
             raise ArgumentError(f"rows={rows} is more than the {len(data.val)} validation rows of {self.name}: leave "
-                                "it "
-                                "out (0) to score them all")
+                                "it out (0) to score them all")
         indices = range(rows) if rows else None
         return validation_elbo(self.model, objective_for(self.model), data.val, indices=indices,
                                batch_size=batch_size, passes=passes, seed=seed, device=self.device,

@@ -128,6 +128,5 @@ def _checked_vq(model, vq: str | Path, source) -> VQTokenizer:
         hint = (f" (an image PGM's length is not in its weights: for this VQ it is {1 + tokenizer.num_tokens}, given "
                 "as length or --length)" if config.kind == "pgm" and tokenizer.codebook_size == codes else "")
         raise ArgumentError(f"the VQ tokenizer {vq} makes {tokenizer.num_tokens} codes of {tokenizer.codebook_size} "
-                            "per "
-                            f"image, but the model {source} was trained on {cells} of {codes}{hint}")
+                            f"per image, but the model {source} was trained on {cells} of {codes}{hint}")
     return tokenizer

@@ -65,8 +65,7 @@ class TextPipeline(Pipeline):
         positive("passes", passes)
         if self.config.kind == "ar" and passes != 1:
             raise SamplingError("passes applies to a Monte-Carlo ELBO; an autoregressive model's scores are exact in "
-                                "one "
-                                "pass: leave passes out")
+                                "one pass: leave passes out")
         positive("batch_size", batch_size)
         sequences = [[self.tokenizer.bos_id, *ids] for ids in self.tokenizer.encode_batch(texts)]
         for number, ids in enumerate(sequences, 1):

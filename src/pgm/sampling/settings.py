@@ -226,8 +226,7 @@ class SamplerSettings:
         if self.cache_refresh is None:
             if sampler == "reference" and compile:
                 raise SamplingError("the reference sampler is the slow check of the efficient one and is not "
-                                    "compiled; "
-                                    f"compile={compile!r} was given")
+                                    f"compiled; compile={compile!r} was given")
             return
         if kind != "pgm":
             raise SamplingError(f"the encoder cache (cache_refresh) is for PGM models; {holder} a {kind} model")
