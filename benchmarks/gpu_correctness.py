@@ -602,8 +602,13 @@ def guarded(name: str, tolerance: str, function, *args) -> list[Check]:
     return checks
 
 
-def run_checks(session: Session, precisions, parts, training_presets, done) -> list[Check]:
-    """Every check asked for, in order; `done(checks so far)` after each one."""
+def run_checks(session: Session, precisions, parts, training_presets, done, only=None) -> list[Check]:
+    """Every check asked for, in order; `done(checks so far)` after each one. `only`: the samplers,
+    models and presets to check (default: all)."""
+
+    def asked(name: str) -> bool:
+        return not only or name in only
+
     checks: list[Check] = []
 
     def add(new: list[Check]) -> None:
@@ -612,18 +617,20 @@ def run_checks(session: Session, precisions, parts, training_presets, done) -> l
 
     if "sampling" in parts:
         for precision in precisions:  # float32 first: its eager tokens are the bf16 rows' yardstick
-            for sampler in samplers(session.shapes, session.device):
+            for sampler in filter(lambda sampler: asked(sampler.name), samplers(session.shapes, session.device)):
                 add(guarded(f"tokens/{sampler.name}/{precision}", "see the tokens checks", check_tokens, session,
                             sampler, precision))
-            for model_name in session.models:
+            for model_name in filter(asked, session.models):
                 add(guarded(f"calls/{model_name}/{precision}", "see the logits and replay checks", check_calls,
                             session, model_name, precision))
                 add([check_cudagraphs(session, model_name, precision)])
-        add(guarded("cache/pgm", "refresh every step: the uncached tokens (fp32)", check_encoder_cache, session))
+        if asked("pgm"):
+            add(guarded("cache/pgm", "refresh every step: the uncached tokens (fp32)", check_encoder_cache,
+                        session))
     if "training" in parts:
         with tempfile.TemporaryDirectory(prefix="pgm-bf16-") as folder:
             runs = TrainingRuns(Path(folder), session.device)
-            for name in training_presets:
+            for name in filter(asked, training_presets):
                 add(guarded(f"training/{name}", "see the training checks", check_training, runs, name))
     return checks
 
@@ -673,6 +680,8 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", nargs="+", choices=("sampling", "training"), default=["sampling", "training"],
                         help="sampling: the tokens, logits, replay, cudagraphs, cache and memory checks; training: "
                              "the bf16 training checks")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="check only these samplers, models and presets (e.g. pgm text-tiny: a short dry run)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
@@ -683,6 +692,11 @@ def main(argv=None) -> int:
           f"precisions {' '.join(precisions)}; torch {torch.__version__}", flush=True)
     session = Session(device, mode, QUICK if args.quick else FULL)
     training_presets = QUICK_TRAINING_PRESETS if args.quick else TRAINING_PRESETS
+    known = {*(sampler.name for sampler in samplers(session.shapes, session.device)), *session.models,
+             *training_presets}
+    unknown = sorted(set(args.only or ()) - known)
+    if unknown:
+        parser.error(f"--only {' '.join(unknown)}: not a sampler, model or preset here ({', '.join(sorted(known))})")
     printed = 0
 
     def report(checks: list[Check], finished: bool = False) -> dict:
@@ -706,7 +720,7 @@ def main(argv=None) -> int:
         printed = len(checks)
         report(checks)
 
-    checks = run_checks(session, precisions, args.parts, training_presets, done)
+    checks = run_checks(session, precisions, args.parts, training_presets, done, args.only)
     result = report(checks, finished=True)
     counts = result["counts"]
     print()
