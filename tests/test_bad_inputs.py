@@ -52,6 +52,15 @@ def test_bad_requests_to_a_text_run(text_run, pgm_main, args, message):
     assert_one_sentence(pgm_main(args[0], text_run, *args[1:]), message)
 
 
+def test_eval_checks_its_sample_arguments_before_the_validation_pass(text_run, pgm_main):
+    for args, message in [(("--evaluator", "/no/such/run"), "--evaluator /no/such/run does not exist"),
+                          (("--evaluator", str(text_run), "--sample-batch-size", "0"),
+                           "sample_batch_size must be a positive integer")]:
+        result = pgm_main("eval", text_run, *args)
+        assert_one_sentence(result, message)
+        assert "validation" not in result[1]  # refused before the validation pass, not after it
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_a_gpu_that_is_not_there(text_run, pgm_main):
     assert_one_sentence(pgm_main("eval", text_run, "--device", "cuda"), "asks for a GPU")
