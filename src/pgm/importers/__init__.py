@@ -4,13 +4,12 @@ the layout of kuleshov-group/mdlm-owt, the MDLM authors' transformers model (`md
 without executing anything pickled in them (`unpickling`), their tensors checked by name and
 shape (`checks`). `read_released_checkpoint` tells which of them a file is from its content."""
 
-from ..errors import CheckpointError
 from .llamagen import load_llamagen_vq
 from .mdlm_hf import is_transformers_config, read_mdlm_hf_directory
 from .official import (checkpoint_kind, official_parameter_order, read_official_image_checkpoint,
                        read_official_text_checkpoint, read_released_checkpoint)
 from .unpickling import load_restricted
 
-__all__ = ["CheckpointError", "checkpoint_kind", "is_transformers_config", "load_llamagen_vq", "load_restricted",
-           "official_parameter_order", "read_mdlm_hf_directory", "read_official_image_checkpoint",
-           "read_official_text_checkpoint", "read_released_checkpoint"]
+__all__ = ["checkpoint_kind", "is_transformers_config", "load_llamagen_vq", "load_restricted", "official_parameter_order",
+           "read_mdlm_hf_directory", "read_official_image_checkpoint", "read_official_text_checkpoint",
+           "read_released_checkpoint"]

@@ -42,9 +42,10 @@ class SamplingPlan:
     given: Callable[[], StepEvent]
 
 
-def _joined(parts: list[Samples], units: int, copies: int) -> Samples:
-    """Image chunks, each a few copies of every one of `units` classes or images (unit by unit), as
-    the one `Samples` of the whole request: every unit's `copies` rows together, in its order."""
+def _joined(parts: list[Samples]) -> Samples:
+    """Image chunks, each a few copies of every class or image (unit by unit), as the one `Samples`
+    of the whole request: every unit's rows together, in its order."""
+    units = len(parts[0].outputs) // parts[0].settings["num_samples"]
     order, offset = [[] for _ in range(units)], 0
     for part in parts:
         each = len(part.outputs) // units
@@ -65,7 +66,7 @@ def _joined(parts: list[Samples], units: int, copies: int) -> Samples:
     first = parts[0]
     return Samples(joined("outputs"), joined("tokens"), joined("known"), first.steps,
                    sum(part.seconds for part in parts), sum(part.generated for part in parts),
-                   settings={**first.settings, "num_samples": copies}, labels=joined("labels"),
+                   settings={**first.settings, "num_samples": offset // units}, labels=joined("labels"),
                    images=joined("images"), originals=joined("originals"))
 
 
@@ -119,11 +120,7 @@ class Pipeline:
         if self.modality == "text":
             return self._drawn(arguments)
         parts = list(self.chunks(**arguments))
-        if len(parts) == 1:
-            return parts[0]
-        request = GenerationRequest.from_arguments(dict(arguments))
-        copies = positive("num_samples", request.num_samples, 1)
-        return _joined(parts, self.rows(request) // copies, copies)
+        return parts[0] if len(parts) == 1 else _joined(parts)
 
     def chunks(self, chunk_rows: int | None = None, **arguments) -> Iterator[Samples]:
         """The samples of a request, at most `chunk_rows` (default SAMPLE_CHUNK) rows at a time, each
